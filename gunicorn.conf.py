@@ -1,0 +1,12 @@
+"""gunicorn settings for the IHP backend (read automatically from the repo root)."""
+import os
+
+bind = os.environ.get("IHP_BIND", "127.0.0.1:9090")
+workers = int(os.environ.get("IHP_WORKERS", "2"))
+threads = int(os.environ.get("IHP_THREADS", "4"))
+timeout = int(os.environ.get("IHP_TIMEOUT", "120"))
+graceful_timeout = 30
+worker_class = "gthread"
+accesslog = os.environ.get("IHP_ACCESS_LOG", "-")
+# each worker loads the model itself, in the background, after the fork (no preload)
+preload_app = False

@@ -1,0 +1,125 @@
+"""Flask app speaking Label Studio's ML backend protocol: ``gunicorn 'ihp_backend._wsgi:app'``.
+
+Endpoints: GET /health and /, POST /setup, POST /predict, POST /webhook, GET /versions,
+GET /metrics. Every error is a JSON ``{"error": message}`` with a 4xx/5xx status.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .model import IHPModel, ModelNotReady, RequestError
+
+logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
+                    format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+log = logging.getLogger("ihp_backend")
+
+MAX_BODY = int(os.environ.get("IHP_MAX_BODY_BYTES", str(20 * 1024 * 1024)))
+
+
+def create_app(model: IHPModel | None = None, load: bool = True) -> Flask:
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    model = model or IHPModel()
+    app.config["IHP_MODEL"] = model
+    if load and not model.model_loaded:
+        model.load_in_background()
+    stats = {"started": time.time(), "predict_requests": 0, "predict_errors": 0, "predict_seconds": 0.0}
+    stats_lock = threading.Lock()
+
+    def body() -> dict:
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            raise RequestError("the request body must be a JSON object")
+        return data
+
+    @app.errorhandler(RequestError)
+    def _bad(e: RequestError):
+        return jsonify({"error": str(e)}), e.status
+
+    @app.errorhandler(ModelNotReady)
+    def _not_ready(e):
+        return jsonify({"error": f"model not ready: {e}"}), 503
+
+    @app.errorhandler(HTTPException)
+    def _http(e: HTTPException):
+        return jsonify({"error": e.description or e.name}), e.code
+
+    @app.errorhandler(Exception)
+    def _crash(e: Exception):
+        log.exception("unhandled error on %s", request.path)
+        return jsonify({"error": f"internal error ({type(e).__name__}); see the backend log"}), 500
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        return jsonify({"status": "UP", "model_loaded": model.model_loaded,
+                        "model_version": model.model_version, "load_error": model.load_error,
+                        "model_class": "IHPModel"})
+
+    @app.post("/setup")
+    def setup():
+        d = body()
+        return jsonify(model.setup(d.get("project"), d.get("schema"), d.get("hostname") or "",
+                                   d.get("access_token") or ""))
+
+    @app.post("/predict")
+    def predict():
+        t0 = time.time()
+        ok = False
+        try:
+            d = body()
+            params = d.get("params") or {}
+            if not isinstance(params, dict):
+                raise RequestError("'params' must be an object")
+            preds = model.predict(d.get("tasks"), context=params.get("context"),
+                                  label_config=d.get("label_config"), project=d.get("project"))
+            ok = True
+            return jsonify({"results": preds, "model_version": model.model_version})
+        finally:
+            with stats_lock:
+                stats["predict_requests"] += 1
+                stats["predict_errors"] += 0 if ok else 1
+                stats["predict_seconds"] += time.time() - t0
+
+    @app.post("/webhook")
+    def webhook():
+        d = body()
+        event = d.get("action")
+        if not isinstance(event, str):
+            raise RequestError("webhook body needs an 'action'")
+        return jsonify(model.fit(event, d)), 201
+
+    @app.get("/versions")
+    def versions():
+        return jsonify({"versions": [model.model_version] if model.model_loaded else [],
+                        "serving": model.model_version})
+
+    @app.get("/metrics")
+    def metrics():
+        with stats_lock:
+            s = dict(stats)
+        s["uptime_s"] = time.time() - s.pop("started")
+        s["pid"] = os.getpid()
+        return jsonify(s)
+
+    return app
+
+
+_app: Flask | None = None
+
+
+def __getattr__(name: str):
+    """``app`` is built on first access (gunicorn's import in each worker), so importing this
+    module (tests, tools) starts no model load."""
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app()
+        return _app
+    raise AttributeError(name)

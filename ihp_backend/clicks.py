@@ -1,0 +1,93 @@
+"""Click encoding shared by serving and training: clicks -> localization maps (paper Eq. 1).
+
+A click is ``(y, x, slot)`` in pixel coordinates of the array it refers to; ``slot`` is the
+network channel of its class (see ``ihp_backend.checkpoint.Binding``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+TRUNCATION = 255.0  # paper: T_i[p] = min(255, min_q ||p - q||^2)
+
+
+def as_click_array(clicks) -> np.ndarray:
+    """Normalise clicks to a float (N, 3) array of (y, x, slot)."""
+    arr = np.asarray(clicks, dtype=np.float64).reshape(-1, 3)
+    return arr
+
+
+def scale_clicks(clicks: np.ndarray, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.ndarray:
+    """Map click pixel coordinates from an image of size src_hw to one of size dst_hw.
+
+    Pixel centres are aligned (the convention of bilinear resizing without corner alignment).
+    """
+    c = as_click_array(clicks).copy()
+    sy, sx = dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1]
+    c[:, 0] = np.clip((c[:, 0] + 0.5) * sy - 0.5, 0, dst_hw[0] - 1)
+    c[:, 1] = np.clip((c[:, 1] + 0.5) * sx - 0.5, 0, dst_hw[1] - 1)
+    return c
+
+
+def localization_maps(clicks, hw: tuple[int, int], num_slots: int,
+                      truncation: float = TRUNCATION) -> np.ndarray:
+    """Class-aware localization maps, paper Eq. (1).
+
+    ``T_i[p] = min(truncation, min over clicks q of slot i of ||p - q||^2)``; a slot without
+    clicks is ``truncation`` everywhere. Returned as float32 (num_slots, H, W) scaled to [0, 1]
+    (divided by ``truncation``), so 0 marks a click and 1 means "far from any click".
+
+    Because the map saturates at sqrt(truncation) pixels, each click only touches a small
+    window: the work is one vectorised window per click, never a loop over pixels.
+    """
+    h, w = hw
+    out = np.full((num_slots, h, w), truncation, dtype=np.float32)
+    c = as_click_array(clicks)
+    r = int(np.ceil(np.sqrt(truncation)))
+    for y, x, s in c:
+        s = int(s)
+        if not 0 <= s < num_slots:
+            raise ValueError(f"click slot {s} outside 0..{num_slots - 1}")
+        yi, xi = int(round(y)), int(round(x))
+        y0, y1 = max(0, yi - r), min(h, yi + r + 1)
+        x0, x1 = max(0, xi - r), min(w, xi + r + 1)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy = (np.arange(y0, y1, dtype=np.float32) - np.float32(y))[:, None] ** 2
+        xx = (np.arange(x0, x1, dtype=np.float32) - np.float32(x))[None, :] ** 2
+        np.minimum(out[s, y0:y1, x0:x1], yy + xx, out=out[s, y0:y1, x0:x1])
+    np.minimum(out, truncation, out=out)
+    out /= truncation
+    return out
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalise_rgb(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (3, H, W), mean/std normalised."""
+    x = image.astype(np.float32).transpose(2, 0, 1) / 255.0
+    x -= np.asarray(mean, np.float32)[:, None, None]
+    x /= np.asarray(std, np.float32)[:, None, None]
+    return x
+
+
+def network_input(image: np.ndarray, clicks, num_slots: int, prev_mask: np.ndarray | None = None,
+                  use_prev_mask: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Build the (C, H, W) input tensor: RGB, the maps, and optionally the previous prediction.
+
+    ``image`` is already at network resolution and clicks are in its pixel coordinates.
+    ``prev_mask`` is an (H, W) array of slot indices (or -1 / None for "no prediction yet").
+    """
+    h, w = image.shape[:2]
+    parts = [normalise_rgb(image, mean, std), localization_maps(clicks, (h, w), num_slots)]
+    if use_prev_mask:
+        onehot = np.zeros((num_slots, h, w), np.float32)
+        if prev_mask is not None:
+            pm = np.asarray(prev_mask)
+            valid = (pm >= 0) & (pm < num_slots)
+            ys, xs = np.nonzero(valid)
+            onehot[pm[valid], ys, xs] = 1.0
+        parts.append(onehot)
+    return torch.from_numpy(np.concatenate(parts, axis=0))

@@ -1,0 +1,132 @@
+"""Per-task click history, shared by all gunicorn workers through SQLite (WAL) in MODEL_DIR.
+
+Label Studio sends only the newest click of an interactive session, so the backend keeps
+the others. Rules (also in the README):
+
+- one positive keypoint: appended; a click of another label at the same spot (within
+  ``same_spot`` pixels) replaces the old one; the same label at the same spot is a no-op;
+- one negative keypoint (Alt-click, ``is_positive: false``): removes that label's nearest
+  click (undo);
+- several keypoints: the history becomes exactly that set (API clients send full sets);
+- ``{"result": []}``, or an ANNOTATION_CREATED/UPDATED webhook for the task: cleared;
+- entries untouched for ``ttl`` seconds are forgotten.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import time
+
+from .ls_format import Click
+
+DEFAULT_TTL = 24 * 3600
+
+
+def same_spot_radius(size: tuple[int, int] | None) -> float:
+    """Pixels within which two clicks count as the same spot: 0.5% of the diagonal, >= 2 px."""
+    if not size:
+        return 2.0
+    return max(2.0, 0.005 * math.hypot(*size))
+
+
+def update_history(history: list[Click], new: list[Click], radius: float) -> list[Click]:
+    """Apply the rules above to a history (pure function)."""
+    if not new:
+        return []
+    if len(new) > 1:
+        return [c for c in new if c.positive]
+    c = new[0]
+    if not c.positive:
+        same = [(math.hypot(h.x - c.x, h.y - c.y), i) for i, h in enumerate(history) if h.label == c.label]
+        if not same:
+            return list(history)
+        _, drop = min(same)
+        return [h for i, h in enumerate(history) if i != drop]
+    out = []
+    for h in history:
+        near = math.hypot(h.x - c.x, h.y - c.y) <= radius
+        if near and h.label == c.label:
+            return list(history)
+        if near:
+            continue  # another label at the same spot: replaced by the new click
+        out.append(h)
+    out.append(c)
+    return out
+
+
+def _enc(clicks: list[Click]) -> str:
+    return json.dumps([[c.x, c.y, c.label] for c in clicks])
+
+
+def _dec(s: str) -> list[Click]:
+    return [Click(float(x), float(y), str(lab)) for x, y, lab in json.loads(s)]
+
+
+def project_key(project) -> str:
+    """Label Studio sends "3.1795294702" to /predict and {"id": 3} to /webhook: keep the id."""
+    if isinstance(project, dict):
+        project = project.get("id", "")
+    return str(project if project is not None else "").split(".", 1)[0]
+
+
+class ClickHistory:
+    """SQLite-backed store; safe across processes (each call is one short transaction)."""
+
+    def __init__(self, path: str, ttl: float = DEFAULT_TTL):
+        self.path, self.ttl = path, ttl
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with self._conn() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS clicks (project TEXT, task TEXT, clicks TEXT, "
+                       "size TEXT, updated REAL, PRIMARY KEY (project, task))")
+
+    def _conn(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        db.execute("PRAGMA busy_timeout=10000")
+        return db
+
+    def apply(self, project, task, new: list[Click], size: tuple[int, int] | None) -> list[Click]:
+        """Update the task's history with a context's clicks and return the full history."""
+        p, t, now = project_key(project), str(task), time.time()
+        db = self._conn()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT clicks, size, updated FROM clicks WHERE project=? AND task=?",
+                             (p, t)).fetchone()
+            old = []
+            if row and now - row[2] <= self.ttl and (size is None or row[1] == json.dumps(size)):
+                old = _dec(row[0])
+            hist = update_history(old, new, same_spot_radius(size))
+            if hist:
+                db.execute("INSERT OR REPLACE INTO clicks VALUES (?, ?, ?, ?, ?)",
+                           (p, t, _enc(hist), json.dumps(size), now))
+            else:
+                db.execute("DELETE FROM clicks WHERE project=? AND task=?", (p, t))
+            db.execute("DELETE FROM clicks WHERE updated < ?", (now - self.ttl,))
+            db.execute("COMMIT")
+            return hist
+        except BaseException:
+            db.execute("ROLLBACK") if db.in_transaction else None
+            raise
+        finally:
+            db.close()
+
+    def get(self, project, task) -> list[Click]:
+        db = self._conn()
+        try:
+            row = db.execute("SELECT clicks, updated FROM clicks WHERE project=? AND task=?",
+                             (project_key(project), str(task))).fetchone()
+        finally:
+            db.close()
+        if not row or time.time() - row[1] > self.ttl:
+            return []
+        return _dec(row[0])
+
+    def clear(self, project, task) -> None:
+        db = self._conn()
+        try:
+            db.execute("DELETE FROM clicks WHERE project=? AND task=?", (project_key(project), str(task)))
+        finally:
+            db.close()

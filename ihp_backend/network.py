@@ -1,0 +1,174 @@
+"""The IHP network: DeepLabV3+ whose first convolution reads RGB plus click maps.
+
+One definition, used by serving (`ihp_backend.inference`) and training
+(`model_training.train`). The backbones and the ASPP block come from torchvision;
+only the DeepLabV3+ decoder (low-level skip at stride 4) is written here, because
+torchvision ships DeepLabV3 without it.
+
+Input: ``3 + num_slots (+ num_slots if prev_mask)`` channels = normalised RGB, one
+localization map per class slot (paper Eq. 1, background included: the paper's C+4
+channels for C part classes) and, optionally, the previous prediction as one-hot
+slot channels (RITM-style iterative input; off in the paper).
+Output: ``num_slots`` logits at the input resolution, and the stride-4 decoder
+features that the SP-loss (paper Eq. 2) is computed on.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import mobilenet_v3_large, resnet50, resnet101
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+BACKBONES = ("mobilenet_v3_large", "resnet50", "resnet101")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Everything needed to rebuild the network; stored in every checkpoint."""
+
+    num_slots: int = 24
+    backbone: str = "mobilenet_v3_large"
+    aspp_channels: int = 128
+    decoder_channels: int = 96
+    low_level_channels: int = 32
+    first_kernel: int = 7
+    prev_mask: bool = False
+
+    @property
+    def in_channels(self) -> int:
+        return 3 + self.num_slots * (2 if self.prev_mask else 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetConfig":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+def _separable(cin: int, cout: int) -> nn.Sequential:
+    """Depthwise-separable 3x3 conv + BN + ReLU, as in the DeepLabV3+ decoder."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False),
+        nn.BatchNorm2d(cin),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class _Encoder(nn.Module):
+    """A torchvision backbone at output stride 16 returning (stride-4, stride-16) features."""
+
+    def __init__(self, name: str, in_channels: int, first_kernel: int):
+        super().__init__()
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+        self.name = name
+        pad = first_kernel // 2
+        if name == "mobilenet_v3_large":
+            feats = mobilenet_v3_large(weights=None, dilated=True).features
+            old = feats[0][0]
+            feats[0][0] = nn.Conv2d(in_channels, old.out_channels, first_kernel, stride=2,
+                                    padding=pad, bias=False)
+            self.low = feats[:4]  # stride 4, 24 channels
+            self.high = feats[4:]  # stride 16 (dilated last stage), 960 channels
+            self.low_channels, self.high_channels = 24, 960
+        else:
+            ctor = resnet50 if name == "resnet50" else resnet101
+            net = ctor(weights=None, replace_stride_with_dilation=[False, False, True])
+            net.conv1 = nn.Conv2d(in_channels, 64, first_kernel, stride=2, padding=pad, bias=False)
+            self.low = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+            self.high = nn.Sequential(net.layer2, net.layer3, net.layer4)
+            self.low_channels, self.high_channels = 256, 2048
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        low = self.low(x)
+        return low, self.high(low)
+
+    def first_conv(self) -> nn.Conv2d:
+        return self.low[0][0] if self.name == "mobilenet_v3_large" else self.low[0]
+
+
+class IHPNet(nn.Module):
+    """DeepLabV3+ (ASPP + stride-4 decoder skip, output stride 16) for interactive parsing."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = _Encoder(cfg.backbone, cfg.in_channels, cfg.first_kernel)
+        self.aspp = ASPP(self.encoder.high_channels, [6, 12, 18], cfg.aspp_channels)
+        self.low_proj = nn.Sequential(
+            nn.Conv2d(self.encoder.low_channels, cfg.low_level_channels, 1, bias=False),
+            nn.BatchNorm2d(cfg.low_level_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.decoder = nn.Sequential(
+            _separable(cfg.aspp_channels + cfg.low_level_channels, cfg.decoder_channels),
+            _separable(cfg.decoder_channels, cfg.decoder_channels),
+        )
+        self.classifier = nn.Conv2d(cfg.decoder_channels, cfg.num_slots, 1)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits at stride 4, decoder features at stride 4)."""
+        low, high = self.encoder(x)
+        ctx = self.aspp(high)
+        ctx = F.interpolate(ctx, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        feats = self.decoder(torch.cat([ctx, self.low_proj(low)], dim=1))
+        return self.classifier(feats), feats
+
+    def forward(self, x: torch.Tensor, features: bool = False):
+        """Logits at the input resolution; with ``features=True`` the stride-4
+        (logits, decoder features) pair instead (the form DDP training calls)."""
+        logits, feats = self.forward_features(x)
+        if features:
+            return logits, feats
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def build_network(cfg: NetConfig) -> IHPNet:
+    return IHPNet(cfg)
+
+
+def load_backbone_weights(net: IHPNet, path: str) -> list[str]:
+    """Load a torchvision ImageNet state dict from a local file into the encoder.
+
+    The RGB part of the first conv is copied (averaged spatially onto the bigger kernel
+    when sizes differ); click channels start at zero so the pretrained RGB path is intact.
+    Returns the names of encoder parameters that were not found in the file.
+    """
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    enc = net.encoder
+    first_key = "features.0.0.weight" if enc.name == "mobilenet_v3_large" else "conv1.weight"
+    own = {}
+    if enc.name == "mobilenet_v3_large":
+        for k, v in sd.items():
+            if k.startswith("features."):
+                idx = int(k.split(".")[1])
+                rest = k.split(".", 2)[2]
+                own[(f"low.{idx}." if idx < 4 else f"high.{idx - 4}.") + rest] = v
+    else:
+        rn = {"conv1": "low.0", "bn1": "low.1", "layer1": "low.4", "layer2": "high.0",
+              "layer3": "high.1", "layer4": "high.2"}
+        for k, v in sd.items():
+            head = k.split(".", 1)[0]
+            if head in rn:
+                own[rn[head] + k[len(head):]] = v
+    first = enc.first_conv()
+    first_name = [n for n, p in enc.named_parameters() if p is first.weight][0]
+    if first_key in sd:
+        w_rgb = sd[first_key]
+        w = torch.zeros_like(first.weight)
+        if w_rgb.shape[-1] != w.shape[-1]:
+            w_rgb = F.interpolate(w_rgb, size=w.shape[-2:], mode="bilinear", align_corners=False)
+            w_rgb = w_rgb * (sd[first_key].shape[-1] ** 2) / (w.shape[-1] ** 2)
+        w[:, :3] = w_rgb
+        own[first_name] = w
+    missing, _ = enc.load_state_dict(own, strict=False)
+    return list(missing)

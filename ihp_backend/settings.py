@@ -1,0 +1,62 @@
+"""Settings from the environment (documented in the README's Configuration table)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CHECKPOINT = os.path.join(PACKAGE_DIR, "models", "default.pt")
+
+
+def _int(name: str, default: int) -> int:
+    v = os.environ.get(name, "").strip()
+    try:
+        return int(v) if v else default
+    except ValueError:
+        raise SystemExit(f"{name} must be an integer, got {v!r}") from None
+
+
+def _float(name: str, default: float) -> float:
+    v = os.environ.get(name, "").strip()
+    try:
+        return float(v) if v else default
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {v!r}") from None
+
+
+@dataclass
+class Settings:
+    model_dir: str = "model_dir"
+    checkpoint: str = DEFAULT_CHECKPOINT
+    device: str | None = None
+    max_side: int | None = None
+    torch_threads: int | None = None
+    ls_url: str = ""
+    api_key: str = field(default="", repr=False)
+    allowed_hosts: tuple[str, ...] = ()
+    local_root: str = ""
+    max_image_pixels: int = 40_000_000
+    max_image_bytes: int = 50 * 1024 * 1024
+    history_ttl: float = 24 * 3600
+    max_clicks: int = 500
+    load_wait: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        hosts = tuple(h.strip().lower() for h in os.environ.get("IHP_ALLOWED_HOSTS", "").split(",") if h.strip())
+        return cls(
+            model_dir=os.environ.get("MODEL_DIR", "model_dir"),
+            checkpoint=os.environ.get("IHP_CHECKPOINT", "") or DEFAULT_CHECKPOINT,
+            device=os.environ.get("IHP_DEVICE") or None,
+            max_side=_int("IHP_MAX_SIDE", 0) or None,
+            torch_threads=_int("IHP_TORCH_THREADS", 0) or None,
+            ls_url=os.environ.get("LABEL_STUDIO_URL", "").rstrip("/"),
+            api_key=os.environ.get("LABEL_STUDIO_API_KEY", ""),
+            allowed_hosts=hosts,
+            local_root=os.environ.get("IHP_LOCAL_ROOT", ""),
+            max_image_pixels=_int("IHP_MAX_IMAGE_PIXELS", 40_000_000),
+            max_image_bytes=_int("IHP_MAX_IMAGE_BYTES", 50 * 1024 * 1024),
+            history_ttl=_float("IHP_HISTORY_TTL", 24 * 3600),
+            max_clicks=_int("IHP_MAX_CLICKS", 500),
+            load_wait=_float("IHP_LOAD_WAIT", 60.0),
+        )

@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+
+from ihp_backend.clicks import localization_maps, network_input, scale_clicks
+
+
+def brute_force_maps(clicks, hw, num_slots, trunc=255.0):
+    h, w = hw
+    out = np.full((num_slots, h, w), trunc)
+    for s in range(num_slots):
+        pts = [(y, x) for y, x, c in clicks if int(c) == s]
+        for py in range(h):
+            for px in range(w):
+                for y, x in pts:
+                    out[s, py, px] = min(out[s, py, px], (py - y) ** 2 + (px - x) ** 2)
+    return np.minimum(out, trunc) / trunc
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_maps_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    hw = (37, 53)
+    clicks = [(rng.uniform(-2, 38), rng.uniform(-2, 54), rng.integers(0, 4)) for _ in range(7)]
+    got = localization_maps(clicks, hw, 5)
+    want = brute_force_maps(clicks, hw, 5)
+    assert got.shape == (5, 37, 53) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_slot_without_clicks_is_all_ones_and_click_is_zero():
+    m = localization_maps([(10, 12, 1)], (40, 40), 3)
+    assert np.all(m[0] == 1) and np.all(m[2] == 1)
+    assert m[1, 10, 12] == 0
+    assert m[1, 10, 12 + 16] == 1  # 16^2 = 256 > 255: truncated
+    assert m[1, 10, 12 + 15] == pytest.approx(225 / 255)
+
+
+def test_bad_slot_rejected():
+    with pytest.raises(ValueError):
+        localization_maps([(1, 1, 7)], (8, 8), 3)
+
+
+def test_scale_clicks_aligns_pixel_centres():
+    c = scale_clicks([(0, 0, 1), (99, 199, 2)], (100, 200), (50, 100))
+    np.testing.assert_allclose(c[:, :2], [[0, 0], [49, 99]])
+    assert list(c[:, 2]) == [1, 2]
+
+
+def test_network_input_channels():
+    img = np.zeros((32, 48, 3), np.uint8)
+    x = network_input(img, [(3, 4, 2)], 6)
+    assert tuple(x.shape) == (3 + 6, 32, 48)
+    x2 = network_input(img, [(3, 4, 2)], 6, prev_mask=np.full((32, 48), 2), use_prev_mask=True)
+    assert tuple(x2.shape) == (3 + 12, 32, 48)
+    assert float(x2[3 + 6 + 2].min()) == 1.0

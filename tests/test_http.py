@@ -1,0 +1,126 @@
+"""The Flask app through its test client, driven by the payloads a real Label Studio sent."""
+import copy
+
+import numpy as np
+import pytest
+
+from ihp_backend._wsgi import create_app
+from ihp_backend.ls_format import rle_to_mask
+from ihp_backend.model import IHPModel
+from ihp_backend.settings import Settings
+
+
+@pytest.fixture()
+def model(tmp_path, tiny_checkpoint, image_server):
+    m = IHPModel(Settings(model_dir=str(tmp_path / "md"), checkpoint=tiny_checkpoint,
+                          ls_url=image_server["url"]))
+    m.load()
+    calls = []
+    real = m.parser.parse
+
+    def spy(image, clicks, **kw):
+        calls.append((image.shape, np.array(clicks)))
+        return real(image, clicks, **kw)
+
+    m.parser.parse = spy
+    m.calls = calls
+    return m
+
+
+@pytest.fixture()
+def client(model):
+    return create_app(model, load=False).test_client()
+
+
+def click_body(payloads, x, y, label, positive=True):
+    body = copy.deepcopy(payloads["/predict"]["body"])
+    r = copy.deepcopy(payloads["/predict_context_from_real_LSF_frontend_click"]["result"][0])
+    r["value"].update(x=x, y=y, keypointlabels=[label], labels=[label])
+    r["is_positive"] = positive
+    body["params"]["context"] = {"result": [r]}
+    return body
+
+
+def test_health_and_setup(client, payloads):
+    h = client.get("/health").get_json()
+    assert h["status"] == "UP" and h["model_loaded"] is True and h["model_version"] == "tiny-test"
+    assert client.get("/").status_code == 200
+    r = client.post("/setup", json=payloads["/setup"]["body"])
+    assert r.status_code == 200 and r.get_json() == {"model_version": "tiny-test"}
+
+
+def test_batch_predict_without_clicks_is_empty_not_error(client, payloads):
+    r = client.post("/predict", json=payloads["/predict"]["body"])
+    assert r.status_code == 200
+    j = r.get_json()
+    assert j["model_version"] == "tiny-test"
+    assert j["results"] == [{"result": [], "score": 0.0, "model_version": "tiny-test"}]
+
+
+def test_single_clicks_build_up_the_parse(client, model, payloads, image_server):
+    client.post("/setup", json=payloads["/setup"]["body"])
+    seq = [(50, 21, "Hair"), (50, 50, "Face"), (45, 80, "Left-arm"), (5, 5, "Background")]
+    for i, (x, y, lab) in enumerate(seq):
+        r = client.post("/predict", json=click_body(payloads, x, y, lab))
+        assert r.status_code == 200, r.get_json()
+        (pred,) = r.get_json()["results"]
+        assert len(model.calls) == i + 1
+        shape, clicks = model.calls[-1]
+        assert shape == (240, 320, 3) and len(clicks) == i + 1  # the history grew by one click
+        names = [res["value"]["brushlabels"][0] for res in pred["result"]]
+        assert len(names) == len(set(names))
+        assert set(names) <= {lab for *_, lab in seq[:i + 1]} | {"Background"}
+        masks = [rle_to_mask(res["value"]["rle"], 240, 320) for res in pred["result"]]
+        total = np.sum(masks, axis=0)
+        assert total.max() == 1 and total.min() == 1  # mutually exclusive, covering the image
+        assert 0 <= pred["score"] <= 1
+    # Label Studio fetched the image with the token /setup gave it
+    assert image_server["handler"].seen_headers[-1]["Authorization"] == "Token EXAMPLE_TOKEN_0000"
+    # Alt-click undoes the Face click, then {"result": []} (after Submit) clears everything
+    client.post("/predict", json=click_body(payloads, 50, 50, "Face", positive=False))
+    assert len(model.calls[-1][1]) == 3
+    body = copy.deepcopy(payloads["/predict"]["body"])
+    body["params"]["context"] = {"result": []}
+    assert client.post("/predict", json=body).get_json()["results"][0]["result"] == []
+    client.post("/predict", json=click_body(payloads, 50, 21, "Hair"))
+    assert len(model.calls[-1][1]) == 1
+
+
+def test_webhook_annotation_clears_history(client, model, payloads):
+    client.post("/predict", json=click_body(payloads, 50, 21, "Hair"))
+    wh = copy.deepcopy(payloads["/webhook_ANNOTATION_CREATED"]["body"])
+    r = client.post("/webhook", json=wh)
+    assert r.status_code == 201 and r.get_json()["history_cleared"] is True
+    client.post("/predict", json=click_body(payloads, 50, 50, "Face"))
+    assert len(model.calls[-1][1]) == 1
+    r = client.post("/webhook", json=payloads["/webhook_START_TRAINING"]["body"])
+    assert r.status_code == 201
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ("not json", 400, "JSON object"),
+    ({"tasks": []}, 400, "non-empty list"),
+    ({"tasks": [{"id": 1}], "label_config": "<View>"}, 400, "not valid XML"),
+])
+def test_bad_requests_are_clear_4xx(client, body, status, needle):
+    r = client.post("/predict", data=body) if isinstance(body, str) else client.post("/predict", json=body)
+    assert r.status_code == status and needle in r.get_json()["error"]
+
+
+def test_unknown_label_and_missing_image_are_4xx(client, payloads):
+    r = client.post("/predict", json=click_body(payloads, 10, 10, "Skirt"))
+    assert r.status_code == 400 and "Skirt" in r.get_json()["error"]
+    b = click_body(payloads, 10, 10, "Hair")
+    b["tasks"][0]["data"] = {}
+    r = client.post("/predict", json=b)
+    assert r.status_code == 400 and "no image" in r.get_json()["error"]
+    b = click_body(payloads, 10, 10, "Hair")
+    b["tasks"][0]["data"]["image"] = "/data/upload/3/missing.png"
+    b["tasks"][0]["id"] = 99
+    r = client.post("/predict", json=b)
+    assert r.status_code == 422 and "404" in r.get_json()["error"]
+
+
+def test_versions_and_metrics(client):
+    assert client.get("/versions").get_json()["serving"] == "tiny-test"
+    assert "predict_requests" in client.get("/metrics").get_json()

@@ -1,0 +1,101 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle
+
+from ihp_backend.ls_format import (ClickError, LabelConfigError, annotation_to_label_map, brush_results,
+                                   keypoints_to_clicks, mask_to_rle, parse_label_config, rle_to_mask,
+                                   validate_results)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIP_CONFIG = open(os.path.join(ROOT, "label_config.xml")).read()
+
+
+def test_repo_label_config_has_lip_classes_with_distinct_colours():
+    s = parse_label_config(LIP_CONFIG)
+    assert len(s.brush_labels) == 20 and s.brush_labels[0] == "Background"
+    assert "Left-arm" in s.keypoint_labels and s.image_key == "image"
+    import re
+    colours = re.findall(r'background="(#[0-9a-f]{6})"', LIP_CONFIG)
+    assert len(set(colours)) == 20
+
+
+def test_observed_setup_config(payloads):
+    s = parse_label_config(payloads["/setup"]["body"]["schema"])
+    assert (s.keypoint_from, s.brush_from, s.to_name) == ("kp", "mask", "image")
+    assert s.labels == ("Background", "Hair", "Face", "Left-arm")
+
+
+@pytest.mark.parametrize("xml", [
+    "", "<View>", "<View><Image name='i' value='$i'/></View>",
+    '<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]><View>&b;</View>',
+    "<View><Image name='i' value='$i'/><KeyPointLabels name='k' toName='i'><Label value='A'/>"
+    "</KeyPointLabels></View>",
+])
+def test_bad_label_configs_raise(xml):
+    with pytest.raises(LabelConfigError):
+        parse_label_config(xml)
+
+
+def test_keypoint_from_real_frontend_click(payloads):
+    ctx = payloads["/predict_context_from_real_LSF_frontend_click"]
+    clicks, size = keypoints_to_clicks(ctx["result"])
+    assert size == (320, 240)
+    (c,) = clicks
+    assert c.label == "Hair" and c.positive
+    assert c.x == pytest.approx(26.217228464419474 * 3.2)
+    assert c.y == pytest.approx(30.9404910528506 * 2.4)
+
+
+def test_keypoints_ignore_other_types_and_reject_bad_values():
+    assert keypoints_to_clicks([{"type": "brushlabels", "value": {}}]) == ([], None)
+    base = {"type": "keypointlabels", "original_width": 10, "original_height": 10,
+            "value": {"x": 5, "y": 5, "keypointlabels": ["A"]}}
+    for bad in ({"x": float("nan")}, {"x": -1}, {"y": 101}, {"keypointlabels": []}):
+        r = json.loads(json.dumps(base))
+        r["value"].update(bad)
+        with pytest.raises(ClickError):
+            keypoints_to_clicks([r])
+    r = dict(base)
+    r.pop("original_width")
+    with pytest.raises(ClickError):
+        keypoints_to_clicks([r])
+
+
+def test_rle_round_trip_with_sdk_decoder():
+    rng = np.random.default_rng(0)
+    mask = rng.random((37, 51)) > 0.6
+    rle = mask_to_rle(mask)
+    flat = np.asarray(decode_rle(rle)).reshape(37, 51, 4)
+    assert np.array_equal(flat[..., 3] > 0, mask)
+    assert np.array_equal(rle_to_mask(rle, 37, 51), mask)
+
+
+def test_brush_results_one_region_per_class_and_validated(payloads):
+    s = parse_label_config(payloads["/setup"]["body"]["schema"])
+    lab = np.zeros((20, 30), np.int64)
+    lab[2:8, 3:9] = 5
+    lab[10:15, 10:20] = 7
+    res = brush_results(lab, {0: "Background", 5: "Hair", 7: "Face"}, s)
+    assert sorted(r["value"]["brushlabels"][0] for r in res) == ["Background", "Face", "Hair"]
+    validate_results(res, s)
+    for r in res:
+        m = rle_to_mask(r["value"]["rle"], 20, 30)
+        assert r["from_name"] == "mask" and r["to_name"] == "image" and r["value"]["format"] == "rle"
+        assert (r["original_width"], r["original_height"]) == (30, 20)
+        name = r["value"]["brushlabels"][0]
+        want = {"Background": 0, "Hair": 5, "Face": 7}[name]
+        assert np.array_equal(m, lab == want)
+    bad = [dict(res[0], value=dict(res[0]["value"], brushlabels=["Nope"]))]
+    with pytest.raises(AssertionError):
+        validate_results(bad, s)
+
+
+def test_annotation_from_observed_webhook_decodes(payloads):
+    body = payloads["/webhook_ANNOTATION_CREATED"]["body"]
+    s = parse_label_config(body["project"]["label_config"])
+    m = annotation_to_label_map(body["annotation"]["result"], s, {n: i for i, n in enumerate(s.brush_labels)})
+    assert m.shape == (240, 320)
+    assert set(np.unique(m).tolist()) <= {0, 3} and (m == 3).any()
