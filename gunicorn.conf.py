@@ -7,6 +7,6 @@ threads = int(os.environ.get("IHP_THREADS", "4"))
 timeout = int(os.environ.get("IHP_TIMEOUT", "120"))
 graceful_timeout = 30
 worker_class = "gthread"
-accesslog = os.environ.get("IHP_ACCESS_LOG", "-")
+accesslog = os.environ.get("IHP_ACCESS_LOG", "-") or None  # "" turns it off
 # each worker loads the model itself, in the background, after the fork (no preload)
 preload_app = False

@@ -55,6 +55,11 @@ def create_app(model: IHPModel | None = None, load: bool = True) -> Flask:
         log.exception("unhandled error on %s", request.path)
         return jsonify({"error": f"internal error ({type(e).__name__}); see the backend log"}), 500
 
+    @app.after_request
+    def _worker_header(resp):
+        resp.headers["X-IHP-Worker"] = str(os.getpid())  # which gunicorn worker answered
+        return resp
+
     @app.get("/")
     @app.get("/health")
     def health():

@@ -40,7 +40,9 @@ def central_click(mask: np.ndarray, rng: np.random.Generator,
     if len(ys) == 0:
         raise ValueError("empty component")
     pick = rng.choice(len(ys), size=min(n_candidates, len(ys)), replace=False)
-    dist = boundary_distance(mask)[ys[pick], xs[pick]]
+    y0, x0 = ys.min(), xs.min()
+    box = mask[y0:ys.max() + 1, x0:xs.max() + 1]
+    dist = boundary_distance(box)[ys[pick] - y0, xs[pick] - x0]
     best = pick[int(np.argmax(dist))]
     return int(ys[best]), int(xs[best])
 
@@ -117,8 +119,11 @@ def largest_error_region(labels: np.ndarray, pred: np.ndarray, ignore: int = 255
     if not wrong.any():
         return None
     key = np.where(wrong, labels.astype(np.int64) * 4096 + pred.astype(np.int64), -1)
+    keys, totals = np.unique(key[wrong], return_counts=True)
     best, best_area = None, 0
-    for k in np.unique(key[wrong]):
+    for k, total in sorted(zip(keys.tolist(), totals.tolist()), key=lambda kt: -kt[1]):
+        if total <= best_area:
+            break  # no component of this kind can be larger than the best so far
         comp, n = ndimage.label(key == k)
         if n == 0:
             continue
@@ -136,6 +141,9 @@ def correction_click(labels: np.ndarray, pred: np.ndarray, rng: np.random.Genera
     region = largest_error_region(labels, pred, ignore)
     if region is None:
         return None
-    d = boundary_distance(region)
+    ys, xs = np.nonzero(region)
+    y0, x0 = ys.min(), xs.min()
+    d = boundary_distance(region[y0:ys.max() + 1, x0:xs.max() + 1])  # bbox: same result, cheaper
     y, x = np.unravel_index(int(np.argmax(d)), d.shape)
-    return int(y), int(x), int(labels[y, x])
+    y, x = int(y + y0), int(x + x0)
+    return y, x, int(labels[y, x])

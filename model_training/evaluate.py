@@ -1,0 +1,409 @@
+"""Clicks-to-standard evaluation (paper Sec. IV-A) plus RITM-style per-image NoC.
+
+    python -m model_training.evaluate --data ../shared/data/ccp --kind ccp --split val \
+        --merge ccp12 --checkpoint ihp_backend/models/default.pt --baseline random-walker \
+        --standard 0.85 --max-corrections 20 --out runs/eval_default
+
+Protocol: initial clicks = one central click (best of N_c = 5 candidates by boundary
+distance) on every connected component of every non-background class present (components
+under ``--min-area`` pixels skipped; ``--background-click`` adds one background click);
+then K rounds of one correction click at the central point of the largest wrongly labelled
+region, labelled with the ground-truth class there. ``--rgb-only`` starts with no clicks.
+
+Metrics: data-set mIoU (confusion summed over images) after k = 0..K corrections; Add. =
+smallest k with mIoU >= standard; Avg. = (all initial clicks + Add. x images) / (sum over
+images of the classes present, background included); per-image NoC and failures; per-class
+IoU at k = 0 and at Add.; near-edge mIoU and boundary F1 (5 px) at k = 0 and at Add.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from tqdm import tqdm
+
+from . import click_simulation as cs
+from .datasets import open_dataset
+
+STANDARDS = {"lip": 0.85, "cihp": 0.80, "ppp": 0.80, "pascal-person-part": 0.80, "helen": 0.75,
+             "ccp": 0.85}
+
+
+# ---------------------------------------------------------------------------------- predictors
+class CorePredictor:
+    """The network through the serving core (``ihp_backend.inference.Parser``)."""
+
+    def __init__(self, parser, class_names: list[str], ignore_clicks: bool = False, name: str | None = None):
+        self.parser = parser
+        self.class_names = class_names
+        self.slot_of = parser.binding.bind(class_names)
+        self.cls_of_slot = {s: i for i, s in enumerate(self.slot_of[n] for n in class_names)}
+        self.ignore_clicks = ignore_clicks
+        self.name = name or (parser.model_version + (" (no clicks)" if ignore_clicks else ""))
+
+    def __call__(self, image: np.ndarray, clicks: np.ndarray) -> np.ndarray:
+        slots = [self.slot_of[self.class_names[int(c)]] for c in clicks[:, 2]] if len(clicks) else []
+        c = np.column_stack([clicks[:, :2], slots]) if len(clicks) else np.zeros((0, 3))
+        if self.ignore_clicks:
+            c = np.zeros((0, 3))
+            allowed = sorted(self.slot_of.values())
+        elif self.parser.binding.kind == "fixed":
+            allowed = sorted(self.slot_of.values())
+        else:
+            allowed = sorted({self.slot_of[self.class_names[0]]} | set(int(s) for s in slots))
+        res = self.parser.parse(image, c, allowed_slots=allowed)
+        lut = np.zeros(self.parser.num_slots, np.int64)
+        for s, i in self.cls_of_slot.items():
+            lut[s] = i
+        return lut[res.labels]
+
+
+class RandomWalkerPredictor:
+    """Classical seeded floor: scikit-image's random walker seeded by the clicks (disks of
+    ``radius`` px), run at ``max_side`` resolution. Needs no training."""
+
+    name = "random-walker"
+
+    def __init__(self, max_side: int = 256, radius: int = 3, beta: float = 130.0):
+        self.max_side, self.radius, self.beta = max_side, radius, beta
+
+    def __call__(self, image: np.ndarray, clicks: np.ndarray) -> np.ndarray:
+        from skimage.segmentation import random_walker
+        h, w = image.shape[:2]
+        if len(clicks) == 0:
+            return np.zeros((h, w), np.int64)
+        s = min(1.0, self.max_side / max(h, w))
+        sh, sw = max(1, round(h * s)), max(1, round(w * s))
+        small = np.asarray(Image.fromarray(image).resize((sw, sh), Image.BILINEAR)).astype(np.float64) / 255
+        seeds = np.zeros((sh, sw), np.int64)
+        yy, xx = np.mgrid[:sh, :sw]
+        for y, x, c in clicks:
+            sy, sx = (y + 0.5) * sh / h - 0.5, (x + 0.5) * sw / w - 0.5
+            seeds[(yy - sy) ** 2 + (xx - sx) ** 2 <= self.radius ** 2] = int(c) + 1
+        labels = np.unique(seeds[seeds > 0])
+        if len(labels) == 1:
+            out = np.full((sh, sw), labels[0] - 1)
+        else:
+            out = random_walker(small, seeds, beta=self.beta, mode="cg_j", channel_axis=-1, tol=1e-2) - 1
+            out[out < 0] = 0
+        return np.asarray(Image.fromarray(out.astype(np.uint8)).resize((w, h), Image.NEAREST)).astype(np.int64)
+
+
+class HTTPPredictor:
+    """Black-box: a running backend's /predict, in Label Studio's format. Each image and run
+    gets a fresh task id; every request carries the full click set (history replaced)."""
+
+    def __init__(self, url: str, class_names: list[str], timeout: float = 60.0):
+        import requests
+        self.url, self.class_names, self.timeout = url.rstrip("/"), class_names, timeout
+        self.session = requests.Session()
+        self.name = f"http:{self.url}"
+        labels = "".join(f'<Label value="{n}"/>' for n in class_names)
+        self.config = (f'<View><Image name="image" value="$image"/>'
+                       f'<KeyPointLabels name="kp" toName="image" smart="true">{labels}</KeyPointLabels>'
+                       f'<BrushLabels name="mask" toName="image">{labels}</BrushLabels></View>')
+        self._task, self._image_uri, self._image_id = None, None, None
+        self.run = uuid.uuid4().int % 10 ** 9
+
+    def __call__(self, image: np.ndarray, clicks: np.ndarray) -> np.ndarray:
+        from ihp_backend.ls_format import rle_to_mask
+        h, w = image.shape[:2]
+        if self._image_id is not id(image):
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            self._image_uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+            self._image_id = id(image)
+            self._task = uuid.uuid4().int % 10 ** 12
+        result = [{"type": "keypointlabels", "from_name": "kp", "to_name": "image",
+                   "original_width": w, "original_height": h, "is_positive": True,
+                   "value": {"x": (x + 0.5) / w * 100, "y": (y + 0.5) / h * 100,
+                             "keypointlabels": [self.class_names[int(c)]]}} for y, x, c in clicks]
+        if len(result) == 1:  # a single keypoint appends: clear first so the set is exact
+            self._post([], w, h)
+        r = self._post(result, w, h)
+        out = np.zeros((h, w), np.int64)
+        for res in r["results"][0]["result"]:
+            name = res["value"]["brushlabels"][0]
+            out[rle_to_mask(res["value"]["rle"], h, w)] = self.class_names.index(name)
+        return out
+
+    def _post(self, result, w, h):
+        body = {"tasks": [{"id": self._task, "data": {"image": self._image_uri}}],
+                "project": f"ihp-eval-{self.run}", "label_config": self.config,
+                "params": {"context": {"result": result}}}
+        r = self.session.post(self.url + "/predict", json=body, timeout=self.timeout)
+        if r.status_code != 200:
+            raise RuntimeError(f"backend answered {r.status_code}: {r.text[:300]}")
+        return r.json()
+
+
+# ------------------------------------------------------------------------------------- metrics
+def confusion(gt: np.ndarray, pred: np.ndarray, n: int, mask: np.ndarray | None = None) -> np.ndarray:
+    valid = gt < n
+    if mask is not None:
+        valid &= mask
+    return np.bincount(gt[valid].astype(np.int64) * n + pred[valid].astype(np.int64),
+                       minlength=n * n).reshape(n, n)
+
+
+def iou_per_class(conf: np.ndarray) -> np.ndarray:
+    """IoU per class; NaN for classes absent from both ground truth and prediction."""
+    tp = np.diag(conf).astype(np.float64)
+    denom = conf.sum(0) + conf.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, tp / denom, np.nan)
+
+
+def miou(conf: np.ndarray) -> float:
+    v = iou_per_class(conf)
+    return float(np.nanmean(v)) if np.any(~np.isnan(v)) else 1.0
+
+
+def edges(labels: np.ndarray) -> np.ndarray:
+    e = np.zeros(labels.shape, bool)
+    e[:-1] |= labels[:-1] != labels[1:]
+    e[1:] |= labels[:-1] != labels[1:]
+    e[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    e[:, 1:] |= labels[:, :-1] != labels[:, 1:]
+    return e
+
+
+def near_edge_band(gt: np.ndarray, width: int = 5) -> np.ndarray:
+    return ndimage.distance_transform_edt(~edges(gt)) <= width
+
+
+def boundary_f1_counts(gt: np.ndarray, pred: np.ndarray, tol: int = 5) -> np.ndarray:
+    """(matched predicted boundary px, predicted boundary px, matched gt px, gt boundary px)."""
+    eg, ep = edges(gt), edges(pred)
+    dg = ndimage.distance_transform_edt(~eg)
+    dp = ndimage.distance_transform_edt(~ep)
+    return np.array([(dg[ep] <= tol).sum(), ep.sum(), (dp[eg] <= tol).sum(), eg.sum()], np.int64)
+
+
+def f1_from_counts(c: np.ndarray) -> float:
+    p = c[0] / c[1] if c[1] else 1.0
+    r = c[2] / c[3] if c[3] else 1.0
+    return float(2 * p * r / (p + r)) if p + r else 0.0
+
+
+# ------------------------------------------------------------------------------------ protocol
+@dataclass
+class EvalConfig:
+    standard: float = 0.85
+    max_corrections: int = 20
+    min_area: int = 0
+    background_click: bool = False
+    rgb_only: bool = False
+    seed: int = 0
+    n_candidates: int = cs.N_CANDIDATES
+    edge_width: int = 5
+
+
+@dataclass
+class EvalResult:
+    name: str
+    n_images: int
+    classes: list[str]
+    miou_curve: list[float]
+    add: int | None
+    avg: float | None
+    initial_clicks: int
+    classes_present: int
+    per_image_noc: list[int]
+    never_reached: int
+    iou_k0: list[float]
+    iou_add: list[float] | None
+    edge_miou_k0: float
+    edge_f1_k0: float
+    edge_miou_add: float | None
+    edge_f1_add: float | None
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        noc = np.array(self.per_image_noc)
+        return {"name": self.name, "images": self.n_images, "miou_k0": round(self.miou_curve[0], 4),
+                "add": self.add, "avg": None if self.avg is None else round(self.avg, 3),
+                "initial_clicks": self.initial_clicks, "classes_present": self.classes_present,
+                "noc_mean": round(float(noc.mean()), 3), "never_reached": self.never_reached,
+                "edge_miou_k0": round(self.edge_miou_k0, 4), "edge_f1_k0": round(self.edge_f1_k0, 4),
+                "miou_curve": [round(v, 4) for v in self.miou_curve], "seconds": round(self.seconds, 1)}
+
+
+def evaluate(predictor, samples, class_names: list[str], cfg: EvalConfig, progress: bool = True) -> EvalResult:
+    """Run the protocol over ``samples`` (an iterable of (image, gt) with gt in class indices)."""
+    n, K = len(class_names), cfg.max_corrections
+    conf = np.zeros((K + 1, n, n), np.int64)
+    edge_conf = np.zeros((K + 1, n, n), np.int64)
+    bf = np.zeros((K + 1, 4), np.int64)
+    init_total, present_total, nocs, n_img = 0, 0, [], 0
+    t0 = time.time()
+    it = tqdm(samples, desc=f"eval {predictor.name}", disable=not progress, dynamic_ncols=True)
+    for idx, (image, gt) in enumerate(it):
+        gt = gt.astype(np.int64)
+        rng = np.random.default_rng((cfg.seed, idx))
+        if cfg.rgb_only:
+            clicks = []
+        else:
+            clicks = cs.central_clicks(gt, rng, 0, max(1, cfg.min_area), cfg.n_candidates)
+            if cfg.background_click:
+                bg = cs.background_click(gt, rng)
+                if bg:
+                    clicks.append(bg)
+        init_total += len(clicks)
+        present_total += len(np.unique(gt[gt < n]))
+        band = near_edge_band(gt, cfg.edge_width)
+        arr = np.array(clicks, np.float64).reshape(-1, 3)
+        pred = predictor(image, arr)
+        noc = K + 1
+        for k in range(K + 1):
+            if k > 0:
+                c = cs.correction_click(gt, pred)
+                if c is not None:
+                    arr = np.vstack([arr, np.array([c], np.float64)])
+                    pred = predictor(image, arr)
+            cm = confusion(gt, pred, n)
+            conf[k] += cm
+            edge_conf[k] += confusion(gt, pred, n, band)
+            bf[k] += boundary_f1_counts(gt, pred, cfg.edge_width)
+            if noc > K and miou(cm) >= cfg.standard:
+                noc = k
+        nocs.append(noc)
+        n_img += 1
+    curve = [miou(conf[k]) for k in range(K + 1)]
+    add = next((k for k, v in enumerate(curve) if v >= cfg.standard), None)
+    avg = None if add is None else (init_total + add * n_img) / max(1, present_total)
+    return EvalResult(
+        name=predictor.name, n_images=n_img, classes=list(class_names), miou_curve=curve, add=add, avg=avg,
+        initial_clicks=init_total, classes_present=present_total, per_image_noc=nocs,
+        never_reached=int(sum(1 for v in nocs if v > K)),
+        iou_k0=[float(v) for v in iou_per_class(conf[0])],
+        iou_add=None if add is None else [float(v) for v in iou_per_class(conf[add])],
+        edge_miou_k0=miou(edge_conf[0]), edge_f1_k0=f1_from_counts(bf[0]),
+        edge_miou_add=None if add is None else miou(edge_conf[add]),
+        edge_f1_add=None if add is None else f1_from_counts(bf[add]),
+        seconds=time.time() - t0)
+
+
+# ------------------------------------------------------------------------------------- reports
+def markdown_table(results: list[EvalResult], standard: float) -> str:
+    lines = [f"| model | images | mIoU@0 | mIoU@5 | mIoU@20 | Add. (to {standard:.0%}) | Avg. clicks/class "
+             "| per-image NoC (mean) | never reached | edge mIoU@0 | edge F1@0 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        c = r.miou_curve
+        pick = lambda k: f"{c[min(k, len(c) - 1)]:.1%}"  # noqa: E731
+        lines.append(f"| {r.name} | {r.n_images} | {pick(0)} | {pick(5)} | {pick(20)} | "
+                     f"{r.add if r.add is not None else '> ' + str(len(c) - 1)} | "
+                     f"{'-' if r.avg is None else f'{r.avg:.2f}'} | {np.mean(r.per_image_noc):.2f} | "
+                     f"{r.never_reached} | {r.edge_miou_k0:.1%} | {r.edge_f1_k0:.1%} |")
+    lines += ["", "Per-class IoU at k = 0 (and at Add. where reached):", "",
+              "| class | " + " | ".join(r.name for r in results) + " |",
+              "|---|" + "---|" * len(results)]
+    for i, cname in enumerate(results[0].classes):
+        cells = []
+        for r in results:
+            a = r.iou_k0[i]
+            b = r.iou_add[i] if r.iou_add else None
+            cells.append(("-" if np.isnan(a) else f"{a:.1%}") + ("" if b is None or np.isnan(b) else f" / {b:.1%}"))
+        lines.append(f"| {cname} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[EvalResult], standard: float, out_dir: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        ax.plot(range(len(r.miou_curve)), [100 * v for v in r.miou_curve], marker="o", ms=3, label=r.name)
+    ax.axhline(100 * standard, ls="--", c="gray", lw=1)
+    ax.set_xlabel("correction clicks (after central clicks)"); ax.set_ylabel("data-set mIoU (%)")
+    ax.grid(alpha=0.3); ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = os.path.join(out_dir, "miou_vs_clicks.png"); fig.savefig(p, dpi=100); plt.close(fig); paths.append(p)
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(results[0].classes)), 4))
+    wdt = 0.8 / len(results)
+    for j, r in enumerate(results):
+        ax.bar(np.arange(len(r.classes)) + j * wdt, [0 if np.isnan(v) else 100 * v for v in r.iou_k0],
+               width=wdt, label=r.name)
+    ax.set_xticks(np.arange(len(results[0].classes)) + 0.4 - wdt / 2)
+    ax.set_xticklabels(results[0].classes, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("IoU at k = 0 (%)"); ax.legend(fontsize=8); fig.tight_layout()
+    p = os.path.join(out_dir, "per_class_iou.png"); fig.savefig(p, dpi=100); plt.close(fig); paths.append(p)
+    return paths
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="data set root")
+    ap.add_argument("--kind", default="ccp", help="lip | cihp | ppp | helen | ccp | ls")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--merge", default=None, help="merge table name or path (CCP default: ccp12)")
+    ap.add_argument("--checkpoint", action="append", default=[], help="checkpoint(s) to evaluate")
+    ap.add_argument("--backend-url", action="append", default=[], help="running backend(s), HTTP mode")
+    ap.add_argument("--baseline", action="append", default=[], choices=["random-walker", "no-clicks"],
+                    help="add baselines: random-walker floor; network with empty click maps")
+    ap.add_argument("--standard", type=float, default=None, help="parsing standard (mIoU, 0-1)")
+    ap.add_argument("--max-corrections", type=int, default=20)
+    ap.add_argument("--min-area", type=int, default=0, help="skip components smaller than this (px)")
+    ap.add_argument("--background-click", action="store_true", help="add one background click at init")
+    ap.add_argument("--rgb-only", action="store_true", help="no central clicks: corrections only (Fig. 7)")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    ap.add_argument("--max-side", type=int, default=None, help="serving resolution override")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="runs/eval")
+    a = ap.parse_args(argv)
+    import torch
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ds = open_dataset(a.kind, a.data, a.split, a.merge)
+    standard = a.standard if a.standard is not None else STANDARDS.get(a.kind.lower(), 0.85)
+    cfg = EvalConfig(standard=standard, max_corrections=a.max_corrections, min_area=a.min_area,
+                     background_click=a.background_click, rgb_only=a.rgb_only, seed=a.seed)
+    n = len(ds) if a.limit is None else min(a.limit, len(ds))
+    predictors = []
+    from ihp_backend.inference import Parser
+    for ck in a.checkpoint:
+        parser = Parser.from_file(ck, max_side=a.max_side)
+        predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}"))
+        if "no-clicks" in a.baseline:
+            predictors.append(CorePredictor(parser, ds.classes, ignore_clicks=True))
+    for url in a.backend_url:
+        predictors.append(HTTPPredictor(url, ds.classes))
+    if "random-walker" in a.baseline:
+        predictors.append(RandomWalkerPredictor())
+    if not predictors:
+        ap.error("give at least one --checkpoint, --backend-url or --baseline")
+    os.makedirs(a.out, exist_ok=True)
+    results = []
+    for p in predictors:
+        samples = (ds.load(i) for i in range(n))
+        results.append(evaluate(p, samples, ds.classes, cfg))
+    summary = {"data": f"{a.kind}:{a.split}", "merge": a.merge, "standard": standard,
+               "max_corrections": a.max_corrections, "min_area": a.min_area, "rgb_only": a.rgb_only,
+               "results": [r.summary() for r in results]}
+    with open(os.path.join(a.out, "summary.json"), "w") as f:
+        json.dump({**summary, "full": [r.__dict__ for r in results]}, f, indent=1, default=float)
+    table = markdown_table(results, standard)
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write(table)
+    plot(results, standard, a.out)
+    print(table, file=sys.stderr)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

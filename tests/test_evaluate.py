@@ -1,0 +1,103 @@
+"""The NoC evaluation on synthetic label maps where the answer is known."""
+import json
+
+import numpy as np
+import pytest
+
+from model_training import click_simulation as cs
+from model_training.evaluate import EvalConfig, RandomWalkerPredictor, evaluate, iou_per_class, miou, confusion
+from tests.conftest import person_image
+
+CLASSES = ["background", "head", "torso", "legs"]
+
+
+def samples(n=3):
+    return [person_image(seed=i) for i in range(n)]
+
+
+class Perfect:
+    name = "perfect"
+
+    def __init__(self, gts):
+        self.gts = gts
+        self.i = -1
+        self.last = None
+
+    def __call__(self, image, clicks):
+        return self.gts[id(image)]
+
+
+class Constant:
+    name = "constant"
+
+    def __call__(self, image, clicks):
+        return np.zeros(image.shape[:2], np.int64)
+
+
+class FillsClicked:
+    """Predicts, for every class clicked so far, the whole ground-truth region of that class;
+    unclicked classes are background. One click per class is enough for a perfect parse."""
+
+    name = "fills-clicked"
+
+    def __init__(self, gts):
+        self.gts = gts
+        self.calls = []
+
+    def __call__(self, image, clicks):
+        gt = self.gts[id(image)]
+        self.calls.append(clicks.copy())
+        out = np.zeros_like(gt)
+        for c in set(int(v) for v in clicks[:, 2]):
+            out[gt == c] = c
+        return out
+
+
+def test_perfect_predictor_reaches_standard_with_no_corrections():
+    s = samples()
+    p = Perfect({id(img): lab.astype(np.int64) for img, lab in s})
+    r = evaluate(p, s, CLASSES, EvalConfig(max_corrections=3), progress=False)
+    assert r.add == 0 and r.miou_curve[0] == 1.0 and r.never_reached == 0
+    assert r.per_image_noc == [0, 0, 0]
+    # Avg. by hand: 4 central clicks per image (head, torso, 2 legs), 4 classes present each
+    assert r.initial_clicks == 12 and r.classes_present == 12
+    assert r.avg == pytest.approx(12 / 12)
+
+
+def test_predictor_that_ignores_clicks_never_reaches_standard():
+    r = evaluate(Constant(), samples(), CLASSES, EvalConfig(max_corrections=4), progress=False)
+    assert r.add is None and r.avg is None and r.never_reached == 3
+    assert len(set(round(v, 9) for v in r.miou_curve)) == 1
+
+
+def test_rgb_only_corrections_land_in_largest_error_and_avg_matches_hand():
+    s = samples(2)
+    p = FillsClicked({id(img): lab.astype(np.int64) for img, lab in s})
+    r = evaluate(p, s, CLASSES, EvalConfig(max_corrections=4, rgb_only=True), progress=False)
+    # image 1: call 0 no clicks -> all background; correction 1 goes to the largest error (torso,
+    # 80x80 = 6400 px > head disk ~2800 px > each leg 70x25)
+    first = p.calls[1]
+    assert len(first) == 1 and int(first[0, 2]) == 2
+    y, x = int(first[0, 0]), int(first[0, 1])
+    assert 80 <= y < 160 and 120 <= x < 200
+    # torso, head, legs: 3 corrections make each image perfect
+    assert r.per_image_noc == [3, 3]
+    assert r.add == 3
+    assert r.avg == pytest.approx((0 + 3 * 2) / (4 * 2))
+
+
+def test_miou_from_confusion():
+    gt = np.array([[0, 0, 1, 1]])
+    pred = np.array([[0, 1, 1, 1]])
+    cm = confusion(gt, pred, 3)
+    iou = iou_per_class(cm)
+    assert iou[0] == pytest.approx(0.5) and iou[1] == pytest.approx(2 / 3) and np.isnan(iou[2])
+    assert miou(cm) == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_random_walker_floor_improves_with_clicks():
+    s = samples(1)
+    r = evaluate(RandomWalkerPredictor(max_side=160), s, CLASSES,
+                 EvalConfig(max_corrections=3, background_click=True), progress=False)
+    assert r.miou_curve[0] > 0.5
+    assert r.miou_curve[-1] >= r.miou_curve[0] - 0.02

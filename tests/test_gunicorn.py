@@ -1,0 +1,130 @@
+"""A live gunicorn (2 workers) on 127.0.0.1 answering the payloads a real Label Studio sent."""
+import copy
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from ihp_backend.ls_format import rle_to_mask
+from ihp_backend.settings import DEFAULT_CHECKPOINT
+from tests.conftest import CCP, ROOT
+from tests.test_http import click_body
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def start_gunicorn(tmp_path, checkpoint, env_extra):
+    port = free_port()
+    env = dict(os.environ, MODEL_DIR=str(tmp_path / "model_dir"), IHP_CHECKPOINT=checkpoint,
+               IHP_BIND=f"127.0.0.1:{port}", IHP_WORKERS="2", IHP_THREADS="2", IHP_TORCH_THREADS="1",
+               IHP_ACCESS_LOG="", **env_extra)
+    gun = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+    proc = subprocess.Popen([gun, "ihp_backend._wsgi:app"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    loaded = set()
+    while time.time() < deadline and len(loaded) < 2 and proc.poll() is None:
+        try:
+            r = requests.get(url + "/health", timeout=1)
+            if r.json().get("model_loaded"):
+                loaded.add(r.headers["X-IHP-Worker"])
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    if not loaded:
+        proc.kill()
+        raise AssertionError("gunicorn did not come up:\n" + proc.stdout.read()[-3000:])
+    return proc, url
+
+
+@pytest.fixture()
+def live(tmp_path, tiny_checkpoint, image_server):
+    proc, url = start_gunicorn(tmp_path, tiny_checkpoint, {"LABEL_STUDIO_URL": image_server["url"],
+                                                          "LABEL_STUDIO_API_KEY": "abcdef123456"})
+    yield url, tmp_path
+    proc.terminate()
+    proc.wait(20)
+
+
+def test_live_gunicorn_answers_real_payloads_and_shares_history(live, payloads, image_server):
+    url, tmp_path = live
+    t0 = time.time()
+    r = requests.get(url + "/health", timeout=1)
+    assert r.status_code == 200 and time.time() - t0 < 1.0
+    t0 = time.time()
+    r = requests.post(url + "/setup", json=payloads["/setup"]["body"], timeout=3)
+    assert r.status_code == 200 and time.time() - t0 < 3.0
+    r = requests.post(url + "/predict", json=payloads["/predict"]["body"], timeout=10)
+    assert r.status_code == 200 and r.json()["results"][0]["result"] == []
+    workers = set()
+    seq = [(50, 21, "Hair"), (50, 50, "Face"), (45, 80, "Left-arm"), (5, 5, "Background"),
+           (60, 80, "Left-arm"), (52, 25, "Hair")]
+    for x, y, lab in seq:
+        r = requests.post(url + "/predict", json=click_body(payloads, x, y, lab), timeout=30)
+        assert r.status_code == 200, r.text
+        workers.add(r.headers["X-IHP-Worker"])
+        names = [res["value"]["brushlabels"][0] for res in r.json()["results"][0]["result"]]
+        assert set(names) <= {"Hair", "Face", "Left-arm", "Background"}
+    assert len(workers) == 2, "both workers should have served clicks"
+    db = sqlite3.connect(str(tmp_path / "model_dir" / "state.db"))
+    (clicks,), = db.execute("SELECT clicks FROM clicks").fetchall()
+    assert len(__import__("json").loads(clicks)) == len(seq)
+    assert image_server["handler"].seen_headers[-1]["Authorization"] == "Token abcdef123456"
+    r = requests.post(url + "/webhook", json=payloads["/webhook_ANNOTATION_UPDATED"]["body"], timeout=1)
+    assert r.status_code == 201
+
+
+@pytest.mark.skipif(not (os.path.exists(DEFAULT_CHECKPOINT) and os.path.isdir(CCP)),
+                    reason="needs the embedded default model and ../shared/data/ccp")
+def test_embedded_default_model_parses_a_real_photo(tmp_path, payloads):
+    """Clicks on a CCP val photo through gunicorn; masks must overlap the ground truth."""
+    from model_training import click_simulation as cs
+    from model_training.datasets import ccp
+    ds = ccp(CCP, "val", "ccp12")
+    img_id = ds.items[0][0]
+    root = tmp_path / "files"
+    root.mkdir()
+    os.symlink(os.path.join(CCP, "images", img_id + ".jpg"), root / "p.jpg")
+    proc, url = start_gunicorn(tmp_path, DEFAULT_CHECKPOINT, {"IHP_LOCAL_ROOT": str(root)})
+    try:
+        image, gt = ds.load(0)
+        h, w = gt.shape
+        names = ds.classes
+        labels = "".join(f'<Label value="{n}"/>' for n in names)
+        cfg = (f'<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image" smart="true">'
+               f'{labels}</KeyPointLabels><BrushLabels name="mask" toName="image">{labels}</BrushLabels></View>')
+        clicks = cs.central_clicks(gt.astype(np.int64), np.random.default_rng(0), min_area=100)
+        body = {"tasks": [{"id": 1, "data": {"image": "/data/local-files/?d=p.jpg"}}], "project": "9.1",
+                "label_config": cfg, "params": {"context": None}}
+        for y, x, c in clicks:  # one click per request, as the frontend sends them
+            body["params"]["context"] = {"result": [{
+                "type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": w,
+                "original_height": h, "is_positive": True,
+                "value": {"x": 100 * (x + 0.5) / w, "y": 100 * (y + 0.5) / h, "keypointlabels": [names[c]]}}]}
+            r = requests.post(url + "/predict", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+        pred = np.zeros_like(gt)
+        for res in r.json()["results"][0]["result"]:
+            pred[rle_to_mask(res["value"]["rle"], h, w)] = names.index(res["value"]["brushlabels"][0])
+        ious = []
+        for c in sorted(set(c for *_, c in clicks)):
+            inter = ((pred == c) & (gt == c)).sum()
+            union = ((pred == c) | (gt == c)).sum()
+            ious.append(inter / union)
+        assert np.mean(ious) > 0.5, ious
+    finally:
+        proc.terminate()
+        proc.wait(20)
