@@ -113,6 +113,11 @@ class IHPNet(nn.Module):
             _separable(cfg.decoder_channels, cfg.decoder_channels),
         )
         self.classifier = nn.Conv2d(cfg.decoder_channels, cfg.num_slots, 1)
+        # torchvision's MobileNetV3 uses BN momentum 0.01, tuned for very long schedules; with
+        # short CPU runs and fine-tuning the running statistics would lag far behind the weights
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.1
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (logits at stride 4, decoder features at stride 4)."""
@@ -152,7 +157,7 @@ def load_backbone_weights(net: IHPNet, path: str) -> list[str]:
             if k.startswith("features."):
                 idx = int(k.split(".")[1])
                 rest = k.split(".", 2)[2]
-                own[(f"low.{idx}." if idx < 4 else f"high.{idx - 4}.") + rest] = v
+                own[(f"low.{idx}." if idx < 4 else f"high.{idx}.") + rest] = v  # slices keep keys
     else:
         rn = {"conv1": "low.0", "bn1": "low.1", "layer1": "low.4", "layer2": "high.0",
               "layer3": "high.1", "layer4": "high.2"}

@@ -1,0 +1,70 @@
+import glob
+import os
+
+import pytest
+import torch
+import yaml
+from torchvision.models import mobilenet_v3_large, resnet50
+
+from ihp_backend.checkpoint import Binding, binding_of, make_checkpoint, network_of, read_checkpoint, save_checkpoint
+from ihp_backend.network import NetConfig, build_network, load_backbone_weights
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_large", "resnet50"])
+def test_forward_shapes_and_stride4_features(backbone):
+    cfg = NetConfig(num_slots=7, backbone=backbone, aspp_channels=32, decoder_channels=24)
+    net = build_network(cfg).eval()
+    x = torch.randn(1, cfg.in_channels, 96, 64)
+    with torch.no_grad():
+        out = net(x)
+        logits4, feats = net(x, features=True)
+    assert out.shape == (1, 7, 96, 64)
+    assert logits4.shape == (1, 7, 24, 16) and feats.shape == (1, 24, 24, 16)
+    first = net.encoder.first_conv()
+    assert first.in_channels == 3 + 7 and first.kernel_size == (7, 7)
+
+
+@pytest.mark.parametrize("backbone,ctor", [("mobilenet_v3_large", mobilenet_v3_large), ("resnet50", resnet50)])
+def test_backbone_weights_from_local_file(tmp_path, backbone, ctor):
+    ref = ctor(weights=None)
+    path = str(tmp_path / "w.pth")
+    torch.save(ref.state_dict(), path)
+    net = build_network(NetConfig(num_slots=5, backbone=backbone, aspp_channels=16, decoder_channels=16))
+    missing = load_backbone_weights(net, path)
+    assert missing == []
+    w = net.encoder.first_conv().weight
+    assert torch.all(w[:, 3:] == 0)  # click channels start at zero
+    key = "features.0.0.weight" if backbone.startswith("mobilenet") else "conv1.weight"
+    if ref.state_dict()[key].shape[-1] == 7:
+        assert torch.allclose(w[:, :3], ref.state_dict()[key])
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    net = build_network(NetConfig(num_slots=4, aspp_channels=16, decoder_channels=16))
+    ck = make_checkpoint(net, Binding("fixed", 4, ["bg", "a", "b", "c"]), 320, [0.5] * 3, [0.2] * 3, "v1",
+                         {"metrics": {"miou": 0.5}})
+    p = str(tmp_path / "c.pt")
+    save_checkpoint(ck, p)
+    back = read_checkpoint(p)
+    assert back["model_version"] == "v1" and back["input_size"] == 320
+    b = binding_of(back)
+    assert b.kind == "fixed" and b.bind(["a"]) == {"a": 1}
+    net2 = network_of(back)
+    for (k, v), (k2, v2) in zip(net.state_dict().items(), net2.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    torch.save({"format": "something-else"}, str(tmp_path / "x.pt"))
+    with pytest.raises(ValueError, match="not an IHP checkpoint"):
+        read_checkpoint(str(tmp_path / "x.pt"))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "model_training", "configs", "*.yaml"))))
+def test_recipe_files_build(path):
+    from model_training.train import load_config, sample_config
+    cfg = load_config(path, [])
+    nc = NetConfig.from_dict(cfg["net"])
+    sc = sample_config(cfg, nc.num_slots)
+    assert sc.binding in ("fixed", "shuffled") and cfg["steps"] > 0
+    if "paper_" in path:
+        assert nc.backbone == "resnet101" and cfg["lr"] == 0.0007 and cfg["batch_size"] == 12
+        assert sc.crop == (473, 473) and sc.scale_range == (0.5, 1.5)
