@@ -74,7 +74,7 @@ class RandomWalkerPredictor:
 
     name = "random-walker"
 
-    def __init__(self, max_side: int = 256, radius: int = 3, beta: float = 130.0):
+    def __init__(self, max_side: int = 192, radius: int = 3, beta: float = 130.0):
         self.max_side, self.radius, self.beta = max_side, radius, beta
 
     def __call__(self, image: np.ndarray, clicks: np.ndarray) -> np.ndarray:
@@ -94,7 +94,10 @@ class RandomWalkerPredictor:
         if len(labels) == 1:
             out = np.full((sh, sw), labels[0] - 1)
         else:
-            out = random_walker(small, seeds, beta=self.beta, mode="cg_j", channel_axis=-1, tol=1e-2) - 1
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "probability range outside [0, 1]" at tol 1e-2
+                out = random_walker(small, seeds, beta=self.beta, mode="cg_j", channel_axis=-1, tol=1e-2) - 1
             out[out < 0] = 0
         return np.asarray(Image.fromarray(out.astype(np.uint8)).resize((w, h), Image.NEAREST)).astype(np.int64)
 
@@ -364,6 +367,8 @@ def main(argv=None):
     ap.add_argument("--max-side", type=int, default=None, help="serving resolution override")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--include", action="append", default=[],
+                    help="summary.json of an earlier run whose results join the table and plots")
     ap.add_argument("--out", default="runs/eval")
     a = ap.parse_args(argv)
     import torch
@@ -385,13 +390,16 @@ def main(argv=None):
         predictors.append(HTTPPredictor(url, ds.classes))
     if "random-walker" in a.baseline:
         predictors.append(RandomWalkerPredictor())
-    if not predictors:
-        ap.error("give at least one --checkpoint, --backend-url or --baseline")
+    if not predictors and not a.include:
+        ap.error("give at least one --checkpoint, --backend-url, --baseline or --include")
     os.makedirs(a.out, exist_ok=True)
     results = []
     for p in predictors:
         samples = (ds.load(i) for i in range(n))
         results.append(evaluate(p, samples, ds.classes, cfg))
+    for path in a.include:
+        with open(path) as f:
+            results += [EvalResult(**r) for r in json.load(f)["full"]]
     summary = {"data": f"{a.kind}:{a.split}", "merge": a.merge, "standard": standard,
                "max_corrections": a.max_corrections, "min_area": a.min_area, "rgb_only": a.rgb_only,
                "results": [r.summary() for r in results]}

@@ -1,0 +1,35 @@
+# CPU image by default; for CUDA pass a CUDA runtime base with Python 3.11, e.g.
+#   docker build --build-arg BASE=nvidia/cuda:12.4.1-runtime-ubuntu22.04 .
+# (the base must provide python3.11 and python3.11-venv).
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    MODEL_DIR=/data/model_dir \
+    IHP_BIND=0.0.0.0:9090 \
+    IHP_WORKERS=2 \
+    IHP_THREADS=4
+
+RUN useradd --create-home --uid 1000 ihp
+WORKDIR /app
+
+# the same install steps as scripts/setup_env.sh, from the same requirement files
+COPY requirements.txt requirements-test.txt ./
+RUN python3 -m venv /app/.venv \
+    && /app/.venv/bin/python -m pip install --no-cache-dir --upgrade pip \
+    && /app/.venv/bin/python -m pip install --no-cache-dir -r requirements.txt
+
+COPY --chown=ihp:ihp ihp_backend ./ihp_backend
+COPY --chown=ihp:ihp model_training ./model_training
+COPY --chown=ihp:ihp gunicorn.conf.py label_config.xml ./
+
+RUN mkdir -p /data/model_dir && chown -R ihp:ihp /data
+USER ihp
+VOLUME ["/data/model_dir"]
+EXPOSE 9090
+
+HEALTHCHECK --interval=30s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["/app/.venv/bin/python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=2).status == 200 else 1)"]
+
+CMD ["/app/.venv/bin/gunicorn", "ihp_backend._wsgi:app"]
