@@ -129,7 +129,7 @@ class HTTPPredictor:
             self._task = uuid.uuid4().int % 10 ** 12
         result = [{"type": "keypointlabels", "from_name": "kp", "to_name": "image",
                    "original_width": w, "original_height": h, "is_positive": True,
-                   "value": {"x": (x + 0.5) / w * 100, "y": (y + 0.5) / h * 100,
+                   "value": {"x": x / w * 100, "y": y / h * 100,
                              "keypointlabels": [self.class_names[int(c)]]}} for y, x, c in clicks]
         if len(result) == 1:  # a single keypoint appends: clear first so the set is exact
             self._post([], w, h)

@@ -128,3 +128,23 @@ def test_embedded_default_model_parses_a_real_photo(tmp_path, payloads):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_http_evaluation_matches_core_evaluation(live, tiny_checkpoint):
+    """Black-box evaluation through /predict gives the same parse as the in-process core."""
+    from ihp_backend.inference import Parser
+    from model_training.evaluate import CorePredictor, EvalConfig, HTTPPredictor, evaluate
+    from tests.conftest import person_image
+    url, _ = live
+    classes = ["background", "head", "torso", "legs"]
+    samples = [person_image(seed=i) for i in range(2)]
+    cfg = EvalConfig(max_corrections=2)
+    core = CorePredictor(Parser.from_file(tiny_checkpoint), classes)
+    http = HTTPPredictor(url, classes)
+    img, gt = samples[0]
+    clicks = np.array([[50, 160, 1], [120, 160, 2], [200, 140, 3]], float)
+    a, b = core(img, clicks), http(img, clicks)
+    assert (a == b).mean() > 0.999
+    r_core = evaluate(core, samples, classes, cfg, progress=False)
+    r_http = evaluate(http, samples, classes, cfg, progress=False)
+    np.testing.assert_allclose(r_core.miou_curve, r_http.miou_curve, atol=0.01)

@@ -1,0 +1,238 @@
+"""Per-click latency of the backend on this machine (prints a table and one JSON line).
+
+    .venv/bin/python bench/latency.py [--checkpoint PATH] [--clicks 12] [--repeats 3]
+
+1. bare forward pass at the serving resolution (batch 1), CCP-size photo (550x830);
+2. the core pipeline in process (cached image -> maps -> forward -> upsample -> argmax ->
+   RLE for every class);
+3. end to end over HTTP against a live gunicorn (2 workers) on 127.0.0.1: a sequence of
+   single-click interactive requests for a CCP photo with the LIP config, and for a 1024x1024
+   image with 20 labels; p50 / p95 per request;
+4. RLE encoding of all classes of a 1024x1024 parse;
+5. peak RSS per worker; throughput with 4 concurrent clients.
+Not a test: absolute numbers drift on shared machines; compare the ratios of one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import requests
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from ihp_backend.clicks import network_input, scale_clicks  # noqa: E402
+from ihp_backend.inference import Parser, network_size, resize_image  # noqa: E402
+from ihp_backend.ls_format import brush_results, mask_to_rle, parse_label_config  # noqa: E402
+from ihp_backend.settings import DEFAULT_CHECKPOINT  # noqa: E402
+
+CCP = os.path.join(os.path.dirname(ROOT), "shared", "data", "ccp")
+LIP_CONFIG = open(os.path.join(ROOT, "label_config.xml")).read()
+
+
+def pct(v, q):
+    return float(np.percentile(np.asarray(v) * 1000, q))
+
+
+def clicks_for(h, w, n, labels, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(float(rng.uniform(0.2, 0.8) * h), float(rng.uniform(0.3, 0.7) * w), labels[i % len(labels)])
+            for i in range(n)]
+
+
+def ccp_photo():
+    p = os.path.join(CCP, "images", "0002.jpg")
+    if os.path.exists(p):
+        return np.asarray(Image.open(p).convert("RGB"))
+    rng = np.random.default_rng(0)
+    return (rng.random((830, 550, 3)) * 255).astype(np.uint8)
+
+
+def bench_forward(parser, image, repeats):
+    hw = network_size(image.shape[:2], parser.max_side)
+    small = resize_image(image, hw)
+    x = network_input(small, scale_clicks([(400, 270, 1)], image.shape[:2], hw), parser.num_slots)[None]
+    with torch.inference_mode():
+        for _ in range(3):
+            parser.net(x)
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            parser.net(x)
+            ts.append(time.perf_counter() - t)
+    return ts, hw
+
+
+def bench_core(parser, image, n_clicks, repeats):
+    setup = parse_label_config(LIP_CONFIG)
+    mapping = parser.binding.bind(list(setup.labels))
+    labels = [lab for lab in setup.labels if lab != "Background"][:8]
+    ts = []
+    for r in range(repeats):
+        cl = clicks_for(*image.shape[:2], n_clicks, labels, r)
+        for k in range(1, n_clicks + 1):
+            arr = np.array([(y, x, mapping[lab]) for y, x, lab in cl[:k]], float)
+            t = time.perf_counter()
+            res = parser.parse(image, arr, allowed_slots=sorted({0} | set(arr[:, 2].astype(int))))
+            brush_results(res.labels, {v: k_ for k_, v in mapping.items()}, setup, res.confidence)
+            ts.append(time.perf_counter() - t)
+    return ts
+
+
+def bench_rle(n_classes=20):
+    rng = np.random.default_rng(0)
+    lab = np.zeros((1024, 1024), np.int64)
+    for c in range(1, n_classes):
+        y, x = rng.integers(0, 900, 2)
+        lab[y:y + 120, x:x + 120] = c
+    t = time.perf_counter()
+    for c in range(n_classes):
+        mask_to_rle(lab == c)
+    return time.perf_counter() - t
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def peak_rss_mb(pid):
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+
+
+def children(pid):
+    try:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+    except OSError:
+        return []
+
+
+def http_sequence(url, image_ref, w, h, labels, n_clicks, task, project="bench.1"):
+    labs = "".join(f'<Label value="{n}"/>' for n in labels)
+    cfg = LIP_CONFIG if len(labels) == 20 and labels[0] == "Background" and "Hat" in labels else (
+        f'<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image" smart="true">'
+        f'{labs}</KeyPointLabels><BrushLabels name="mask" toName="image">{labs}</BrushLabels></View>')
+    ts = []
+    cl = clicks_for(h, w, n_clicks, [lab for lab in labels if lab != "Background"], task)
+    s = requests.Session()
+    for y, x, lab in cl:
+        body = {"tasks": [{"id": task, "data": {"image": image_ref}}], "project": project, "label_config": cfg,
+                "params": {"context": {"result": [{
+                    "type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": w,
+                    "original_height": h, "is_positive": True,
+                    "value": {"x": 100 * x / w, "y": 100 * y / h, "keypointlabels": [lab]}}]}}}
+        t = time.perf_counter()
+        r = s.post(url + "/predict", json=body, timeout=60)
+        ts.append(time.perf_counter() - t)
+        r.raise_for_status()
+    return ts
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    ap.add_argument("--clicks", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in process (default: all cores)")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    parser = Parser.from_file(a.checkpoint)
+    photo = ccp_photo()
+    fwd, hw = bench_forward(parser, photo, 20)
+    core = bench_core(parser, photo, a.clicks, a.repeats)
+    rle_s = bench_rle()
+
+    tmp = tempfile.mkdtemp()
+    Image.fromarray(photo).save(os.path.join(tmp, "photo.jpg"), quality=95)
+    big = np.asarray(Image.fromarray(photo).resize((1024, 1024)))
+    Image.fromarray(big).save(os.path.join(tmp, "big.jpg"), quality=95)
+    port = free_port()
+    env = dict(os.environ, MODEL_DIR=os.path.join(tmp, "md"), IHP_CHECKPOINT=a.checkpoint, IHP_LOCAL_ROOT=tmp,
+               IHP_BIND=f"127.0.0.1:{port}", IHP_WORKERS="2", IHP_THREADS="2", IHP_ACCESS_LOG="")
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "gunicorn"), "ihp_backend._wsgi:app"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        seen = set()
+        while time.time() < deadline and len(seen) < 2:
+            try:
+                r = requests.get(url + "/health", timeout=1)
+                if r.json().get("model_loaded"):
+                    seen.add(r.headers.get("X-IHP-Worker"))
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        lip = list(parse_label_config(LIP_CONFIG).labels)
+        h, w = photo.shape[:2]
+        http_sequence(url, "/data/local-files/?d=photo.jpg", w, h, lip, 2, 999)  # warm both caches
+        e2e = sum((http_sequence(url, "/data/local-files/?d=photo.jpg", w, h, lip, a.clicks, t)
+                   for t in range(a.repeats)), [])
+        e2e_big = sum((http_sequence(url, "/data/local-files/?d=big.jpg", 1024, 1024, lip, a.clicks, 100 + t)
+                       for t in range(a.repeats)), [])
+        # throughput: 4 concurrent clients
+        done = []
+        t0 = time.perf_counter()
+
+        def client(i):
+            done.extend(http_sequence(url, "/data/local-files/?d=photo.jpg", w, h, lip, a.clicks, 200 + i))
+
+        th = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        [t.start() for t in th]
+        [t.join() for t in th]
+        thr = len(done) / (time.perf_counter() - t0)
+        rss = [peak_rss_mb(p) for p in children(proc.pid)]
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    fm = pct(fwd, 50)
+    res = {
+        "checkpoint": os.path.relpath(a.checkpoint, ROOT), "model_version": parser.model_version,
+        "serving_hw": list(hw), "threads": torch.get_num_threads(),
+        "forward_ms_p50": round(fm, 1), "core_ms_p50": round(pct(core, 50), 1),
+        "http_ccp_ms_p50": round(pct(e2e, 50), 1), "http_ccp_ms_p95": round(pct(e2e, 95), 1),
+        "http_1024_20labels_ms_p50": round(pct(e2e_big, 50), 1),
+        "http_1024_20labels_ms_p95": round(pct(e2e_big, 95), 1),
+        "rle_1024_20classes_ms": round(rle_s * 1000, 1),
+        "ratio_core_over_forward": round(pct(core, 50) / fm, 2),
+        "ratio_http_over_forward": round(pct(e2e, 50) / fm, 2),
+        "peak_rss_mb_per_worker": [round(r, 1) for r in rss if r],
+        "throughput_req_per_s_4_clients": round(thr, 2),
+    }
+    rows = [("bare forward (batch 1, %dx%d)" % tuple(hw), res["forward_ms_p50"], None),
+            ("core pipeline, CCP photo", res["core_ms_p50"], None),
+            ("HTTP, CCP photo, LIP config", res["http_ccp_ms_p50"], res["http_ccp_ms_p95"]),
+            ("HTTP, 1024x1024, 20 labels", res["http_1024_20labels_ms_p50"], res["http_1024_20labels_ms_p95"]),
+            ("RLE, 1024x1024, 20 classes (total)", res["rle_1024_20classes_ms"], None)]
+    print("| measurement | p50 ms | p95 ms |\n|---|---|---|", file=sys.stderr)
+    for name, p50, p95 in rows:
+        print(f"| {name} | {p50} | {'' if p95 is None else p95} |", file=sys.stderr)
+    print(f"ratios: core/forward {res['ratio_core_over_forward']}, http/forward {res['ratio_http_over_forward']}; "
+          f"peak RSS per worker {res['peak_rss_mb_per_worker']} MB; "
+          f"throughput {res['throughput_req_per_s_4_clients']} req/s", file=sys.stderr)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
