@@ -79,7 +79,8 @@ def create_app(model: IHPModel | None = None, load: bool = True) -> Flask:
         ok = False
         try:
             d = body()
-            params = d.get("params") or {}
+            params = d.get("params")
+            params = {} if params is None else params
             if not isinstance(params, dict):
                 raise RequestError("'params' must be an object")
             preds = model.predict(d.get("tasks"), context=params.get("context"),

@@ -181,14 +181,14 @@ def edges(labels: np.ndarray) -> np.ndarray:
     return e
 
 
-def near_edge_band(gt: np.ndarray, width: int = 5) -> np.ndarray:
-    return ndimage.distance_transform_edt(~edges(gt)) <= width
+def boundary_f1_counts(gt: np.ndarray, pred: np.ndarray, tol: int = 5, gt_edges=None, gt_dist=None) -> np.ndarray:
+    """(matched predicted boundary px, predicted boundary px, matched gt px, gt boundary px).
 
-
-def boundary_f1_counts(gt: np.ndarray, pred: np.ndarray, tol: int = 5) -> np.ndarray:
-    """(matched predicted boundary px, predicted boundary px, matched gt px, gt boundary px)."""
-    eg, ep = edges(gt), edges(pred)
-    dg = ndimage.distance_transform_edt(~eg)
+    ``gt_edges`` / ``gt_dist`` (edges of gt and the distance to them) may be passed in when the
+    same ground truth is scored many times."""
+    eg = edges(gt) if gt_edges is None else gt_edges
+    dg = ndimage.distance_transform_edt(~eg) if gt_dist is None else gt_dist
+    ep = edges(pred)
     dp = ndimage.distance_transform_edt(~ep)
     return np.array([(dg[ep] <= tol).sum(), ep.sum(), (dp[eg] <= tol).sum(), eg.sum()], np.int64)
 
@@ -265,7 +265,9 @@ def evaluate(predictor, samples, class_names: list[str], cfg: EvalConfig, progre
                     clicks.append(bg)
         init_total += len(clicks)
         present_total += len(np.unique(gt[gt < n]))
-        band = near_edge_band(gt, cfg.edge_width)
+        gt_edges = edges(gt)
+        gt_dist = ndimage.distance_transform_edt(~gt_edges)
+        band = gt_dist <= cfg.edge_width
         arr = np.array(clicks, np.float64).reshape(-1, 3)
         pred = predictor(image, arr)
         noc = K + 1
@@ -278,7 +280,7 @@ def evaluate(predictor, samples, class_names: list[str], cfg: EvalConfig, progre
             cm = confusion(gt, pred, n)
             conf[k] += cm
             edge_conf[k] += confusion(gt, pred, n, band)
-            bf[k] += boundary_f1_counts(gt, pred, cfg.edge_width)
+            bf[k] += boundary_f1_counts(gt, pred, cfg.edge_width, gt_edges, gt_dist)
             if noc > K and miou(cm) >= cfg.standard:
                 noc = k
         nocs.append(noc)
@@ -358,6 +360,7 @@ def main(argv=None):
     ap.add_argument("--backend-url", action="append", default=[], help="running backend(s), HTTP mode")
     ap.add_argument("--baseline", action="append", default=[], choices=["random-walker", "no-clicks"],
                     help="add baselines: random-walker floor; network with empty click maps")
+    ap.add_argument("--rw-max-side", type=int, default=128, help="random-walker working resolution")
     ap.add_argument("--standard", type=float, default=None, help="parsing standard (mIoU, 0-1)")
     ap.add_argument("--max-corrections", type=int, default=20)
     ap.add_argument("--min-area", type=int, default=0, help="skip components smaller than this (px)")
@@ -389,7 +392,7 @@ def main(argv=None):
     for url in a.backend_url:
         predictors.append(HTTPPredictor(url, ds.classes))
     if "random-walker" in a.baseline:
-        predictors.append(RandomWalkerPredictor())
+        predictors.append(RandomWalkerPredictor(max_side=a.rw_max_side))
     if not predictors and not a.include:
         ap.error("give at least one --checkpoint, --backend-url, --baseline or --include")
     os.makedirs(a.out, exist_ok=True)

@@ -1,0 +1,164 @@
+"""Bad input -> a clear 4xx JSON error, never a 5xx; images only from where they may come."""
+import base64
+import copy
+import http.server
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ihp_backend._wsgi import create_app
+from ihp_backend.images import FetchSettings, ImageFetcher, ImageFetchError, decode_image
+from ihp_backend.model import IHPModel
+from ihp_backend.settings import Settings
+from tests.conftest import person_image, png_bytes
+from tests.test_http import click_body
+
+
+class Hostile(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        p = self.path
+        if p == "/slow.png":
+            time.sleep(3)
+        if p == "/redirect-out":
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.end_headers()
+            return
+        if p == "/notimage.png":
+            body = b"<html>hello</html>"
+        elif p == "/truncated.png":
+            body = png_bytes(person_image()[0])[:400]
+        elif p == "/huge.bin":
+            body = b"\0" * (3 * 1024 * 1024)
+        elif p in ("/ok.png", "/slow.png"):
+            body = png_bytes(person_image()[0])
+        else:
+            self.send_response(404)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except BrokenPipeError:
+            pass
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture(scope="module")
+def hostile_server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def fetcher(ls_url="", **kw):
+    s = FetchSettings(ls_url=ls_url, read_timeout=1.0, connect_timeout=1.0, max_bytes=2 * 1024 * 1024, **kw)
+    return ImageFetcher(s)
+
+
+@pytest.mark.parametrize("path,needle", [
+    ("/notimage.png", "not an image"), ("/truncated.png", "truncated"), ("/missing.png", "HTTP 404"),
+    ("/slow.png", "timed out"), ("/huge.bin", "bytes"), ("/redirect-out", "forbidden address"),
+])
+def test_bad_image_urls(hostile_server, path, needle):
+    f = fetcher(ls_url=hostile_server)
+    f.s.allowed_hosts = ("169.254.169.254",)
+    with pytest.raises(ImageFetchError, match=needle):
+        f.get(path)
+
+
+def test_good_image_and_cache(hostile_server):
+    f = fetcher(ls_url=hostile_server)
+    a = f.get("/ok.png")
+    assert a.shape == (240, 320, 3) and f.get("/ok.png") is a
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("file:///etc/passwd", "scheme 'file'"), ("ftp://example.com/a.png", "scheme 'ftp'"),
+    ("http://example.com/a.png", "neither the Label Studio host"),
+    ("/data/local-files/?d=../../etc/passwd", "escapes IHP_LOCAL_ROOT"),
+    ("/data/local-files/?d=%2e%2e/%2e%2e/etc/passwd", "escapes IHP_LOCAL_ROOT"),
+])
+def test_refused_sources(tmp_path, url, needle):
+    f = fetcher(ls_url="http://127.0.0.1:1", local_root=str(tmp_path))
+    with pytest.raises(ImageFetchError, match=needle):
+        f.fetch_bytes(url)
+
+
+def test_metadata_address_refused_even_when_allowed():
+    f = fetcher(allowed_hosts=("169.254.169.254",))
+    with pytest.raises(ImageFetchError, match="forbidden address"):
+        f.fetch_bytes("http://169.254.169.254/latest/meta-data/")
+
+
+def test_private_host_needs_allowlist():
+    f = fetcher(ls_url="http://ls.example:8080")
+    with pytest.raises(ImageFetchError, match="neither"):
+        f.fetch_bytes("http://10.0.0.5/x.png")
+
+
+def test_decompression_bomb_refused_before_decoding():
+    im = Image.new("1", (10000, 8000))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    with pytest.raises(ImageFetchError, match="80000000 pixels"):
+        decode_image(buf.getvalue(), max_pixels=40_000_000)
+
+
+def test_local_files_inside_root(tmp_path):
+    img, _ = person_image()
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(img).save(tmp_path / "sub" / "p.png")
+    f = fetcher(local_root=str(tmp_path))
+    assert f.get("/data/local-files/?d=sub/p.png").shape == (240, 320, 3)
+
+
+def test_data_uri():
+    img, _ = person_image()
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode()
+    assert fetcher().get(uri).shape == (240, 320, 3)
+
+
+@pytest.fixture()
+def client(tmp_path, tiny_checkpoint, image_server):
+    m = IHPModel(Settings(model_dir=str(tmp_path / "md"), checkpoint=tiny_checkpoint, ls_url=image_server["url"],
+                          max_clicks=500))
+    m.load()
+    return create_app(m, load=False).test_client()
+
+
+def test_request_matrix(client, payloads):
+    ok = click_body(payloads, 50, 50, "Hair")
+    cases = []
+    b = copy.deepcopy(ok); b["tasks"] = "nope"; cases.append((b, 400))
+    b = copy.deepcopy(ok); b["tasks"] = [7]; cases.append((b, 400))
+    b = copy.deepcopy(ok); b["params"] = []; cases.append((b, 400))
+    b = copy.deepcopy(ok); b["params"]["context"] = "x"; cases.append((b, 400))
+    b = copy.deepcopy(ok); b["params"]["context"] = {"result": "x"}; cases.append((b, 400))
+    b = copy.deepcopy(ok); b["label_config"] = "<View><Image name='i' value='$i'/></View>"; cases.append((b, 400))
+    b = copy.deepcopy(ok); del b["params"]["context"]["result"][0]["original_width"]; cases.append((b, 400))
+    b = copy.deepcopy(ok); b["params"]["context"]["result"][0]["value"]["x"] = 150; cases.append((b, 400))
+    b = copy.deepcopy(ok); b["params"]["context"]["result"][0]["value"]["y"] = -3; cases.append((b, 400))
+    b = copy.deepcopy(ok); b["params"]["context"]["result"] *= 1000; cases.append((b, 400))
+    b = copy.deepcopy(ok); b["tasks"][0]["data"]["image"] = "file:///etc/passwd"; cases.append((b, 422))
+    for body, status in cases:
+        r = client.post("/predict", json=body)
+        assert r.status_code == status, (body, r.get_json())
+        assert isinstance(r.get_json()["error"], str) and r.get_json()["error"]
+    r = client.post("/predict", data=b"\xff\xfe", content_type="application/json")
+    assert r.status_code == 400
+    r = client.post("/webhook", json={"no": "action"})
+    assert r.status_code == 400
+    r = client.post("/predict", data=b"x" * (21 * 1024 * 1024), content_type="application/json")
+    assert r.status_code == 413 and "error" in r.get_json()
+    assert client.get("/nope").status_code == 404
+    assert client.post("/predict", json=ok).status_code == 200  # still serving
