@@ -63,9 +63,13 @@ def create_app(model: IHPModel | None = None, load: bool = True) -> Flask:
     @app.get("/")
     @app.get("/health")
     def health():
-        return jsonify({"status": "UP", "model_loaded": model.model_loaded,
-                        "model_version": model.model_version, "load_error": model.load_error,
-                        "model_class": "IHPModel"})
+        body = {"status": "UP", "model_loaded": model.model_loaded, "model_version": model.model_version,
+                "load_error": model.load_error, "model_class": "IHPModel"}
+        try:
+            body["projects"] = model.status()
+        except Exception as e:  # /health must answer whatever the disk does
+            body["projects_error"] = f"{type(e).__name__}: {e}"
+        return jsonify(body)
 
     @app.post("/setup")
     def setup():
@@ -103,8 +107,19 @@ def create_app(model: IHPModel | None = None, load: bool = True) -> Flask:
 
     @app.get("/versions")
     def versions():
-        return jsonify({"versions": [model.model_version] if model.model_loaded else [],
-                        "serving": model.model_version})
+        """?project=<id>: that project's versions (metrics, promoted or not) and the one served."""
+        project = request.args.get("project")
+        out = {"default": model.model_version, "versions": [model.model_version] if model.model_loaded else [],
+               "serving": model.model_version}
+        if project:
+            try:
+                vs = model.registry.versions(project)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+            out["versions"] = out["versions"] + [v["version"] for v in vs]
+            out["project_versions"] = vs
+            out["serving"] = model.parser_for(project).model_version
+        return jsonify(out)
 
     @app.get("/metrics")
     def metrics():

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -14,12 +16,15 @@ from functools import lru_cache
 
 import numpy as np
 
+from .annotations import AnnotationStore
 from .checkpoint import BindingError
 from .history import ClickHistory, project_key
 from .images import FetchSettings, ImageFetcher, ImageFetchError
 from .inference import Parser, default_threads
+from .locks import is_locked
 from .ls_format import (ClickError, LabelConfigError, LabelSetup, brush_results, keypoints_to_clicks,
                         parse_label_config, validate_results)
+from .registry import Registry
 from .settings import Settings
 
 log = logging.getLogger("ihp_backend")
@@ -59,6 +64,13 @@ class IHPModel:
         self._prev: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._prev_lock = threading.Lock()
         self.projects: dict[str, dict] = {}
+        self.store = AnnotationStore(os.path.join(s.model_dir, "annotations.db"))
+        self.registry = Registry(s.model_dir)
+        self._project_parsers: dict[str, Parser] = {}
+        self._project_checked: dict[str, float] = {}
+        self._project_loading: set[str] = set()
+        self._project_lock = threading.Lock()
+        self.jobs: dict[str, subprocess.Popen] = {}
 
     # -- loading ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -75,6 +87,11 @@ class IHPModel:
             log.error("could not load %s: %s", self.settings.checkpoint, self.load_error)
         finally:
             self._loaded.set()
+        for p in self.registry.projects():  # resume training that a restart interrupted
+            try:
+                self.maybe_start_training(p)
+            except Exception as e:  # never let this stop serving
+                log.warning("could not resume training for project %s: %s", p, e)
 
     def load_in_background(self) -> threading.Thread:
         t = threading.Thread(target=self.load, name="ihp-model-load", daemon=True)
@@ -126,10 +143,45 @@ class IHPModel:
             raise RequestError("'params.context' must be an object or null")
         return [self._predict_task(t, context, setup, project) for t in tasks]
 
+    def parser_for(self, project) -> Parser:
+        """The project's promoted model if it has one, else the default. A newly promoted
+        version is loaded in the background and swapped in when ready, so no request waits
+        or fails during the switch."""
+        default = self._ready_parser()
+        p = project_key(project)
+        if not p:
+            return default
+        now = time.time()
+        with self._project_lock:
+            current = self._project_parsers.get(p)
+            due = now - self._project_checked.get(p, 0) >= 1.0 and p not in self._project_loading
+            if due:
+                self._project_checked[p] = now
+        if due:
+            info = self.registry.serving(p) if p.replace("-", "").replace("_", "").isalnum() else None
+            if info and (current is None or current.model_version != info["version"]):
+                with self._project_lock:
+                    self._project_loading.add(p)
+                threading.Thread(target=self._load_project, args=(p, info), daemon=True).start()
+        return current or default
+
+    def _load_project(self, p: str, info: dict) -> None:
+        try:
+            parser = Parser.from_file(info["path"], device=self.settings.device, max_side=self.settings.max_side,
+                                      threads=self.settings.torch_threads or default_threads())
+            with self._project_lock:
+                self._project_parsers[p] = parser
+            log.info("project %s now serves %s", p, parser.model_version)
+        except Exception as e:
+            log.error("could not load %s for project %s: %s", info.get("path"), p, e)
+        finally:
+            with self._project_lock:
+                self._project_loading.discard(p)
+
     def _predict_task(self, task, context, setup: LabelSetup, project) -> dict:
         if not isinstance(task, dict) or "id" not in task:
             raise RequestError("each task must be an object with an 'id'")
-        parser = self._ready_parser()
+        parser = self.parser_for(project)
         try:
             label_to_slot = parser.binding.bind(list(setup.labels))
         except BindingError as e:
@@ -214,17 +266,108 @@ class IHPModel:
         with self._prev_lock:
             self._prev.pop((project_key(project), str(task)), None)
 
+    # -- fit: webhooks -> stored samples -> background training ------------------------------
     def fit(self, event: str, data: dict, **kw) -> dict:
-        """Webhook events. Annotation events end the task's interactive session (click history
-        cleared). Training from annotations is not implemented yet: START_TRAINING is
-        acknowledged and reported as not started."""
-        project = data.get("project")
-        task = (data.get("task") or {}).get("id") or (data.get("annotation") or {}).get("task")
-        if event in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED") and task is not None:
-            self.history.clear(project, task)
-            self._forget_prev(project, task)
-            return {"event": event, "history_cleared": True, "task": task}
+        """Record a Label Studio webhook event (answers well within LS's 1 s).
+
+        ANNOTATION_CREATED / UPDATED: the annotation (raw result) and the task image are stored
+        durably before returning, and the task's click history is cleared; ANNOTATION_DELETED
+        removes the sample; START_TRAINING requests a run. A training job is started in the
+        background when one is due (START_TRAINING, or IHP_TRAIN_EVERY new samples)."""
+        project_obj = data.get("project") if isinstance(data.get("project"), dict) else {}
+        project = project_key(data.get("project"))
+        ann = data.get("annotation") if isinstance(data.get("annotation"), dict) else {}
+        task = data.get("task") if isinstance(data.get("task"), dict) else {}
+        task_id = task.get("id", ann.get("task"))
+        if event in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED") and task_id is not None:
+            self.history.clear(project, task_id)
+            self._forget_prev(project, task_id)
+        if event in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+            return self._store_annotation(event, project, project_obj, ann, task, task_id)
+        if event == "ANNOTATION_DELETED":
+            if ann.get("id") is None:
+                raise RequestError("ANNOTATION_DELETED needs annotation.id")
+            removed = self.store.delete(project, ann["id"])
+            return {"event": event, "removed": removed}
         if event == "START_TRAINING":
-            return {"event": event, "training": "not-available",
-                    "message": "training from annotations is not implemented in this version"}
+            if not project:
+                raise RequestError("START_TRAINING needs project.id")
+            cfg = project_obj.get("label_config")
+            if cfg:
+                self._check_config(cfg)
+            self.store.request_training(project, cfg)
+            return {"event": event, "training": self.maybe_start_training(project)}
         return {"event": event, "ignored": True}
+
+    @staticmethod
+    def _check_config(cfg: str) -> LabelSetup:
+        try:
+            return _setup_of(cfg)
+        except LabelConfigError as e:
+            raise RequestError(str(e)) from None
+
+    def _store_annotation(self, event, project, project_obj, ann, task, task_id) -> dict:
+        if not project or task_id is None or ann.get("id") is None:
+            raise RequestError(f"{event} needs project.id, task.id and annotation.id")
+        if ann.get("was_cancelled"):
+            return {"event": event, "stored": False, "reason": "cancelled/skipped annotation"}
+        cfg = project_obj.get("label_config") or self.store.project_config(project) or \
+            self.projects.get(project, {}).get("label_config")
+        if not cfg:
+            raise RequestError("no label_config: the webhook's project has none and the project was never set up")
+        setup = self._check_config(cfg)
+        result = ann.get("result")
+        if not isinstance(result, list):
+            raise RequestError("annotation.result must be a list")
+        brush = [r for r in result if isinstance(r, dict) and r.get("type") == "brushlabels"]
+        url = (task.get("data") or {}).get(setup.image_key)
+        image, err = None, None
+        if brush and url:
+            try:
+                image = self.fetcher.fetch_bytes(url)
+            except ImageFetchError as e:
+                err = str(e)
+        self.store.put(project, ann["id"], task_id, cfg, brush, url, image)
+        out = {"event": event, "stored": True, "regions": len(brush), "image": image is not None}
+        if err:
+            out["warning"] = f"image not fetched, sample cannot be trained on: {err}"
+        out["training"] = self.maybe_start_training(project)
+        return out
+
+    def maybe_start_training(self, project) -> str:
+        """Start the fine-tuning job for a project if one is due and none runs."""
+        p = project_key(project)
+        try:
+            lock = os.path.join(self.registry.project_dir(p), "train.lock")
+        except ValueError:
+            return "invalid-project"
+        if self.store.pending(p, self.settings.train_every) is None:
+            return "not-due"
+        if is_locked(lock):
+            return "running"  # the running job picks the new request up when it finishes
+        old = self.jobs.get(p)
+        if old is not None and old.poll() is None:
+            return "running"
+        log_path = os.path.join(self.registry.project_dir(p), "job.log")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        cmd = [sys.executable, "-m", "model_training.finetune", "--model-dir", os.path.abspath(self.settings.model_dir),
+               "--project", p, "--default-checkpoint", os.path.abspath(self.settings.checkpoint),
+               "--every", str(self.settings.train_every)]
+        with open(log_path, "ab") as logf:
+            self.jobs[p] = subprocess.Popen(cmd, cwd=root, stdout=logf, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        log.info("started training job for project %s (pid %d)", p, self.jobs[p].pid)
+        return "started"
+
+    def status(self) -> dict:
+        """Per project: samples stored, the job's state and progress, the serving version."""
+        out = {}
+        counts = self.store.counts()
+        for p in sorted(set(counts) | set(self.registry.projects())):
+            try:
+                serving = self.registry.serving(p)
+                out[p] = {**counts.get(p, {}), "job": self.registry.job(p),
+                          "serving": None if not serving else {k: serving[k] for k in ("version", "promoted", "metrics")}}
+            except ValueError:
+                continue
+        return out

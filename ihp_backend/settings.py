@@ -40,6 +40,7 @@ class Settings:
     history_ttl: float = 24 * 3600
     max_clicks: int = 500
     load_wait: float = 60.0
+    train_every: int = 10
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -59,4 +60,5 @@ class Settings:
             history_ttl=_float("IHP_HISTORY_TTL", 24 * 3600),
             max_clicks=_int("IHP_MAX_CLICKS", 500),
             load_wait=_float("IHP_LOAD_WAIT", 60.0),
+            train_every=_int("IHP_TRAIN_EVERY", 10),
         )

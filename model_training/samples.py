@@ -103,6 +103,16 @@ def simulate_clicks(labels: np.ndarray, cfg: SampleConfig, rng) -> list[tuple[in
     return clicks
 
 
+def unclicked_to_ignore(labels: np.ndarray, clicks, background: int = 0) -> np.ndarray:
+    """Label-agnostic training: a part class nobody clicked (specks under ``min_area``) cannot
+    be named by the network, so its pixels are left out of the loss."""
+    clicked = {int(c) for *_, c in clicks} | {background, IGNORE}
+    missing = [c for c in np.unique(labels).tolist() if c not in clicked]
+    if not missing:
+        return labels
+    return np.where(np.isin(labels, missing), IGNORE, labels).astype(labels.dtype)
+
+
 def slot_permutation(classes_present, cfg: SampleConfig, rng, num_classes: int) -> np.ndarray:
     """Class -> slot lookup (256 entries, IGNORE elsewhere).
 
@@ -154,6 +164,8 @@ class ClickSampleDataset(torch.utils.data.Dataset):
         cfg = self.cfg
         image, labels = augment(image, labels, cfg, self.flip_lut, rng, prescaled=pre)
         clicks = simulate_clicks(labels, cfg, rng)
+        if cfg.binding == "shuffled":
+            labels = unclicked_to_ignore(labels, clicks, cfg.background)
         lut = slot_permutation(np.unique(labels), cfg, rng, len(self.ds.classes))
         target = lut[labels]
         c = np.array([(y, x, lut[k]) for y, x, k in clicks], np.float32).reshape(-1, 3)

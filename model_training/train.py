@@ -161,7 +161,13 @@ def plot_curves(log_path: str, png_path: str) -> None:
     fig.tight_layout(); fig.savefig(png_path, dpi=80); plt.close(fig)
 
 
-def train(cfg: dict) -> str:
+def train(cfg: dict, dataset=None, init_state: dict | None = None, binding: Binding | None = None,
+          on_step=None) -> str:
+    """Train per ``cfg``; returns the path of ``last.pt``.
+
+    Library use (``fit``): ``dataset`` replaces the config's data, ``init_state`` (a state dict)
+    is the starting point, ``binding`` is written into the checkpoint, and ``on_step(step,
+    total, record)`` is called after every step (progress reporting)."""
     rank, world, local = setup_distributed()
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg["seed"] + rank)
@@ -169,7 +175,7 @@ def train(cfg: dict) -> str:
     out = cfg["out"]
     os.makedirs(out, exist_ok=True)
     d = cfg["data"]
-    ds = open_dataset(d["kind"], d["root"], d["split"], d.get("merge"))
+    ds = dataset if dataset is not None else open_dataset(d["kind"], d["root"], d["split"], d.get("merge"))
     net_cfg = NetConfig.from_dict(cfg["net"])
     scfg = sample_config(cfg, net_cfg.num_slots)
     if scfg.binding == "fixed" and len(ds.classes) > net_cfg.num_slots:
@@ -183,6 +189,8 @@ def train(cfg: dict) -> str:
         net.load_state_dict(resume["state_dict"])
         step = int(resume["training"].get("step", 0))
         minutes_before = float(resume["training"].get("minutes", 0.0))
+    elif init_state is not None:
+        net.load_state_dict(init_state)
     elif cfg.get("init_from"):
         net.load_state_dict(read_checkpoint(cfg["init_from"])["state_dict"])
     elif cfg.get("backbone_weights"):
@@ -204,10 +212,15 @@ def train(cfg: dict) -> str:
     sds = ClickSampleDataset(ds, scfg, seed=cfg["seed"])
     sampler = torch.utils.data.distributed.DistributedSampler(sds, world, rank, seed=cfg["seed"]) \
         if world > 1 else None
+    per_rank = len(sds) // world
+    if per_rank < 2:  # batch norm needs two samples per batch
+        raise SystemExit(f"{len(sds)} training samples are too few for {world} process(es): need 2 each")
+    if per_rank < cfg["batch_size"]:  # tiny data sets (fit on a few annotations): smaller batches
+        cfg = {**cfg, "batch_size": per_rank}
     loader_kw = dict(batch_size=cfg["batch_size"], collate_fn=collate, drop_last=True,
                      num_workers=cfg["workers"], persistent_workers=cfg["workers"] > 0)
     total = int(cfg["steps"])
-    binding = Binding(scfg.binding, net_cfg.num_slots, list(ds.classes))
+    binding = binding or Binding(scfg.binding, net_cfg.num_slots, list(ds.classes))
     version = cfg.get("model_version") or f"ihp-{os.path.basename(os.path.normpath(out))}"
     log_path = os.path.join(out, "log.jsonl")
     t_start = time.time()
@@ -265,6 +278,8 @@ def train(cfg: dict) -> str:
             step += 1
             dt = time.time() - t0
             bar.update(1)
+            if on_step is not None and rank == 0:
+                on_step(step, total, {"loss": loss.item(), "elapsed_s": time.time() - t_start})
             if rank == 0 and (step % cfg["log_every"] == 0 or step == 1):
                 rec = {"step": step, "loss": loss.item(), "ce": ce.item(), "sp": sp.item(), "lr": lr,
                        "images_per_s": cfg["batch_size"] * world / dt, "elapsed_s": time.time() - t_start}

@@ -114,3 +114,12 @@ def test_correction_click_lands_in_largest_error_region():
     d = cs.boundary_distance(region)
     assert d[y, x] == d.max() and abs(x - 37) <= 1
     assert cs.correction_click(gt, gt) is None
+
+
+def test_unclicked_parts_are_ignored_for_label_agnostic_training():
+    from model_training.samples import IGNORE, unclicked_to_ignore
+    lab = np.zeros((40, 40), np.uint8)
+    lab[5:30, 5:30] = 1
+    lab[35, 35] = 2  # a speck without a click
+    out = unclicked_to_ignore(lab, [(10, 10, 1)])
+    assert out[35, 35] == IGNORE and out[10, 10] == 1 and out[0, 0] == 0

@@ -90,7 +90,7 @@ def test_webhook_annotation_clears_history(client, model, payloads):
     client.post("/predict", json=click_body(payloads, 50, 21, "Hair"))
     wh = copy.deepcopy(payloads["/webhook_ANNOTATION_CREATED"]["body"])
     r = client.post("/webhook", json=wh)
-    assert r.status_code == 201 and r.get_json()["history_cleared"] is True
+    assert r.status_code == 201 and r.get_json()["stored"] is True and r.get_json()["image"] is True
     client.post("/predict", json=click_body(payloads, 50, 50, "Face"))
     assert len(model.calls[-1][1]) == 1
     r = client.post("/webhook", json=payloads["/webhook_START_TRAINING"]["body"])
