@@ -22,8 +22,28 @@ log = logging.getLogger("ihp_backend")
 MAX_BODY = int(os.environ.get("IHP_MAX_BODY_BYTES", str(20 * 1024 * 1024)))
 
 
+def _auth_settings() -> tuple[str, str, str]:
+    return (os.environ.get("IHP_BASIC_AUTH_USER", ""), os.environ.get("IHP_BASIC_AUTH_PASS", ""),
+            os.environ.get("IHP_AUTH_TOKEN", ""))
+
+
+def _authorized(user: str, password: str, token: str) -> bool:
+    """HTTP Basic (what Label Studio sends for http://user:pass@host URLs) or a bearer token."""
+    import hmac
+    auth = request.authorization
+    if user and auth is not None and auth.type == "basic":
+        if hmac.compare_digest(auth.username or "", user) and hmac.compare_digest(auth.password or "", password):
+            return True
+    if token:
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Bearer ") and hmac.compare_digest(header[7:].strip(), token):
+            return True
+    return False
+
+
 def create_app(model: IHPModel | None = None, load: bool = True) -> Flask:
     app = Flask(__name__)
+    user, password, token = _auth_settings()
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     model = model or IHPModel()
     app.config["IHP_MODEL"] = model
@@ -54,6 +74,15 @@ def create_app(model: IHPModel | None = None, load: bool = True) -> Flask:
     def _crash(e: Exception):
         log.exception("unhandled error on %s", request.path)
         return jsonify({"error": f"internal error ({type(e).__name__}); see the backend log"}), 500
+
+    @app.before_request
+    def _auth():
+        if (user or token) and request.path not in ("/health", "/") and not _authorized(user, password, token):
+            resp = jsonify({"error": "authentication required"})
+            resp.status_code = 401
+            resp.headers["WWW-Authenticate"] = 'Basic realm="ihp-backend"'
+            return resp
+        return None
 
     @app.after_request
     def _worker_header(resp):

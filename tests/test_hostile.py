@@ -162,3 +162,24 @@ def test_request_matrix(client, payloads):
     assert r.status_code == 413 and "error" in r.get_json()
     assert client.get("/nope").status_code == 404
     assert client.post("/predict", json=ok).status_code == 200  # still serving
+
+
+def test_optional_auth_protects_everything_but_health(tmp_path, tiny_checkpoint, monkeypatch, payloads):
+    monkeypatch.setenv("IHP_BASIC_AUTH_USER", "ls")
+    monkeypatch.setenv("IHP_BASIC_AUTH_PASS", "s3cret-pass")
+    monkeypatch.setenv("IHP_AUTH_TOKEN", "tok-123456")
+    m = IHPModel(Settings(model_dir=str(tmp_path / "md"), checkpoint=tiny_checkpoint))
+    m.load()
+    c = create_app(m, load=False).test_client()
+    assert c.get("/health").status_code == 200
+    body = payloads["/setup"]["body"]
+    r = c.post("/setup", json=body)
+    assert r.status_code == 401 and "s3cret" not in r.get_data(as_text=True)
+    assert c.post("/setup", json=body, headers={"Authorization": "Basic " + base64.b64encode(
+        b"ls:wrong").decode()}).status_code == 401
+    assert c.post("/setup", json=body, headers={"Authorization": "Basic " + base64.b64encode(
+        b"ls:s3cret-pass").decode()}).status_code == 200
+    assert c.post("/setup", json=body, headers={"Authorization": "Bearer tok-123456"}).status_code == 200
+    assert c.get("/metrics").status_code == 401
+    health = c.get("/health").get_data(as_text=True)
+    assert "s3cret" not in health and "tok-123456" not in health and "EXAMPLE_TOKEN" not in health
