@@ -93,7 +93,7 @@ def create_app(model: IHPModel | None = None, load: bool = True) -> Flask:
     @app.get("/health")
     def health():
         body = {"status": "UP", "model_loaded": model.model_loaded, "model_version": model.model_version,
-                "load_error": model.load_error, "model_class": "IHPModel"}
+                "load_error": model.load_error, "state_error": model.state_error, "model_class": "IHPModel"}
         try:
             body["projects"] = model.status()
         except Exception as e:  # /health must answer whatever the disk does

@@ -130,3 +130,28 @@ class ClickHistory:
             db.execute("DELETE FROM clicks WHERE project=? AND task=?", (project_key(project), str(task)))
         finally:
             db.close()
+
+
+class MemoryHistory:
+    """Fallback when MODEL_DIR cannot be written: the same rules, kept in this worker only."""
+
+    def __init__(self, ttl: float = DEFAULT_TTL):
+        self.ttl = ttl
+        self._d: dict[tuple[str, str], tuple[list[Click], float]] = {}
+
+    def apply(self, project, task, new: list[Click], size) -> list[Click]:
+        key, now = (project_key(project), str(task)), time.time()
+        old, t = self._d.get(key, ([], 0.0))
+        hist = update_history(old if now - t <= self.ttl else [], new, same_spot_radius(size))
+        if hist:
+            self._d[key] = (hist, now)
+        else:
+            self._d.pop(key, None)
+        return hist
+
+    def get(self, project, task) -> list[Click]:
+        old, t = self._d.get((project_key(project), str(task)), ([], 0.0))
+        return old if time.time() - t <= self.ttl else []
+
+    def clear(self, project, task) -> None:
+        self._d.pop((project_key(project), str(task)), None)

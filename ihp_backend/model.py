@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ import numpy as np
 
 from .annotations import AnnotationStore
 from .checkpoint import BindingError
-from .history import ClickHistory, project_key
+from .history import ClickHistory, MemoryHistory, project_key
 from .images import FetchSettings, ImageFetcher, ImageFetchError
 from .inference import Parser, default_threads
 from .locks import is_locked
@@ -53,8 +54,14 @@ class IHPModel:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings.from_env()
         s = self.settings
-        os.makedirs(s.model_dir, exist_ok=True)
-        self.history = ClickHistory(os.path.join(s.model_dir, "state.db"), ttl=s.history_ttl)
+        self.state_error: str | None = None
+        self._memory_history = MemoryHistory(ttl=s.history_ttl)
+        try:
+            os.makedirs(s.model_dir, exist_ok=True)
+            self.history = ClickHistory(os.path.join(s.model_dir, "state.db"), ttl=s.history_ttl)
+        except (OSError, sqlite3.Error) as e:
+            self._storage_failed(e)
+            self.history = self._memory_history
         self.fetcher = ImageFetcher(FetchSettings(
             ls_url=s.ls_url, api_key=s.api_key, allowed_hosts=s.allowed_hosts, local_root=s.local_root,
             max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels))
@@ -64,7 +71,11 @@ class IHPModel:
         self._prev: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._prev_lock = threading.Lock()
         self.projects: dict[str, dict] = {}
-        self.store = AnnotationStore(os.path.join(s.model_dir, "annotations.db"))
+        try:
+            self.store: AnnotationStore | None = AnnotationStore(os.path.join(s.model_dir, "annotations.db"))
+        except (OSError, sqlite3.Error) as e:
+            self._storage_failed(e)
+            self.store = None
         self.registry = Registry(s.model_dir)
         self._project_parsers: dict[str, Parser] = {}
         self._project_checked: dict[str, float] = {}
@@ -204,7 +215,12 @@ class IHPModel:
             for c in new:
                 if c.label not in label_to_slot:
                     raise RequestError(f"keypoint label {c.label!r} is not a label of the config")
-            clicks = self.history.apply(project, task["id"], new, size)
+            try:
+                clicks = self.history.apply(project, task["id"], new, size)
+            except (OSError, sqlite3.Error) as e:  # disk full / read-only: keep serving
+                self._storage_failed(e)
+                self.history = self._memory_history
+                clicks = self.history.apply(project, task["id"], new, size)
             if not clicks:
                 self._forget_prev(project, task["id"])
                 return self._empty(parser)
@@ -266,6 +282,17 @@ class IHPModel:
         with self._prev_lock:
             self._prev.pop((project_key(project), str(task)), None)
 
+    def _storage_failed(self, e: Exception) -> None:
+        self.state_error = (f"MODEL_DIR {self.settings.model_dir!r} cannot be written ({type(e).__name__}: {e}); "
+                            f"serving continues with click history in memory per worker; annotations "
+                            f"are not stored")
+        log.error(self.state_error)
+
+    def _require_store(self) -> AnnotationStore:
+        if self.store is None:
+            raise RequestError(self.state_error or "annotation store unavailable", status=507)
+        return self.store
+
     # -- fit: webhooks -> stored samples -> background training ------------------------------
     def fit(self, event: str, data: dict, **kw) -> dict:
         """Record a Label Studio webhook event (answers well within LS's 1 s).
@@ -287,7 +314,7 @@ class IHPModel:
         if event == "ANNOTATION_DELETED":
             if ann.get("id") is None:
                 raise RequestError("ANNOTATION_DELETED needs annotation.id")
-            removed = self.store.delete(project, ann["id"])
+            removed = self._store_call(lambda st: st.delete(project, ann["id"]))
             return {"event": event, "removed": removed}
         if event == "START_TRAINING":
             if not project:
@@ -295,9 +322,17 @@ class IHPModel:
             cfg = project_obj.get("label_config")
             if cfg:
                 self._check_config(cfg)
-            self.store.request_training(project, cfg)
+            self._store_call(lambda st: st.request_training(project, cfg))
             return {"event": event, "training": self.maybe_start_training(project)}
         return {"event": event, "ignored": True}
+
+    def _store_call(self, fn):
+        st = self._require_store()
+        try:
+            return fn(st)
+        except (OSError, sqlite3.Error) as e:
+            self._storage_failed(e)
+            raise RequestError(self.state_error, status=507) from None
 
     @staticmethod
     def _check_config(cfg: str) -> LabelSetup:
@@ -311,7 +346,7 @@ class IHPModel:
             raise RequestError(f"{event} needs project.id, task.id and annotation.id")
         if ann.get("was_cancelled"):
             return {"event": event, "stored": False, "reason": "cancelled/skipped annotation"}
-        cfg = project_obj.get("label_config") or self.store.project_config(project) or \
+        cfg = project_obj.get("label_config") or self._store_call(lambda st: st.project_config(project)) or \
             self.projects.get(project, {}).get("label_config")
         if not cfg:
             raise RequestError("no label_config: the webhook's project has none and the project was never set up")
@@ -327,7 +362,7 @@ class IHPModel:
                 image = self.fetcher.fetch_bytes(url)
             except ImageFetchError as e:
                 err = str(e)
-        self.store.put(project, ann["id"], task_id, cfg, brush, url, image)
+        self._store_call(lambda st: st.put(project, ann["id"], task_id, cfg, brush, url, image))
         out = {"event": event, "stored": True, "regions": len(brush), "image": image is not None}
         if err:
             out["warning"] = f"image not fetched, sample cannot be trained on: {err}"
@@ -341,7 +376,7 @@ class IHPModel:
             lock = os.path.join(self.registry.project_dir(p), "train.lock")
         except ValueError:
             return "invalid-project"
-        if self.store.pending(p, self.settings.train_every) is None:
+        if self.store is None or self.store.pending(p, self.settings.train_every) is None:
             return "not-due"
         if is_locked(lock):
             return "running"  # the running job picks the new request up when it finishes
@@ -362,7 +397,7 @@ class IHPModel:
     def status(self) -> dict:
         """Per project: samples stored, the job's state and progress, the serving version."""
         out = {}
-        counts = self.store.counts()
+        counts = self.store.counts() if self.store is not None else {}
         for p in sorted(set(counts) | set(self.registry.projects())):
             try:
                 serving = self.registry.serving(p)

@@ -42,12 +42,13 @@ class Registry:
     def __init__(self, model_dir: str):
         self.root = os.path.join(model_dir, "projects")
 
-    def project_dir(self, project: str) -> str:
+    def project_dir(self, project: str, create: bool = True) -> str:
         p = str(project)
         if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", p):
             raise ValueError(f"invalid project id {p!r}")
         d = os.path.join(self.root, p)
-        os.makedirs(os.path.join(d, "versions"), exist_ok=True)
+        if create:
+            os.makedirs(os.path.join(d, "versions"), exist_ok=True)
         return d
 
     def projects(self) -> list[str]:
@@ -74,7 +75,7 @@ class Registry:
 
     def serving(self, project: str) -> dict | None:
         try:
-            d = self.project_dir(project)
+            d = self.project_dir(project, create=False)
         except ValueError:
             return None
         info = _read_json(os.path.join(d, "serving.json"))
@@ -87,7 +88,9 @@ class Registry:
         return info["path"] if info else None
 
     def versions(self, project: str) -> list[dict]:
-        d = os.path.join(self.project_dir(project), "versions")
+        d = os.path.join(self.project_dir(project, create=False), "versions")
+        if not os.path.isdir(d):
+            return []
         out = [_read_json(os.path.join(d, f)) for f in sorted(os.listdir(d)) if f.endswith(".json")]
         return sorted([v for v in out if v], key=lambda v: v.get("created", 0))
 
@@ -95,4 +98,4 @@ class Registry:
         _atomic_json(os.path.join(self.project_dir(project), "job.json"), {**status, "updated": time.time()})
 
     def job(self, project: str) -> dict | None:
-        return _read_json(os.path.join(self.project_dir(project), "job.json"))
+        return _read_json(os.path.join(self.project_dir(project, create=False), "job.json"))

@@ -183,3 +183,36 @@ def test_optional_auth_protects_everything_but_health(tmp_path, tiny_checkpoint,
     assert c.get("/metrics").status_code == 401
     health = c.get("/health").get_data(as_text=True)
     assert "s3cret" not in health and "tok-123456" not in health and "EXAMPLE_TOKEN" not in health
+
+
+def test_unwritable_model_dir_serves_read_only(tmp_path, tiny_checkpoint, image_server, payloads):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    m = IHPModel(Settings(model_dir=str(blocker / "md"), checkpoint=tiny_checkpoint, ls_url=image_server["url"]))
+    m.load()
+    c = create_app(m, load=False).test_client()
+    h = c.get("/health").get_json()
+    assert h["model_loaded"] and "cannot be written" in h["state_error"]
+    for x, y, lab in [(50, 21, "Hair"), (50, 50, "Face")]:
+        r = c.post("/predict", json=click_body(payloads, x, y, lab))
+        assert r.status_code == 200
+    assert len(m.history.get("3", 3)) == 2  # history kept in memory
+    r = c.post("/webhook", json=payloads["/webhook_ANNOTATION_CREATED"]["body"])
+    assert r.status_code == 507 and "cannot be written" in r.get_json()["error"]
+
+
+def test_disk_full_mid_run_keeps_serving(tmp_path, tiny_checkpoint, image_server, payloads):
+    import sqlite3
+    m = IHPModel(Settings(model_dir=str(tmp_path / "md"), checkpoint=tiny_checkpoint, ls_url=image_server["url"]))
+    m.load()
+    c = create_app(m, load=False).test_client()
+
+    def full(*a, **k):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    m.history.apply = full
+    m.store.put = full
+    assert c.post("/predict", json=click_body(payloads, 50, 21, "Hair")).status_code == 200
+    r = c.post("/webhook", json=payloads["/webhook_ANNOTATION_CREATED"]["body"])
+    assert r.status_code == 507 and "disk is full" in r.get_json()["error"]
+    assert "disk is full" in c.get("/health").get_json()["state_error"]
