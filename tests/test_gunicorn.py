@@ -148,3 +148,31 @@ def test_http_evaluation_matches_core_evaluation(live, tiny_checkpoint):
     r_core = evaluate(core, samples, classes, cfg, progress=False)
     r_http = evaluate(http, samples, classes, cfg, progress=False)
     np.testing.assert_allclose(r_core.miou_curve, r_http.miou_curve, atol=0.01)
+
+
+def test_sigkilled_worker_is_replaced_and_history_survives(live, payloads):
+    import signal
+    url, tmp_path = live
+    pids = set()
+    for x, y, lab in [(50, 21, "Hair"), (50, 50, "Face"), (45, 80, "Left-arm")]:
+        r = requests.post(url + "/predict", json=click_body(payloads, x, y, lab), timeout=30)
+        assert r.status_code == 200
+        pids.add(int(r.headers["X-IHP-Worker"]))
+    victim = sorted(pids)[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.time() + 60
+    fresh = set()
+    while time.time() < deadline and len(fresh) < 2:
+        try:
+            r = requests.get(url + "/health", timeout=1)
+            if r.json().get("model_loaded"):
+                fresh.add(int(r.headers["X-IHP-Worker"]))
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    assert victim not in fresh and len(fresh) == 2, fresh
+    r = requests.post(url + "/predict", json=click_body(payloads, 5, 5, "Background"), timeout=30)
+    assert r.status_code == 200
+    db = sqlite3.connect(str(tmp_path / "model_dir" / "state.db"))
+    (clicks,), = db.execute("SELECT clicks FROM clicks").fetchall()
+    assert len(__import__("json").loads(clicks)) == 4

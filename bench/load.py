@@ -1,0 +1,132 @@
+"""Load and fault run: N clients send interactive clicks to a live gunicorn (2 workers).
+
+    .venv/bin/python bench/load.py [--clients 10] [--seconds 120] [--kill-worker]
+
+Each client loops over fresh tasks of a CCP photo, sending single-click /predict requests as
+Label Studio does. Reports requests, errors, p50/p95 latency and the workers' RSS at the start
+and the end (bounded growth), and with ``--kill-worker`` SIGKILLs one worker mid-run and checks
+that gunicorn replaced it and that click histories survived. Traffic goes to 127.0.0.1 only;
+the run stops by itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import requests
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.latency import ROOT, children, ccp_photo, free_port  # noqa: E402
+from ihp_backend.settings import DEFAULT_CHECKPOINT  # noqa: E402
+
+
+def rss_mb(pid):
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--seconds", type=float, default=120)
+    ap.add_argument("--kill-worker", action="store_true")
+    a = ap.parse_args()
+    import subprocess
+    tmp = tempfile.mkdtemp()
+    photo = ccp_photo()
+    Image.fromarray(photo).save(os.path.join(tmp, "photo.jpg"), quality=95)
+    port = free_port()
+    md = os.path.join(tmp, "md")
+    env = dict(os.environ, MODEL_DIR=md, IHP_CHECKPOINT=a.checkpoint, IHP_LOCAL_ROOT=tmp,
+               IHP_BIND=f"127.0.0.1:{port}", IHP_WORKERS="2", IHP_THREADS="4", IHP_ACCESS_LOG="")
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "gunicorn"), "ihp_backend._wsgi:app"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    h, w = photo.shape[:2]
+    labels = ["Hair", "Face", "UpperClothes", "Pants", "Left-arm", "Right-arm", "Left-shoe", "Right-shoe"]
+    cfg = open(os.path.join(ROOT, "label_config.xml")).read()
+    lat, errors, sent = [], [], [0]
+    lock = threading.Lock()
+    try:
+        deadline = time.time() + 120
+        seen = set()
+        while time.time() < deadline and len(seen) < 2:
+            try:
+                r = requests.get(url + "/health", timeout=1)
+                if r.json().get("model_loaded"):
+                    seen.add(r.headers.get("X-IHP-Worker"))
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        rss_start = {p: rss_mb(p) for p in children(proc.pid)}
+        stop = time.time() + a.seconds
+
+        def client(i):
+            s = requests.Session()
+            rng = np.random.default_rng(i)
+            task = 0
+            while time.time() < stop:
+                task += 1
+                for k in range(6):
+                    if time.time() >= stop:
+                        return
+                    body = {"tasks": [{"id": i * 100000 + task, "data": {"image": "/data/local-files/?d=photo.jpg"}}],
+                            "project": "load.1", "label_config": cfg, "params": {"context": {"result": [{
+                                "type": "keypointlabels", "from_name": "kp", "to_name": "image",
+                                "original_width": w, "original_height": h, "is_positive": True,
+                                "value": {"x": float(rng.uniform(30, 70)), "y": float(rng.uniform(10, 90)),
+                                          "keypointlabels": [labels[k % len(labels)]]}}]}}}
+                    t = time.perf_counter()
+                    try:
+                        r = s.post(url + "/predict", json=body, timeout=30)
+                        ok = r.status_code == 200
+                        err = None if ok else f"{r.status_code} {r.text[:100]}"
+                    except requests.RequestException as e:
+                        err = f"{type(e).__name__}"
+                    with lock:
+                        sent[0] += 1
+                        lat.append(time.perf_counter() - t)
+                        if err:
+                            errors.append(err)
+
+        th = [threading.Thread(target=client, args=(i,)) for i in range(a.clients)]
+        [t.start() for t in th]
+        killed = None
+        if a.kill_worker:
+            time.sleep(a.seconds / 3)
+            killed = children(proc.pid)[0]
+            os.kill(killed, signal.SIGKILL)
+        [t.join() for t in th]
+        workers_end = children(proc.pid)
+        rss_end = {p: rss_mb(p) for p in workers_end}
+        db = sqlite3.connect(os.path.join(md, "state.db"))
+        histories = db.execute("SELECT COUNT(*) FROM clicks").fetchone()[0]
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    res = {"clients": a.clients, "seconds": a.seconds, "requests": sent[0], "errors": len(errors),
+           "error_samples": errors[:5], "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 1),
+           "p95_ms": round(float(np.percentile(lat, 95)) * 1000, 1),
+           "throughput_req_s": round(sent[0] / a.seconds, 2),
+           "rss_mb_start": [round(v, 1) for v in rss_start.values() if v],
+           "rss_mb_end": [round(v, 1) for v in rss_end.values() if v],
+           "killed_worker": killed, "workers_at_end": len(workers_end), "task_histories_stored": histories}
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
