@@ -216,3 +216,23 @@ def test_disk_full_mid_run_keeps_serving(tmp_path, tiny_checkpoint, image_server
     r = c.post("/webhook", json=payloads["/webhook_ANNOTATION_CREATED"]["body"])
     assert r.status_code == 507 and "disk is full" in r.get_json()["error"]
     assert "disk is full" in c.get("/health").get_json()["state_error"]
+
+
+def test_secrets_never_in_logs_or_responses(tmp_path, tiny_checkpoint, image_server, payloads, caplog):
+    import logging
+    caplog.set_level(logging.DEBUG)
+    m = IHPModel(Settings(model_dir=str(tmp_path / "md"), checkpoint=tiny_checkpoint, ls_url=image_server["url"],
+                          api_key="SECRET-KEY-4242"))
+    m.load()
+    c = create_app(m, load=False).test_client()
+    texts = [c.post("/setup", json=payloads["/setup"]["body"]).get_data(as_text=True),
+             c.post("/predict", json=click_body(payloads, 50, 21, "Hair")).get_data(as_text=True),
+             c.get("/health").get_data(as_text=True), c.get("/metrics").get_data(as_text=True),
+             c.get("/versions").get_data(as_text=True), repr(m.settings)]
+    b = click_body(payloads, 50, 21, "Hair")
+    b["tasks"][0]["data"]["image"] = "/data/upload/none.png"
+    b["tasks"][0]["id"] = 4242
+    texts.append(c.post("/predict", json=b).get_data(as_text=True))
+    assert image_server["handler"].seen_headers[-1]["Authorization"] == "Token SECRET-KEY-4242"
+    for t in texts + [caplog.text]:
+        assert "SECRET-KEY-4242" not in t
