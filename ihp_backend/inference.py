@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +63,27 @@ class Parser:
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(int(threads))
         self._lock = threading.Lock()
+        self._resized: OrderedDict[int, tuple] = OrderedDict()  # id(image) -> (weakref, hw, small)
+
+    def _network_image(self, image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+        """The image resized to network size, cached per image object (the fetcher hands the
+        same cached array for every click of a task, so a click costs no resize)."""
+        key = id(image)
+        with self._lock:
+            hit = self._resized.get(key)
+            if hit is not None and hit[0]() is image and hit[1] == hw:
+                self._resized.move_to_end(key)
+                return hit[2]
+        small = resize_image(image, hw)
+        try:
+            ref = weakref.ref(image)
+        except TypeError:
+            return small
+        with self._lock:
+            self._resized[key] = (ref, hw, small)
+            while len(self._resized) > 16:
+                self._resized.popitem(last=False)
+        return small
 
     @classmethod
     def from_file(cls, path: str, **kw) -> "Parser":
@@ -69,7 +92,7 @@ class Parser:
     def logits(self, image: np.ndarray, clicks, prev_mask: np.ndarray | None = None) -> torch.Tensor:
         """Network logits (num_slots, h, w) at network resolution."""
         hw = network_size(image.shape[:2], self.max_side)
-        small = resize_image(image, hw)
+        small = self._network_image(image, hw)
         c = scale_clicks(clicks, image.shape[:2], hw) if len(clicks) else np.zeros((0, 3))
         pm = None
         if self.use_prev_mask and prev_mask is not None:
@@ -91,15 +114,14 @@ class Parser:
             sorted(set(int(s) for s in allowed_slots)))
         with torch.inference_mode():
             sub = logits[torch.as_tensor(slots, device=logits.device)]
-            up = F.interpolate(sub[None], size=image.shape[:2], mode="bilinear",
-                               align_corners=False)[0]
-            prob = torch.softmax(up, dim=0)
-            best, arg = prob.max(dim=0)
-            labels = torch.as_tensor(slots, device=arg.device)[arg].cpu().numpy()
+            # scores at network resolution (cheap); labels from logits upsampled to full size
+            best, arg_small = torch.softmax(sub, dim=0).max(dim=0)
+            up = F.interpolate(sub[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+            labels = torch.as_tensor(slots, device=up.device)[up.argmax(dim=0)].cpu().numpy()
             conf = np.zeros(self.num_slots, np.float32)
-            flat_arg = arg.flatten()
-            sums = torch.zeros(len(slots), device=arg.device).scatter_add_(0, flat_arg, best.flatten())
-            counts = torch.bincount(flat_arg, minlength=len(slots)).clamp(min=1)
+            flat = arg_small.flatten()
+            sums = torch.zeros(len(slots), device=flat.device).scatter_add_(0, flat, best.flatten())
+            counts = torch.bincount(flat, minlength=len(slots)).clamp(min=1)
             conf[slots] = (sums / counts).cpu().numpy()
             score = float(best.mean())
         return ParseResult(labels=labels, confidence=conf, score=score)
