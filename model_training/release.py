@@ -13,9 +13,28 @@ import os
 from ihp_backend.checkpoint import read_checkpoint, save_checkpoint
 
 
-def release(src: str, dst: str, version: str, metrics: dict | None = None) -> dict:
+def recalibrated_state(ck: dict, batches: int, seed: int = 1234) -> dict:
+    """The checkpoint's weights with BatchNorm statistics re-estimated on its training data."""
+    from ihp_backend.checkpoint import network_of
+
+    from .datasets import open_dataset
+    from .samples import ClickSampleDataset
+    from .train import recalibrate_bn, sample_config
+    cfg = ck["training"]["config"]
+    d = cfg["data"]
+    net = network_of(ck)
+    sds = ClickSampleDataset(open_dataset(d["kind"], d["root"], d["split"], d.get("merge")),
+                             sample_config(cfg, net.cfg.num_slots), seed=seed)
+    recalibrate_bn(net, sds, batches=batches, batch_size=cfg.get("batch_size", 8))
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def release(src: str, dst: str, version: str, metrics: dict | None = None, recalibrate: int = 0) -> dict:
     ck = read_checkpoint(src)
+    if recalibrate:
+        ck["state_dict"] = recalibrated_state(ck, recalibrate)
     training = {k: v for k, v in ck.get("training", {}).items() if k != "optimizer"}
+    training["bn_recalibration_batches"] = recalibrate
     if metrics is not None:
         training["metrics"] = metrics
     ck = {**ck, "model_version": version, "training": training,
@@ -29,6 +48,8 @@ def main(argv=None):
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--version", required=True)
     ap.add_argument("--metrics", help="evaluation summary.json to embed")
+    ap.add_argument("--recalibrate-bn", type=int, default=16, metavar="BATCHES",
+                    help="re-estimate BatchNorm statistics on this many training batches (0: off)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     metrics = None
@@ -36,7 +57,7 @@ def main(argv=None):
         with open(a.metrics) as f:
             s = json.load(f)
         metrics = {k: v for k, v in s.items() if k != "full"}
-    print(json.dumps(release(a.checkpoint, a.out, a.version, metrics)))
+    print(json.dumps(release(a.checkpoint, a.out, a.version, metrics, a.recalibrate_bn)))
 
 
 if __name__ == "__main__":

@@ -132,6 +132,29 @@ def add_correction_clicks(net, images, targets, clicks, num_slots, use_prev, dev
     return clicks, prev
 
 
+def recalibrate_bn(net, sds, batches: int = 16, batch_size: int = 8, device=None) -> None:
+    """Re-estimate BatchNorm running statistics as plain averages over ``batches`` training
+    batches (no gradient). Short CPU runs move the weights faster than the running averages
+    follow; recalibrated statistics make eval mode match what the weights learned."""
+    device = device or next(net.parameters()).device
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    was = net.training
+    net.train()
+    n = len(sds)
+    with torch.no_grad():
+        for b in range(batches):
+            items = [sds[(b * batch_size + i) % n] for i in range(batch_size)]
+            images, _, clicks = collate(items)
+            net(build_inputs(images, clicks, net.cfg.num_slots, None, net.cfg.prev_mask).to(device))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    net.train(was)
+
+
 def setup_distributed() -> tuple[int, int, int]:
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"

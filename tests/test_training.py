@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from ihp_backend.checkpoint import read_checkpoint
 from ihp_backend.inference import Parser
@@ -61,6 +62,14 @@ def test_short_cpu_training_lowers_loss_and_is_served(tmp_path):
     img = np.zeros((100, 80, 3), np.uint8)
     res = p.parse(img, np.array([[50, 40, 3]]), allowed_slots=[0, 3])
     assert res.labels.shape == (100, 80) and set(np.unique(res.labels)) <= {0, 3}
+    # release: optimizer state dropped, BatchNorm statistics re-estimated, still served
+    from model_training.release import release
+    info = release(os.path.join(out, "last.pt"), os.path.join(out, "rel.pt"), "rel-1", {"x": 1}, recalibrate=2)
+    rel = read_checkpoint(os.path.join(out, "rel.pt"))
+    assert info["version"] == "rel-1" and "optimizer" not in rel["training"] and rel["training"]["metrics"] == {"x": 1}
+    key = [k for k in rel["state_dict"] if k.endswith("running_mean")][0]
+    assert not torch.equal(rel["state_dict"][key], ck["state_dict"][key])
+    Parser.from_file(os.path.join(out, "rel.pt")).parse(img, np.array([[50, 40, 3]]), allowed_slots=[0, 3])
     # resume continues from the saved step
     run_train(["--config", "model_training/configs/ccp_cpu.yaml"] +
               sum((["--set", s] for s in sets + ["steps=64"]), []))
