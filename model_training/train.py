@@ -45,6 +45,7 @@ DEFAULTS = {
     "save_every": 100,
     "log_every": 10,
     "max_minutes": None,
+    "stop_at": None,  # stop (resumably) at this step without changing the lr schedule
     "model_version": None,
 }
 
@@ -272,7 +273,7 @@ def train(cfg: dict, dataset=None, init_state: dict | None = None, binding: Bind
                                              generator=torch.Generator().manual_seed(cfg["seed"] + epoch),
                                              **loader_kw)
         for images, targets, clicks in loader:
-            if step >= total:
+            if step >= total or (cfg.get("stop_at") and step >= int(cfg["stop_at"])):
                 done = True
                 break
             t0 = time.time()
