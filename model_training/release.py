@@ -29,7 +29,8 @@ def recalibrated_state(ck: dict, batches: int, seed: int = 1234) -> dict:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def release(src: str, dst: str, version: str, metrics: dict | None = None, recalibrate: int = 0) -> dict:
+def release(src: str, dst: str, version: str, metrics: dict | None = None, recalibrate: int = 0,
+            half: bool = True) -> dict:
     ck = read_checkpoint(src)
     if recalibrate:
         ck["state_dict"] = recalibrated_state(ck, recalibrate)
@@ -37,8 +38,11 @@ def release(src: str, dst: str, version: str, metrics: dict | None = None, recal
     training["bn_recalibration_batches"] = recalibrate
     if metrics is not None:
         training["metrics"] = metrics
+    training["weights_dtype"] = "float16" if half else "float32"
+    # float16 storage halves the file; load_state_dict copies it into the float32 network
     ck = {**ck, "model_version": version, "training": training,
-          "state_dict": {k: v.contiguous() for k, v in ck["state_dict"].items()}}
+          "state_dict": {k: (v.half() if half and v.is_floating_point() else v).contiguous()
+                         for k, v in ck["state_dict"].items()}}
     save_checkpoint(ck, dst)
     return {"path": dst, "bytes": os.path.getsize(dst), "version": version, "step": training.get("step")}
 
@@ -50,6 +54,7 @@ def main(argv=None):
     ap.add_argument("--metrics", help="evaluation summary.json to embed")
     ap.add_argument("--recalibrate-bn", type=int, default=16, metavar="BATCHES",
                     help="re-estimate BatchNorm statistics on this many training batches (0: off)")
+    ap.add_argument("--float32", action="store_true", help="store float32 weights (default: float16)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     metrics = None
@@ -57,7 +62,7 @@ def main(argv=None):
         with open(a.metrics) as f:
             s = json.load(f)
         metrics = {k: v for k, v in s.items() if k != "full"}
-    print(json.dumps(release(a.checkpoint, a.out, a.version, metrics, a.recalibrate_bn)))
+    print(json.dumps(release(a.checkpoint, a.out, a.version, metrics, a.recalibrate_bn, not a.float32)))
 
 
 if __name__ == "__main__":
