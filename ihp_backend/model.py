@@ -43,8 +43,14 @@ class ModelNotReady(RuntimeError):
     pass
 
 
+def _setup_of(label_config) -> LabelSetup:
+    if not isinstance(label_config, str):
+        raise LabelConfigError("the label config must be an XML string")
+    return _cached_setup(label_config)
+
+
 @lru_cache(maxsize=64)
-def _setup_of(label_config: str) -> LabelSetup:
+def _cached_setup(label_config: str) -> LabelSetup:
     return parse_label_config(label_config)
 
 

@@ -25,6 +25,15 @@ def free_port():
     return port
 
 
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def start_gunicorn(tmp_path, checkpoint, env_extra):
     port = free_port()
     env = dict(os.environ, MODEL_DIR=str(tmp_path / "model_dir"), IHP_CHECKPOINT=checkpoint,
@@ -34,7 +43,7 @@ def start_gunicorn(tmp_path, checkpoint, env_extra):
     proc = subprocess.Popen([gun, "ihp_backend._wsgi:app"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+    deadline = time.time() + 180
     loaded = set()
     while time.time() < deadline and len(loaded) < 2 and proc.poll() is None:
         try:
@@ -55,8 +64,7 @@ def live(tmp_path, tiny_checkpoint, image_server):
     proc, url = start_gunicorn(tmp_path, tiny_checkpoint, {"LABEL_STUDIO_URL": image_server["url"],
                                                           "LABEL_STUDIO_API_KEY": "abcdef123456"})
     yield url, tmp_path
-    proc.terminate()
-    proc.wait(20)
+    stop(proc)
 
 
 def test_live_gunicorn_answers_real_payloads_and_shares_history(live, payloads, image_server):
@@ -126,8 +134,7 @@ def test_embedded_default_model_parses_a_real_photo(tmp_path, payloads):
             ious.append(inter / union)
         assert np.mean(ious) > 0.5, ious
     finally:
-        proc.terminate()
-        proc.wait(20)
+        stop(proc)
 
 
 def test_http_evaluation_matches_core_evaluation(live, tiny_checkpoint):
@@ -160,7 +167,7 @@ def test_sigkilled_worker_is_replaced_and_history_survives(live, payloads):
         pids.add(int(r.headers["X-IHP-Worker"]))
     victim = sorted(pids)[0]
     os.kill(victim, signal.SIGKILL)
-    deadline = time.time() + 60
+    deadline = time.time() + 180
     fresh = set()
     while time.time() < deadline and len(fresh) < 2:
         try:
