@@ -117,6 +117,7 @@ def save_checkpoint(ckpt: dict, path: str) -> None:
     os.close(fd)
     try:
         torch.save(ckpt, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
