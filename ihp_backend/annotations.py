@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .history import project_key
-from .ls_format import LabelConfigError, annotation_to_label_map, parse_label_config
+from .ls_format import annotation_to_label_map, parse_label_config
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -133,7 +133,7 @@ class AnnotationStore:
                     err = "the annotation has no BrushLabels region"
                 else:
                     labels = _png(lm)
-            except (LabelConfigError, ValueError, KeyError, TypeError, IndexError) as e:
+            except Exception as e:  # any malformed stored result: kept, marked, never trained on
                 err = f"{type(e).__name__}: {e}"
             db = self._conn()
             try:  # only if the row was not replaced meanwhile

@@ -92,11 +92,13 @@ def keypoints_to_clicks(results, setup: LabelSetup | None = None) -> tuple[list[
     """
     clicks, size = [], None
     for r in results or []:
-        if not isinstance(r, dict) or r.get("type", "").lower() != "keypointlabels":
+        if not isinstance(r, dict) or str(r.get("type", "")).lower() != "keypointlabels":
             continue
         if setup is not None and r.get("from_name") not in (None, setup.keypoint_from):
             continue
-        v = r.get("value") or {}
+        v = r.get("value")
+        if not isinstance(v, dict):
+            raise ClickError("keypoint result without a 'value' object")
         labels = v.get("keypointlabels") or v.get("labels") or []
         if not labels or not isinstance(labels, list) or not isinstance(labels[0], str):
             raise ClickError("keypoint without a label (value.keypointlabels is empty)")
@@ -176,11 +178,14 @@ def annotation_to_label_map(results, setup: LabelSetup, class_index: dict[str, i
     """
     out = None
     for r in results or []:
-        if not isinstance(r, dict) or r.get("type", "").lower() != "brushlabels":
+        if not isinstance(r, dict) or str(r.get("type", "")).lower() != "brushlabels":
             continue
-        v = r.get("value") or {}
+        v = r.get("value")
+        if not isinstance(v, dict):
+            raise ValueError("brush result without a 'value' object")
         names = v.get("brushlabels") or []
-        if v.get("format") != "rle" or not names or names[0] not in class_index:
+        if v.get("format") != "rle" or not isinstance(names, list) or not names or \
+                not isinstance(names[0], str) or names[0] not in class_index:
             continue
         h, w = int(r["original_height"]), int(r["original_width"])
         if out is None:

@@ -230,7 +230,8 @@ class IHPModel:
             if not clicks:
                 self._forget_prev(project, task["id"])
                 return self._empty(parser)
-        url = (task.get("data") or {}).get(setup.image_key)
+        data = task.get("data")
+        url = data.get(setup.image_key) if isinstance(data, dict) else None
         if not url:
             raise RequestError(f"task {task['id']} has no image in data[{setup.image_key!r}]")
         try:
@@ -361,7 +362,8 @@ class IHPModel:
         if not isinstance(result, list):
             raise RequestError("annotation.result must be a list")
         brush = [r for r in result if isinstance(r, dict) and r.get("type") == "brushlabels"]
-        url = (task.get("data") or {}).get(setup.image_key)
+        data = task.get("data")
+        url = data.get(setup.image_key) if isinstance(data, dict) else None
         image, err = None, None
         if brush and url:
             try:

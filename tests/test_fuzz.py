@@ -47,7 +47,7 @@ def fuzz_client(tmp_path_factory, tiny_checkpoint):
     return create_app(m, load=False).test_client()
 
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @FUZZ
