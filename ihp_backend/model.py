@@ -247,7 +247,7 @@ class IHPModel:
         with self._prev_lock:
             prev = self._prev.get(key)
         res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=prev)
-        self._remember_prev(key, res.labels)
+        self._remember_prev(key, res.labels.astype(np.uint8))  # slots < 256: 8x smaller than int64
         slot_to_label = self._slot_names(label_to_slot, setup)
         results = brush_results(res.labels, slot_to_label, setup, res.confidence)
         validate_results(results, setup)
