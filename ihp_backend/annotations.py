@@ -16,7 +16,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from .history import project_key
+from .history import init_db, project_key
 from .ls_format import annotation_to_label_map, parse_label_config
 
 SCHEMA = """
@@ -47,13 +47,7 @@ def _unpng(b: bytes) -> np.ndarray:
 class AnnotationStore:
     def __init__(self, path: str):
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        db = self._conn()
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
-        finally:
-            db.close()
+        init_db(path, [st.strip() for st in SCHEMA.split(";") if st.strip()])
 
     def _conn(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=10, isolation_level=None)

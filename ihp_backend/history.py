@@ -71,16 +71,38 @@ def project_key(project) -> str:
     return str(project if project is not None else "").split(".", 1)[0]
 
 
+def is_transient(e: Exception) -> bool:
+    """SQLite 'database is locked/busy' (another process holds the lock): retry, not a failure."""
+    return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
+
+
+def init_db(path: str, statements: list[str], attempts: int = 100) -> None:
+    """Create tables and switch to WAL, retrying while another worker does the same at start
+    (changing the journal mode does not wait on the busy handler)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    for i in range(attempts):
+        db = sqlite3.connect(path, timeout=10, isolation_level=None)
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            for st in statements:
+                db.execute(st)
+            return
+        except sqlite3.OperationalError as e:
+            if not is_transient(e) or i == attempts - 1:
+                raise
+            time.sleep(0.05 + 0.01 * i)
+        finally:
+            db.close()
+
+
 class ClickHistory:
     """SQLite-backed store; safe across processes (each call is one short transaction)."""
 
     def __init__(self, path: str, ttl: float = DEFAULT_TTL):
         self.path, self.ttl = path, ttl
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with self._conn() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS clicks (project TEXT, task TEXT, clicks TEXT, "
-                       "size TEXT, updated REAL, PRIMARY KEY (project, task))")
+        init_db(path, ["CREATE TABLE IF NOT EXISTS clicks (project TEXT, task TEXT, clicks TEXT, "
+                       "size TEXT, updated REAL, PRIMARY KEY (project, task))"])
 
     def _conn(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=10, isolation_level=None)

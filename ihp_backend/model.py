@@ -19,7 +19,7 @@ import numpy as np
 
 from .annotations import AnnotationStore
 from .checkpoint import BindingError
-from .history import ClickHistory, MemoryHistory, project_key
+from .history import ClickHistory, MemoryHistory, is_transient, project_key
 from .images import FetchSettings, ImageFetcher, ImageFetchError
 from .inference import Parser, default_threads
 from .locks import is_locked
@@ -223,8 +223,10 @@ class IHPModel:
                     raise RequestError(f"keypoint label {c.label!r} is not a label of the config")
             try:
                 clicks = self.history.apply(project, task["id"], new, size)
-            except (OSError, sqlite3.Error) as e:  # disk full / read-only: keep serving
-                self._storage_failed(e)
+            except (OSError, sqlite3.Error) as e:
+                if is_transient(e):  # another worker held the lock past the busy timeout
+                    raise RequestError("click history is busy; retry the click", status=503) from None
+                self._storage_failed(e)  # disk full / read-only: keep serving from memory
                 self.history = self._memory_history
                 clicks = self.history.apply(project, task["id"], new, size)
             if not clicks:
@@ -338,6 +340,8 @@ class IHPModel:
         try:
             return fn(st)
         except (OSError, sqlite3.Error) as e:
+            if is_transient(e):
+                raise RequestError("annotation store is busy; Label Studio will retry", status=503) from None
             self._storage_failed(e)
             raise RequestError(self.state_error, status=507) from None
 

@@ -67,3 +67,25 @@ def test_concurrent_processes_lose_no_click(tmp_path):
     for p in ps:
         p.join(60)
     assert len(ClickHistory(path).get("1", 1)) == 30
+
+
+def _init_many(path, q):
+    from ihp_backend.annotations import AnnotationStore
+    for _ in range(5):
+        ClickHistory(path + ".state")
+        AnnotationStore(path + ".ann")
+    q.put("ok")
+
+
+def test_workers_initialising_the_same_databases_at_once_do_not_fail(tmp_path):
+    ctx = mp.get_context("spawn")
+    for round_ in range(3):
+        path = str(tmp_path / f"db{round_}")
+        q = ctx.Queue()
+        ps = [ctx.Process(target=_init_many, args=(path, q)) for _ in range(4)]
+        for p in ps:
+            p.start()
+        for p in ps:
+            p.join(60)
+        assert all(p.exitcode == 0 for p in ps)
+        assert sorted(q.get(timeout=5) for _ in ps) == ["ok"] * 4
