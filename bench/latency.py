@@ -127,6 +127,27 @@ def children(pid):
         return []
 
 
+def start_backend(checkpoint: str, env_extra: dict, workers: int = 2, threads: int = 2):
+    """gunicorn on a free 127.0.0.1 port; returns (process, url) once every worker has the model."""
+    port = free_port()
+    env = dict(os.environ, IHP_CHECKPOINT=checkpoint, IHP_BIND=f"127.0.0.1:{port}", IHP_WORKERS=str(workers),
+               IHP_THREADS=str(threads), IHP_ACCESS_LOG="", **env_extra)
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "gunicorn"), "ihp_backend._wsgi:app"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    seen = set()
+    while time.time() < deadline and len(seen) < workers and proc.poll() is None:
+        try:
+            r = requests.get(url + "/health", timeout=1)
+            if r.json().get("model_loaded"):
+                seen.add(r.headers.get("X-IHP-Worker"))
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    return proc, url
+
+
 def http_sequence(url, image_ref, w, h, labels, n_clicks, task, project="bench.1"):
     labs = "".join(f'<Label value="{n}"/>' for n in labels)
     cfg = LIP_CONFIG if len(labels) == 20 and labels[0] == "Background" and "Hat" in labels else (
@@ -167,23 +188,8 @@ def main():
     Image.fromarray(photo).save(os.path.join(tmp, "photo.jpg"), quality=95)
     big = np.asarray(Image.fromarray(photo).resize((1024, 1024)))
     Image.fromarray(big).save(os.path.join(tmp, "big.jpg"), quality=95)
-    port = free_port()
-    env = dict(os.environ, MODEL_DIR=os.path.join(tmp, "md"), IHP_CHECKPOINT=a.checkpoint, IHP_LOCAL_ROOT=tmp,
-               IHP_BIND=f"127.0.0.1:{port}", IHP_WORKERS="2", IHP_THREADS="2", IHP_ACCESS_LOG="")
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "gunicorn"), "ihp_backend._wsgi:app"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_backend(a.checkpoint, {"MODEL_DIR": os.path.join(tmp, "md"), "IHP_LOCAL_ROOT": tmp})
     try:
-        deadline = time.time() + 120
-        seen = set()
-        while time.time() < deadline and len(seen) < 2:
-            try:
-                r = requests.get(url + "/health", timeout=1)
-                if r.json().get("model_loaded"):
-                    seen.add(r.headers.get("X-IHP-Worker"))
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
         lip = list(parse_label_config(LIP_CONFIG).labels)
         h, w = photo.shape[:2]
         http_sequence(url, "/data/local-files/?d=photo.jpg", w, h, lip, 2, 999)  # warm both caches

@@ -25,7 +25,7 @@ import requests
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.latency import ROOT, children, ccp_photo, free_port  # noqa: E402
+from bench.latency import ROOT, ccp_photo, children, start_backend  # noqa: E402
 from ihp_backend.settings import DEFAULT_CHECKPOINT  # noqa: E402
 
 
@@ -45,33 +45,17 @@ def main():
     ap.add_argument("--seconds", type=float, default=120)
     ap.add_argument("--kill-worker", action="store_true")
     a = ap.parse_args()
-    import subprocess
     tmp = tempfile.mkdtemp()
     photo = ccp_photo()
     Image.fromarray(photo).save(os.path.join(tmp, "photo.jpg"), quality=95)
-    port = free_port()
     md = os.path.join(tmp, "md")
-    env = dict(os.environ, MODEL_DIR=md, IHP_CHECKPOINT=a.checkpoint, IHP_LOCAL_ROOT=tmp,
-               IHP_BIND=f"127.0.0.1:{port}", IHP_WORKERS="2", IHP_THREADS="4", IHP_ACCESS_LOG="")
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "gunicorn"), "ihp_backend._wsgi:app"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_backend(a.checkpoint, {"MODEL_DIR": md, "IHP_LOCAL_ROOT": tmp}, threads=4)
     h, w = photo.shape[:2]
     labels = ["Hair", "Face", "UpperClothes", "Pants", "Left-arm", "Right-arm", "Left-shoe", "Right-shoe"]
     cfg = open(os.path.join(ROOT, "label_config.xml")).read()
     lat, errors, sent = [], [], [0]
     lock = threading.Lock()
     try:
-        deadline = time.time() + 120
-        seen = set()
-        while time.time() < deadline and len(seen) < 2:
-            try:
-                r = requests.get(url + "/health", timeout=1)
-                if r.json().get("model_loaded"):
-                    seen.add(r.headers.get("X-IHP-Worker"))
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
         rss_start = {p: rss_mb(p) for p in children(proc.pid)}
         stop = time.time() + a.seconds
 

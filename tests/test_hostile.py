@@ -55,6 +55,7 @@ class Hostile(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def hostile_server():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    srv.handle_error = lambda request, address: None  # clients hanging up on purpose
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
