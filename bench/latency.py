@@ -110,10 +110,11 @@ def free_port():
     return p
 
 
-def peak_rss_mb(pid):
+def status_mb(pid, field: str = "VmHWM"):
+    """A memory field of /proc/<pid>/status in MB (VmHWM = peak RSS, VmRSS = current)."""
     try:
         for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
@@ -208,7 +209,7 @@ def main():
         [t.start() for t in th]
         [t.join() for t in th]
         thr = len(done) / (time.perf_counter() - t0)
-        rss = [peak_rss_mb(p) for p in children(proc.pid)]
+        rss = [status_mb(p) for p in children(proc.pid)]
     finally:
         proc.terminate()
         proc.wait(20)

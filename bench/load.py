@@ -25,17 +25,8 @@ import requests
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.latency import ROOT, ccp_photo, children, start_backend  # noqa: E402
+from bench.latency import ROOT, ccp_photo, children, start_backend, status_mb  # noqa: E402
 from ihp_backend.settings import DEFAULT_CHECKPOINT  # noqa: E402
-
-
-def rss_mb(pid):
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
 
 
 def main():
@@ -56,7 +47,7 @@ def main():
     lat, errors, sent = [], [], [0]
     lock = threading.Lock()
     try:
-        rss_start = {p: rss_mb(p) for p in children(proc.pid)}
+        rss_start = {p: status_mb(p, "VmRSS") for p in children(proc.pid)}
         stop = time.time() + a.seconds
 
         def client(i):
@@ -96,7 +87,7 @@ def main():
             os.kill(killed, signal.SIGKILL)
         [t.join() for t in th]
         workers_end = children(proc.pid)
-        rss_end = {p: rss_mb(p) for p in workers_end}
+        rss_end = {p: status_mb(p, "VmRSS") for p in workers_end}
         db = sqlite3.connect(os.path.join(md, "state.db"))
         histories = db.execute("SELECT COUNT(*) FROM clicks").fetchone()[0]
     finally:
