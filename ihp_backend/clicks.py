@@ -30,7 +30,7 @@ def scale_clicks(clicks: np.ndarray, src_hw: tuple[int, int], dst_hw: tuple[int,
 
 
 def localization_maps(clicks, hw: tuple[int, int], num_slots: int,
-                      truncation: float = TRUNCATION) -> np.ndarray:
+                      truncation: float = TRUNCATION, out: np.ndarray | None = None) -> np.ndarray:
     """Class-aware localization maps, paper Eq. (1).
 
     ``T_i[p] = min(truncation, min over clicks q of slot i of ||p - q||^2)``; a slot without
@@ -38,12 +38,16 @@ def localization_maps(clicks, hw: tuple[int, int], num_slots: int,
     (divided by ``truncation``), so 0 marks a click and 1 means "far from any click".
 
     Because the map saturates at sqrt(truncation) pixels, each click only touches a small
-    window: the work is one vectorised window per click, never a loop over pixels.
+    window: the work is one vectorised window per click, never a loop over pixels. ``out``
+    (float32, (num_slots, H, W)) is filled in place when given.
     """
     h, w = hw
-    out = np.full((num_slots, h, w), truncation, dtype=np.float32)
+    if out is None:
+        out = np.empty((num_slots, h, w), dtype=np.float32)
+    out.fill(1.0)
     c = as_click_array(clicks)
     r = int(np.ceil(np.sqrt(truncation)))
+    scale = np.float32(1.0 / truncation)
     for y, x, s in c:
         s = int(s)
         if not 0 <= s < num_slots:
@@ -55,9 +59,8 @@ def localization_maps(clicks, hw: tuple[int, int], num_slots: int,
             continue
         yy = (np.arange(y0, y1, dtype=np.float32) - np.float32(y))[:, None] ** 2
         xx = (np.arange(x0, x1, dtype=np.float32) - np.float32(x))[None, :] ** 2
-        np.minimum(out[s, y0:y1, x0:x1], yy + xx, out=out[s, y0:y1, x0:x1])
-    np.minimum(out, truncation, out=out)
-    out /= truncation
+        win = out[s, y0:y1, x0:x1]
+        np.minimum(win, (yy + xx) * scale, out=win)  # min(T, d)/T == min(1, d/T)
     return out
 
 
@@ -74,20 +77,26 @@ def normalise_rgb(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np
 
 
 def network_input(image: np.ndarray, clicks, num_slots: int, prev_mask: np.ndarray | None = None,
-                  use_prev_mask: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+                  use_prev_mask: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  rgb: np.ndarray | None = None) -> torch.Tensor:
     """Build the (C, H, W) input tensor: RGB, the maps, and optionally the previous prediction.
 
     ``image`` is already at network resolution and clicks are in its pixel coordinates.
     ``prev_mask`` is an (H, W) array of slot indices (or -1 / None for "no prediction yet").
+    ``rgb`` is ``normalise_rgb(image, mean, std)`` when the caller has it cached (it does not
+    depend on the clicks).
     """
     h, w = image.shape[:2]
-    parts = [normalise_rgb(image, mean, std), localization_maps(clicks, (h, w), num_slots)]
+    n = 3 + num_slots * (2 if use_prev_mask else 1)
+    out = np.empty((n, h, w), np.float32)
+    out[:3] = normalise_rgb(image, mean, std) if rgb is None else rgb
+    localization_maps(clicks, (h, w), num_slots, out=out[3:3 + num_slots])
     if use_prev_mask:
-        onehot = np.zeros((num_slots, h, w), np.float32)
+        onehot = out[3 + num_slots:]
+        onehot.fill(0.0)
         if prev_mask is not None:
             pm = np.asarray(prev_mask)
             valid = (pm >= 0) & (pm < num_slots)
             ys, xs = np.nonzero(valid)
             onehot[pm[valid], ys, xs] = 1.0
-        parts.append(onehot)
-    return torch.from_numpy(np.concatenate(parts, axis=0))
+    return torch.from_numpy(out)

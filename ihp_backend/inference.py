@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import Binding, binding_of, network_of, read_checkpoint
-from .clicks import network_input, scale_clicks
+from .clicks import network_input, normalise_rgb, scale_clicks
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -36,6 +36,41 @@ def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     if image.shape[:2] == tuple(hw):
         return image
     return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BILINEAR))
+
+
+def _source_coords(n_out: int, n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear source indices and weights of each output coordinate (align_corners=False),
+    as ``F.interpolate`` computes them."""
+    src = ((torch.arange(n_out, dtype=torch.float32) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    return i0, i1, src - i0
+
+
+def upsampled_argmax(logits: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """``argmax`` over channels of the bilinearly upsampled ``logits`` (C, h, w) -> (H, W).
+
+    Same answer as ``F.interpolate(...).argmax(0)`` (up to exact ties) at a fraction of the cost:
+    a convex combination of logit vectors that share an argmax keeps it, so only output pixels
+    whose 3x3 low-resolution neighbourhood holds more than one label are interpolated.
+    """
+    c, h, w = logits.shape
+    hh, ww = out_hw
+    arg = logits.argmax(dim=0)
+    a = arg[None, None].float()
+    uniform = (F.max_pool2d(a, 3, 1, 1) == -F.max_pool2d(-a, 3, 1, 1))[0, 0]
+    y0, y1, wy = _source_coords(hh, h)
+    x0, x1, wx = _source_coords(ww, w)
+    out = arg[y0[:, None], x0[None, :]]
+    yy, xx = torch.nonzero(~uniform[y0[:, None], x0[None, :]], as_tuple=True)
+    if len(yy):
+        rows = logits.permute(1, 2, 0).reshape(h * w, c)  # one contiguous row per source pixel
+        ya, yb, fy = y0[yy] * w, y1[yy] * w, wy[yy, None]
+        xa, xb, fx = x0[xx], x1[xx], wx[xx, None]
+        top = rows.index_select(0, ya + xa) * (1 - fx) + rows.index_select(0, ya + xb) * fx
+        bottom = rows.index_select(0, yb + xa) * (1 - fx) + rows.index_select(0, yb + xb) * fx
+        out[yy, xx] = (top * (1 - fy) + bottom * fy).argmax(dim=1)
+    return out
 
 
 @dataclass
@@ -65,42 +100,45 @@ class Parser:
         self._lock = threading.Lock()
         self._resized: OrderedDict[int, tuple] = OrderedDict()  # id(image) -> (weakref, hw, small)
 
-    def _network_image(self, image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-        """The image resized to network size, cached per image object (the fetcher hands the
-        same cached array for every click of a task, so a click costs no resize)."""
+    def _network_image(self, image: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The image resized to network size and its normalised RGB planes, cached per image
+        object (the fetcher hands the same cached array for every click of a task, so a click
+        costs neither a resize nor a normalisation)."""
         key = id(image)
         with self._lock:
             hit = self._resized.get(key)
             if hit is not None and hit[0]() is image and hit[1] == hw:
                 self._resized.move_to_end(key)
-                return hit[2]
+                return hit[2], hit[3]
         small = resize_image(image, hw)
+        rgb = normalise_rgb(small, self.mean, self.std)
         try:
             ref = weakref.ref(image)
         except TypeError:
-            return small
+            return small, rgb
         with self._lock:
-            self._resized[key] = (ref, hw, small)
+            self._resized[key] = (ref, hw, small, rgb)
             while len(self._resized) > 16:
                 self._resized.popitem(last=False)
-        return small
+        return small, rgb
 
     @classmethod
     def from_file(cls, path: str, **kw) -> "Parser":
         return cls(read_checkpoint(path), **kw)
 
     def logits(self, image: np.ndarray, clicks, prev_mask: np.ndarray | None = None) -> torch.Tensor:
-        """Network logits (num_slots, h, w) at network resolution."""
+        """Network logits (num_slots, h/4, w/4) at the decoder's stride 4 of the network size
+        (``parse`` upsamples them once, straight to the image size)."""
         hw = network_size(image.shape[:2], self.max_side)
-        small = self._network_image(image, hw)
+        small, rgb = self._network_image(image, hw)
         c = scale_clicks(clicks, image.shape[:2], hw) if len(clicks) else np.zeros((0, 3))
         pm = None
         if self.use_prev_mask and prev_mask is not None:
             pm = np.asarray(Image.fromarray(prev_mask.astype(np.int32)).resize(
                 (hw[1], hw[0]), Image.NEAREST))
-        x = network_input(small, c, self.num_slots, pm, self.use_prev_mask, self.mean, self.std)
+        x = network_input(small, c, self.num_slots, pm, self.use_prev_mask, self.mean, self.std, rgb=rgb)
         with self._lock, torch.inference_mode():
-            return self.net(x[None].to(self.device))[0].float()
+            return self.net(x[None].to(self.device), features=True)[0][0].float()
 
     def parse(self, image: np.ndarray, clicks, allowed_slots=None,
               prev_mask: np.ndarray | None = None) -> ParseResult:
@@ -114,10 +152,10 @@ class Parser:
             sorted(set(int(s) for s in allowed_slots)))
         with torch.inference_mode():
             sub = logits[torch.as_tensor(slots, device=logits.device)]
-            # scores at network resolution (cheap); labels from logits upsampled to full size
+            # scores at stride 4 (cheap); labels from logits upsampled once to the image size
             best, arg_small = torch.softmax(sub, dim=0).max(dim=0)
-            up = F.interpolate(sub[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
-            labels = torch.as_tensor(slots, device=up.device)[up.argmax(dim=0)].cpu().numpy()
+            arg_full = upsampled_argmax(sub.cpu(), image.shape[:2])
+            labels = torch.as_tensor(slots)[arg_full].numpy()
             conf = np.zeros(self.num_slots, np.float32)
             flat = arg_small.flatten()
             sums = torch.zeros(len(slots), device=flat.device).scatter_add_(0, flat, best.flatten())

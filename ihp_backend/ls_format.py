@@ -8,7 +8,6 @@ from xml.etree.ElementTree import ParseError
 import numpy as np
 from defusedxml import ElementTree as SafeET
 from defusedxml.common import DefusedXmlException
-from label_studio_sdk.converter import brush
 from label_studio_sdk.label_interface import LabelInterface
 
 MAX_CONFIG_BYTES = 1_000_000
@@ -119,16 +118,99 @@ def keypoints_to_clicks(results, setup: LabelSetup | None = None) -> tuple[list[
     return clicks, size
 
 
+# Label Studio's brush RLE (the frontend's "rle-pack" layout, as the SDK's converter writes it):
+# a 32-bit value count, 5 bits word size - 1, four 4-bit run-length field sizes - 1, then records.
+# A record is 1 flag bit (1 = run, 0 = literal block), a 2-bit index into the field sizes, the
+# length - 1 in that many bits, then one word (run) or length words (literal block).
+_RLE_WORD = 8
+_RLE_SIZES = (3, 4, 8, 16)
+_RLE_MAX_RUN = 1 << _RLE_SIZES[-1]
+
+
+def _bits(values: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """Concatenate the low ``widths[i]`` bits of each ``values[i]`` (most significant first)."""
+    if len(values) == 0:
+        return np.zeros(0, np.uint8)
+    per = np.unpackbits(values.astype(">u8").view(np.uint8).reshape(-1, 8), axis=1)  # (N, 64)
+    keep = np.arange(64)[None, :] >= (64 - widths)[:, None]
+    return per[keep]
+
+
 def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """Binary (H, W) mask -> Label Studio brush RLE over the flattened RGBA image."""
-    return brush.mask2rle((mask > 0).astype(np.uint8) * 255)
+    """Binary (H, W) mask -> Label Studio brush RLE over the flattened RGBA image (every channel
+    0 or 255), vectorised; byte-identical to ``label_studio_sdk.converter.brush.mask2rle``."""
+    flat = np.asarray(mask).ravel() > 0
+    n = flat.size * 4
+    if flat.size == 0:
+        runs, vals = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    else:
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        starts = np.concatenate(([0], change))
+        runs = np.diff(np.concatenate((starts, [flat.size]))) * 4  # every pixel is 4 equal bytes
+        vals = np.where(flat[starts], 255, 0)
+    # runs longer than the widest field are split into full chunks followed by the remainder
+    full = (runs - 1) // _RLE_MAX_RUN
+    reps = full + 1
+    rec_val = np.repeat(vals, reps)
+    rec_len = np.full(int(reps.sum()), _RLE_MAX_RUN, np.int64)
+    last = np.cumsum(reps) - 1
+    rec_len[last] = runs - full * _RLE_MAX_RUN
+    size_idx = np.searchsorted(np.asarray([1 << s for s in _RLE_SIZES]), rec_len)  # first that fits
+    field = np.asarray(_RLE_SIZES)[size_idx]
+    rec = (((1 << 2 | size_idx) << field | (rec_len - 1)) << _RLE_WORD) | rec_val
+    head = ((n << 5 | (_RLE_WORD - 1)) << 16) | sum((s - 1) << (4 * (3 - i)) for i, s in enumerate(_RLE_SIZES))
+    bits = np.concatenate((_bits(np.asarray([head]), np.asarray([53])),
+                           _bits(rec, 3 + field + _RLE_WORD)))
+    bits = np.concatenate((bits, np.zeros(8 - len(bits) % 8, np.uint8)))  # the SDK pads 1..8 bits
+    return np.packbits(bits).tolist()
+
+
+class _BitReader:
+    def __init__(self, data):
+        self.bits = np.unpackbits(np.asarray(data, dtype=np.uint8))
+        self.pos = 0
+
+    def read(self, k: int) -> int:
+        if self.pos + k > len(self.bits):
+            raise ValueError("RLE ends in the middle of a record")
+        chunk = self.bits[self.pos:self.pos + k]
+        self.pos += k
+        return int(chunk.dot(1 << np.arange(k - 1, -1, -1, dtype=np.int64)))
+
+
+def rle_values(rle, expected: int | None = None) -> np.ndarray:
+    """Decode a Label Studio brush RLE to its flat uint8 values (any valid encoder's output).
+
+    ``expected`` (the image's H*W*4) is checked against the header before anything is allocated.
+    """
+    try:
+        data = np.asarray(rle, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise ValueError("RLE must be a list of byte values") from None
+    if data.ndim != 1 or data.size < 7 or data.min() < 0 or data.max() > 255:
+        raise ValueError("RLE must be a list of at least 7 byte values 0..255")
+    r = _BitReader(data.astype(np.uint8))
+    num, word = r.read(32), r.read(5) + 1
+    if expected is not None and num != expected:
+        raise ValueError(f"RLE holds {num} values, expected {expected}")
+    sizes = [r.read(4) + 1 for _ in range(4)]
+    out = np.zeros(num, np.uint8)
+    i = 0
+    while i < num:
+        run = r.read(1)
+        j = min(num, i + 1 + r.read(sizes[r.read(2)]))
+        if run:
+            out[i:j] = r.read(word)
+        else:
+            for k in range(i, j):
+                out[k] = r.read(word)
+        i = j
+    return out
 
 
 def rle_to_mask(rle, height: int, width: int) -> np.ndarray:
     """Label Studio brush RLE -> boolean (H, W) mask (alpha channel > 0)."""
-    flat = np.asarray(brush.decode_rle(rle))
-    if flat.size != height * width * 4:
-        raise ValueError(f"RLE decodes to {flat.size} values, expected {height}x{width}x4")
+    flat = rle_values(rle, expected=height * width * 4)
     return flat.reshape(height, width, 4)[:, :, 3] > 0
 
 
@@ -138,7 +220,7 @@ def brush_results(labels: np.ndarray, slot_to_label: dict[int, str], setup: Labe
     h, w = labels.shape
     allowed = set(setup.brush_labels)
     out = []
-    present = np.unique(labels)
+    present = np.flatnonzero(np.bincount(labels.ravel()))
     for slot in present.tolist():
         name = slot_to_label.get(int(slot))
         if name is None or name not in allowed:

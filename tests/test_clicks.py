@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from ihp_backend.clicks import localization_maps, network_input, scale_clicks
 
@@ -53,3 +54,18 @@ def test_network_input_channels():
     x2 = network_input(img, [(3, 4, 2)], 6, prev_mask=np.full((32, 48), 2), use_prev_mask=True)
     assert tuple(x2.shape) == (3 + 12, 32, 48)
     assert float(x2[3 + 6 + 2].min()) == 1.0
+
+
+@pytest.mark.parametrize("c,h,w,hh,ww", [(20, 104, 68, 832, 550), (5, 30, 40, 61, 83), (3, 10, 10, 10, 10),
+                                         (4, 9, 7, 100, 3), (6, 50, 50, 1024, 1024)])
+def test_upsampled_argmax_equals_interpolate_then_argmax(c, h, w, hh, ww):
+    """Serving interpolates only where the low-res labels change; the answer must not change."""
+    import torch.nn.functional as F
+
+    from ihp_backend.inference import upsampled_argmax
+    gen = torch.Generator().manual_seed(c * h)
+    smooth = F.interpolate(torch.randn(1, c, max(2, h // 6), max(2, w // 6), generator=gen), (h, w),
+                           mode="bilinear", align_corners=False)[0] * 5
+    for logits in (smooth, torch.randn(c, h, w, generator=gen)):
+        ref = F.interpolate(logits[None], (hh, ww), mode="bilinear", align_corners=False)[0].argmax(0)
+        assert torch.equal(upsampled_argmax(logits, (hh, ww)), ref)

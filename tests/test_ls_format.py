@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 import pytest
-from label_studio_sdk.converter.brush import decode_rle
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
 
 from ihp_backend.ls_format import (ClickError, LabelConfigError, annotation_to_label_map, brush_results,
                                    keypoints_to_clicks, mask_to_rle, parse_label_config, rle_to_mask,
@@ -71,6 +71,37 @@ def test_rle_round_trip_with_sdk_decoder():
     flat = np.asarray(decode_rle(rle)).reshape(37, 51, 4)
     assert np.array_equal(flat[..., 3] > 0, mask)
     assert np.array_equal(rle_to_mask(rle, 37, 51), mask)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (37, 51), (300, 400), (1024, 1024)])
+@pytest.mark.parametrize("kind", ["noise", "disc", "empty", "full"])
+def test_vectorised_rle_is_byte_identical_to_the_sdk(shape, kind):
+    """Our encoder replaces the SDK's per-run Python loop; Label Studio must read the same bytes
+    (1024x1024 full = 4M values: runs split into 65536-value chunks)."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    mask = {"noise": rng.random(shape) > 0.5, "empty": np.zeros(shape, bool), "full": np.ones(shape, bool),
+            "disc": (yy - shape[0] / 2) ** 2 + (xx - shape[1] / 3) ** 2 < (shape[0] / 3) ** 2}[kind]
+    if kind == "noise" and shape[0] > 400:
+        mask = mask[:64]
+    rle = mask_to_rle(mask)
+    assert rle == mask2rle(mask.astype(np.uint8) * 255)
+    assert np.array_equal(rle_to_mask(rle, *mask.shape), mask)
+
+
+def test_rle_decoder_reads_literal_blocks_and_rejects_wrong_sizes():
+    # hand-built: 4 values as one literal block (flag 0, size index 0, length-1 = 3) + padding
+    bits = f"{4:032b}" + f"{7:05b}" + "0010" + "0011" + "0111" + "1111" + "0" + "00" + "011"
+    bits += "".join(f"{v:08b}" for v in (0, 0, 0, 255))
+    bits += "0" * (8 - len(bits) % 8)
+    rle = [int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)]
+    assert rle_to_mask(rle, 1, 1).tolist() == [[True]]
+    with pytest.raises(ValueError):
+        rle_to_mask(rle, 2, 2)  # header says 4 values: refused before allocating anything
+    with pytest.raises(ValueError):
+        rle_to_mask(rle[:8], 1, 1)  # truncated
+    with pytest.raises(ValueError):
+        rle_to_mask([1, 2, "x"], 1, 1)
 
 
 def test_brush_results_one_region_per_class_and_validated(payloads):
