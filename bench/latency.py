@@ -60,17 +60,17 @@ def ccp_photo():
 
 
 def bench_forward(parser, image, repeats):
+    """The network alone (input built beforehand), exactly as serving calls it."""
     hw = network_size(image.shape[:2], parser.max_side)
     small = resize_image(image, hw)
     x = network_input(small, scale_clicks([(400, 270, 1)], image.shape[:2], hw), parser.num_slots)[None]
-    with torch.inference_mode():
-        for _ in range(3):
-            parser.net(x)
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            parser.net(x)
-            ts.append(time.perf_counter() - t)
+    for _ in range(3):
+        parser.forward(x)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        parser.forward(x)
+        ts.append(time.perf_counter() - t)
     return ts, hw
 
 
@@ -175,10 +175,12 @@ def main():
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     ap.add_argument("--clicks", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads in process (default: all cores)")
+    ap.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per worker, also used in process (default: cores / workers)")
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    a.threads = a.threads or max(1, (os.cpu_count() or 2) // a.workers)
+    torch.set_num_threads(a.threads)  # the in-process numbers use what one worker uses
     parser = Parser.from_file(a.checkpoint)
     photo = ccp_photo()
     fwd, hw = bench_forward(parser, photo, 20)
@@ -189,7 +191,8 @@ def main():
     Image.fromarray(photo).save(os.path.join(tmp, "photo.jpg"), quality=95)
     big = np.asarray(Image.fromarray(photo).resize((1024, 1024)))
     Image.fromarray(big).save(os.path.join(tmp, "big.jpg"), quality=95)
-    proc, url = start_backend(a.checkpoint, {"MODEL_DIR": os.path.join(tmp, "md"), "IHP_LOCAL_ROOT": tmp})
+    proc, url = start_backend(a.checkpoint, {"MODEL_DIR": os.path.join(tmp, "md"), "IHP_LOCAL_ROOT": tmp,
+                                             "IHP_TORCH_THREADS": str(a.threads)}, workers=a.workers)
     try:
         lip = list(parse_label_config(LIP_CONFIG).labels)
         h, w = photo.shape[:2]
@@ -216,7 +219,7 @@ def main():
     fm = pct(fwd, 50)
     res = {
         "checkpoint": os.path.relpath(a.checkpoint, ROOT), "model_version": parser.model_version,
-        "serving_hw": list(hw), "threads": torch.get_num_threads(),
+        "serving_hw": list(hw), "workers": a.workers, "torch_threads_per_worker": a.threads,
         "forward_ms_p50": round(fm, 1), "core_ms_p50": round(pct(core, 50), 1),
         "http_ccp_ms_p50": round(pct(e2e, 50), 1), "http_ccp_ms_p95": round(pct(e2e, 95), 1),
         "http_1024_20labels_ms_p50": round(pct(e2e_big, 50), 1),

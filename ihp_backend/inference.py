@@ -14,6 +14,7 @@ from PIL import Image
 
 from .checkpoint import Binding, binding_of, network_of, read_checkpoint
 from .clicks import network_input, normalise_rgb, scale_clicks
+from .network import fold_batchnorm
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -52,24 +53,25 @@ def upsampled_argmax(logits: torch.Tensor, out_hw: tuple[int, int]) -> torch.Ten
 
     Same answer as ``F.interpolate(...).argmax(0)`` (up to exact ties) at a fraction of the cost:
     a convex combination of logit vectors that share an argmax keeps it, so only output pixels
-    whose 3x3 low-resolution neighbourhood holds more than one label are interpolated.
+    whose four low-resolution source pixels disagree are interpolated.
     """
     c, h, w = logits.shape
     hh, ww = out_hw
     arg = logits.argmax(dim=0)
-    a = arg[None, None].float()
-    uniform = (F.max_pool2d(a, 3, 1, 1) == -F.max_pool2d(-a, 3, 1, 1))[0, 0]
+    # uniform[y, x]: the 2x2 block of sources at (y, x) (clamped at the border) has one label
+    p = F.pad(arg[None, None].float(), (0, 1, 0, 1), mode="replicate")[0, 0]
+    uniform = (p[:-1, :-1] == p[1:, :-1]) & (p[:-1, :-1] == p[:-1, 1:]) & (p[:-1, :-1] == p[1:, 1:])
     y0, y1, wy = _source_coords(hh, h)
     x0, x1, wx = _source_coords(ww, w)
     out = arg[y0[:, None], x0[None, :]]
     yy, xx = torch.nonzero(~uniform[y0[:, None], x0[None, :]], as_tuple=True)
     if len(yy):
-        rows = logits.permute(1, 2, 0).reshape(h * w, c)  # one contiguous row per source pixel
-        ya, yb, fy = y0[yy] * w, y1[yy] * w, wy[yy, None]
-        xa, xb, fx = x0[xx], x1[xx], wx[xx, None]
-        top = rows.index_select(0, ya + xa) * (1 - fx) + rows.index_select(0, ya + xb) * fx
-        bottom = rows.index_select(0, yb + xa) * (1 - fx) + rows.index_select(0, yb + xb) * fx
-        out[yy, xx] = (top * (1 - fy) + bottom * fy).argmax(dim=1)
+        # interpolate along x for every source row (cheap: h rows), then along y per band pixel
+        across = F.interpolate(logits[None], size=(h, ww), mode="bilinear", align_corners=False)[0]
+        rows = across.permute(1, 2, 0).reshape(h * ww, c)  # one contiguous row per (y, x)
+        fy = wy[yy, None]
+        mix = rows.index_select(0, y0[yy] * ww + xx) * (1 - fy) + rows.index_select(0, y1[yy] * ww + xx) * fy
+        out[yy, xx] = mix.argmax(dim=1)
     return out
 
 
@@ -87,9 +89,10 @@ class Parser:
                  threads: int | None = None):
         self.ckpt = ckpt
         self.binding: Binding = binding_of(ckpt)
-        self.net = network_of(ckpt).eval()
+        self.net = fold_batchnorm(network_of(ckpt).eval())
         self.device = pick_device(device)
-        self.net.to(self.device)
+        # channels-last: measured 57 -> 45 ms (1 thread) and 30 -> 20 ms (2 threads) per forward
+        self.net.to(self.device, memory_format=torch.channels_last)
         self.max_side = int(max_side or ckpt.get("input_size", 512))
         self.mean, self.std = ckpt["mean"], ckpt["std"]
         self.num_slots = self.net.cfg.num_slots
@@ -137,8 +140,13 @@ class Parser:
             pm = np.asarray(Image.fromarray(prev_mask.astype(np.int32)).resize(
                 (hw[1], hw[0]), Image.NEAREST))
         x = network_input(small, c, self.num_slots, pm, self.use_prev_mask, self.mean, self.std, rgb=rgb)
+        return self.forward(x[None])[0].float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on a (B, C, h, w) input batch -> stride-4 logits (B, num_slots, h/4, w/4)."""
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
         with self._lock, torch.inference_mode():
-            return self.net(x[None].to(self.device), features=True)[0][0].float()
+            return self.net(x, features=True)[0]
 
     def parse(self, image: np.ndarray, clicks, allowed_slots=None,
               prev_mask: np.ndarray | None = None) -> ParseResult:

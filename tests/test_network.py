@@ -68,3 +68,21 @@ def test_recipe_files_build(path):
     if "paper_" in path:
         assert nc.backbone == "resnet101" and cfg["lr"] == 0.0007 and cfg["batch_size"] == 12
         assert sc.crop == (473, 473) and sc.scale_range == (0.5, 1.5)
+
+
+def test_folding_batchnorm_keeps_the_outputs():
+    from ihp_backend.network import fold_batchnorm
+    torch.manual_seed(0)
+    net = build_network(NetConfig(num_slots=6))
+    net.train()
+    with torch.no_grad():  # move running statistics away from their initial values
+        for _ in range(3):
+            net(torch.randn(2, net.cfg.in_channels, 64, 48))
+    net.eval()
+    x = torch.randn(1, net.cfg.in_channels, 64, 48)
+    with torch.no_grad():
+        ref = net(x, features=True)[0]
+        fold_batchnorm(net)
+        out = net(x, features=True)[0]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
