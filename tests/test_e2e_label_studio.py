@@ -140,6 +140,84 @@ def test_interactive_clicks_through_label_studio_overlap_ground_truth(stack, pro
     assert np.mean(ious) > IOU_MIN, ious
 
 
+ARTIFACTS = os.environ.get("IHP_ARTIFACTS", os.path.join(ROOT, "artifacts"))
+
+
+def chrome():
+    """Headless Debian Chromium driven by Selenium (no browser or driver download)."""
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.skip("BROWSER TEST SKIPPED: Debian's chromium and chromium-driver are not installed "
+                    "(apt-get install chromium chromium-driver; .ci/run does this when it can)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        opts.add_argument(a)
+    opts.binary_location = browser
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def test_browser_click_shows_brush_suggestion(stack, project, ccp_val):
+    """A person in Chromium: log in, open a task, Auto-Annotation on, pick the smart KeyPoint tool
+    and the "Hair" label, click on the hair; the backend's brush masks appear as suggestions."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from model_training import click_simulation as cs
+    task = project["tasks"][2]  # uploaded; not touched by the API tests
+    _, gt = ccp_val.load(project["ccp_index"][task.id])
+    hair = ccp_val.classes.index("hair")
+    y, x = next((y, x) for y, x, c in cs.central_clicks(gt.astype(np.int64), np.random.default_rng(0))
+                if c == hair)
+    ls = stack["ls"]
+    d = chrome()
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    shot = os.path.join(ARTIFACTS, "label_studio_browser.png")
+    try:
+        d.get(ls.url + "/user/login")
+        wait_for(lambda: d.find_elements(By.NAME, "email"), 30, "the login form")
+        d.find_element(By.NAME, "email").send_keys(runner.USER)
+        d.find_element(By.NAME, "password").send_keys(runner.PASSWORD)
+        d.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
+        wait_for(lambda: "/user/login" not in d.current_url, 30, "login")
+        d.get(f"{ls.url}/projects/{project['id']}/data?task={task.id}")
+        stage = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".konvajs-content"), 60, "the image canvas")[0]
+        wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".lsf-dynamic-preannotations label"), 30,
+                 "the Auto-Annotation toggle")[0].click()
+        keypoint_labels = d.find_elements(By.CSS_SELECTOR, ".lsf-labels")[0]  # KeyPointLabels come first
+        label = [e for e in keypoint_labels.find_elements(By.CSS_SELECTOR, ".lsf-label")
+                 if e.text.split("\n")[0].strip() == "Hair"][0]
+        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", label)
+        label.click()
+        smart = wait_for(lambda: [b for b in d.find_elements(By.CSS_SELECTOR, "button.lsf-tool_smart")
+                                  if b.is_displayed()], 10, "the smart tool")
+        smart[0].click()
+        d.execute_script("arguments[0].scrollIntoView({block: 'start'})", stage)
+        time.sleep(0.5)
+        sw, sh = stage.size["width"], stage.size["height"]
+        h, w = gt.shape
+        scale = min(sw / w, sh / h)  # the image is fitted into the stage, top left
+        ActionChains(d).move_to_element_with_offset(stage, int((x + 0.5) * scale - sw / 2),
+                                                    int((y + 0.5) * scale - sh / 2)).click().perform()
+        bar = wait_for(lambda: d.execute_script(
+            "const m = document.body.innerText.match(/(\\d+) suggestions?/); return m && m[0];"),
+            60, "the suggestions bar")
+        state = d.execute_script("""
+            const a = window.Htx.annotationStore.selected;
+            return {suggestions: Array.from(a.suggestions.values()).map(r => [r.type, r.labelName]),
+                    regions: a.regions.map(r => [r.type, r.labelName, r.dynamic])};""")
+        d.save_screenshot(shot)
+    except Exception:
+        d.save_screenshot(shot)
+        raise
+    finally:
+        d.quit()
+    print("browser:", bar, state)
+    assert ["keypointregion", "Hair", True] in state["regions"]
+    assert any(t == "brushregion" for t, _ in state["suggestions"]), state
+    assert "Hair" in {name for _, name in state["suggestions"]}, state
+
+
 def test_retrieve_predictions_without_clicks_does_not_fail(stack, project):
     out = api(stack, "POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project['id']}",
               json={"selectedItems": {"all": True, "excluded": []}})
