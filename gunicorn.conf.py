@@ -10,3 +10,7 @@ worker_class = "gthread"
 accesslog = os.environ.get("IHP_ACCESS_LOG", "-") or None  # "" turns it off
 # each worker loads the model itself, in the background, after the fork (no preload)
 preload_app = False
+# a worker is replaced after this many requests (plus jitter), so no slow leak in a library can
+# grow a worker without bound; the replacement loads the model in ~1 s and /predict waits for it
+max_requests = int(os.environ.get("IHP_MAX_REQUESTS", "5000"))
+max_requests_jitter = max_requests // 10

@@ -3,8 +3,8 @@
     .venv/bin/python bench/load.py [--clients 10] [--seconds 120] [--kill-worker]
 
 Each client loops over fresh tasks of a CCP photo, sending single-click /predict requests as
-Label Studio does. Reports requests, errors, p50/p95 latency and the workers' RSS at the start
-and the end (bounded growth), and with ``--kill-worker`` SIGKILLs one worker mid-run and checks
+Label Studio does. Reports requests, errors, p50/p95 latency and the workers' RSS at the start,
+every 10 s and at the end (growth in the second half shows whether it is bounded), and with ``--kill-worker`` SIGKILLs one worker mid-run and checks
 that gunicorn replaced it and that click histories survived. Traffic goes to 127.0.0.1 only;
 the run stops by itself.
 """
@@ -78,7 +78,17 @@ def main():
                         if err:
                             errors.append(err)
 
+        timeline = []  # (seconds since start, largest worker RSS in MB), every 10 s
+
+        def sample_rss():
+            t0 = time.time()
+            while time.time() < stop:
+                rss = [status_mb(p, "VmRSS") for p in children(proc.pid)]
+                timeline.append((round(time.time() - t0), round(max([r for r in rss if r] or [0]), 1)))
+                time.sleep(10)
+
         th = [threading.Thread(target=client, args=(i,)) for i in range(a.clients)]
+        th.append(threading.Thread(target=sample_rss))
         [t.start() for t in th]
         killed = None
         if a.kill_worker:
@@ -99,6 +109,9 @@ def main():
            "throughput_req_s": round(sent[0] / a.seconds, 2),
            "rss_mb_start": [round(v, 1) for v in rss_start.values() if v],
            "rss_mb_end": [round(v, 1) for v in rss_end.values() if v],
+           "rss_timeline_max_worker_mb": timeline,
+           "rss_growth_second_half_mb": round(max(v for _, v in timeline[len(timeline) // 2:])
+                                              - timeline[len(timeline) // 2][1], 1) if len(timeline) > 1 else None,
            "killed_worker": killed, "workers_at_end": len(workers_end), "task_histories_stored": histories}
     print(json.dumps(res))
 
