@@ -136,18 +136,12 @@ def _bits(values: np.ndarray, widths: np.ndarray) -> np.ndarray:
     return per[keep]
 
 
-def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """Binary (H, W) mask -> Label Studio brush RLE over the flattened RGBA image (every channel
-    0 or 255), vectorised; byte-identical to ``label_studio_sdk.converter.brush.mask2rle``."""
-    flat = np.asarray(mask).ravel() > 0
-    n = flat.size * 4
-    if flat.size == 0:
-        runs, vals = np.zeros(0, np.int64), np.zeros(0, np.int64)
-    else:
-        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-        starts = np.concatenate(([0], change))
-        runs = np.diff(np.concatenate((starts, [flat.size]))) * 4  # every pixel is 4 equal bytes
-        vals = np.where(flat[starts], 255, 0)
+def _runs_to_rle(starts: np.ndarray, n_px: int, on: np.ndarray) -> list[int]:
+    """Brush RLE of a binary mask given as runs: pixel ``starts`` (first is 0) of runs whose
+    value is ``on`` (bool), over ``n_px`` pixels."""
+    n = n_px * 4
+    runs = np.diff(np.concatenate((starts, [n_px]))) * 4  # every pixel is 4 equal bytes
+    vals = np.where(on, 255, 0)
     # runs longer than the widest field are split into full chunks followed by the remainder
     full = (runs - 1) // _RLE_MAX_RUN
     reps = full + 1
@@ -163,6 +157,35 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
                            _bits(rec, 3 + field + _RLE_WORD)))
     bits = np.concatenate((bits, np.zeros(8 - len(bits) % 8, np.uint8)))  # the SDK pads 1..8 bits
     return np.packbits(bits).tolist()
+
+
+def _runs(flat: np.ndarray) -> np.ndarray:
+    """Start index of every run of equal values in a 1-D array (first is 0)."""
+    return np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
+
+
+def mask_to_rle(mask: np.ndarray) -> list[int]:
+    """Binary (H, W) mask -> Label Studio brush RLE over the flattened RGBA image (every channel
+    0 or 255), vectorised; byte-identical to ``label_studio_sdk.converter.brush.mask2rle``."""
+    flat = np.asarray(mask).ravel() > 0
+    if flat.size == 0:
+        return _runs_to_rle(np.zeros(0, np.int64), 0, np.zeros(0, bool))
+    starts = _runs(flat)
+    return _runs_to_rle(starts, flat.size, flat[starts])
+
+
+def label_map_to_rles(labels: np.ndarray, values) -> dict[int, list[int]]:
+    """``{v: mask_to_rle(labels == v)}`` for every ``v`` in ``values``, from one pass over the
+    pixels: each class's runs are merged from the label map's runs (far fewer than pixels)."""
+    flat = np.asarray(labels).ravel()
+    starts = _runs(flat)
+    run_vals = flat[starts]
+    out = {}
+    for v in values:
+        on = run_vals == v
+        keep = _runs(on)  # runs of the binary sequence = changes of `on` across label-map runs
+        out[v] = _runs_to_rle(starts[keep], flat.size, on[keep])
+    return out
 
 
 class _BitReader:
@@ -220,11 +243,11 @@ def brush_results(labels: np.ndarray, slot_to_label: dict[int, str], setup: Labe
     h, w = labels.shape
     allowed = set(setup.brush_labels)
     out = []
-    present = np.flatnonzero(np.bincount(labels.ravel()))
-    for slot in present.tolist():
-        name = slot_to_label.get(int(slot))
-        if name is None or name not in allowed:
-            continue
+    present = np.flatnonzero(np.bincount(labels.ravel())).tolist()
+    wanted = [s for s in present if slot_to_label.get(int(s)) in allowed]
+    rles = label_map_to_rles(labels, wanted) if labels.size else {}
+    for slot in wanted:
+        name = slot_to_label[int(slot)]
         res = {
             "from_name": setup.brush_from,
             "to_name": setup.to_name,
@@ -232,7 +255,7 @@ def brush_results(labels: np.ndarray, slot_to_label: dict[int, str], setup: Labe
             "original_width": int(w),
             "original_height": int(h),
             "image_rotation": 0,
-            "value": {"format": "rle", "rle": mask_to_rle(labels == slot), "brushlabels": [name]},
+            "value": {"format": "rle", "rle": rles[slot], "brushlabels": [name]},
         }
         if confidence is not None:
             res["score"] = float(confidence[int(slot)])

@@ -6,7 +6,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 
 from ihp_backend.ls_format import (ClickError, LabelConfigError, annotation_to_label_map, brush_results,
-                                   keypoints_to_clicks, mask_to_rle, parse_label_config, rle_to_mask,
+                                   keypoints_to_clicks, label_map_to_rles, mask_to_rle, parse_label_config, rle_to_mask,
                                    validate_results)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,6 +87,15 @@ def test_vectorised_rle_is_byte_identical_to_the_sdk(shape, kind):
     rle = mask_to_rle(mask)
     assert rle == mask2rle(mask.astype(np.uint8) * 255)
     assert np.array_equal(rle_to_mask(rle, *mask.shape), mask)
+
+
+def test_rles_of_a_label_map_equal_one_mask_at_a_time():
+    rng = np.random.default_rng(2)
+    lab = np.repeat(np.repeat(rng.integers(0, 6, (30, 40)), 7, axis=0), 5, axis=1)
+    lab[:3] = 9  # a class only in the first rows; 7 and 8 are absent
+    got = label_map_to_rles(lab, [0, 3, 7, 9])
+    for v in (0, 3, 7, 9):
+        assert got[v] == mask_to_rle(lab == v) == mask2rle((lab == v).astype(np.uint8) * 255)
 
 
 def test_rle_decoder_reads_literal_blocks_and_rejects_wrong_sizes():
