@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-STOP_AT=${STOP_AT:-}
-VERSION=${VERSION:-ihp-ccp-mnv3-step${STOP_AT:-final}}
+STOP_AT=${STOP_AT:-}  # empty: train to the scheduled end (3300 steps)
+VERSION=${VERSION:-ihp-ccp-mnv3-s${STOP_AT:-3300}}
 .venv/bin/python -m model_training.train --config model_training/configs/ccp_cpu.yaml \
     ${STOP_AT:+--set stop_at=$STOP_AT}
 .venv/bin/python -m model_training.release --checkpoint runs/ccp_cpu/last.pt --version "$VERSION" \
