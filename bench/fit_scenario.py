@@ -142,7 +142,17 @@ def main():
         res["predict_during_fit_ms_p95"] = round(float(np.percentile(during, 95)) * 1000, 1)
         vs = requests.get(url + f"/versions?project={project}", timeout=5).json()
         res["versions"] = [{k: v.get(k) for k in ("version", "promoted")} for v in vs.get("project_versions", [])]
-        res["serving"] = vs.get("serving")
+        promoted = [v["version"] for v in vs.get("project_versions", []) if v.get("promoted")]
+        if promoted:  # workers load a promoted version in the background: how long until served?
+            t_done = time.time()
+            while time.time() - t_done < 60:
+                served = {requests.get(url + f"/versions?project={project}", timeout=5).json().get("serving")
+                          for _ in range(4)}  # both workers answer within a few calls
+                if served == {promoted[-1]}:
+                    break
+                time.sleep(0.5)
+            res["switch_s"] = round(time.time() - t_done, 1)
+            res["serving"] = sorted(served)
     finally:
         proc.terminate()
         proc.wait(30)
