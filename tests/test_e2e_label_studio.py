@@ -32,7 +32,7 @@ BRUSH_FROM = re.search(r'<BrushLabels[^>]*name="([^"]+)"', LIP_CONFIG).group(1)
 CCP_TO_LIP = {"background": "Background", "hair": "Hair", "upper-clothes": "UpperClothes", "coat": "Coat",
               "dress": "Dress", "pants": "Pants", "skirt": "Skirt", "legwear": "Socks", "shoes": "Left-shoe"}
 N_TASKS = 6  # 3 uploaded, 3 from local files
-IOU_MIN = 0.25  # measured 0.33 mean IoU over 16 masks with ihp-ccp-mnv3-s1500 (3 photos)
+IOU_MIN = 0.3  # measured mean IoU over 16 masks (3 photos): 0.33 ihp-ccp-mnv3-s1500, 0.42 ihp-ccp-mnv3-s3300
 
 
 @pytest.fixture(scope="module")

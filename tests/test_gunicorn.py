@@ -133,7 +133,8 @@ def test_embedded_default_model_parses_a_real_photo(tmp_path, payloads):
             inter = ((pred == c) & (gt == c)).sum()
             union = ((pred == c) | (gt == c)).sum()
             ious.append(inter / union)
-        assert np.mean(ious) > 0.3, ious  # measured 0.39 for ihp-ccp-mnv3-s1500 (val image 0)
+        print(f"real photo mean IoU over clicked classes: {np.mean(ious):.3f}")
+        assert np.mean(ious) > 0.3, ious  # measured 0.39 (ihp-ccp-mnv3-s1500), 0.43 (ihp-ccp-mnv3-s3300)
         assert (pred == gt).mean() > 0.8
     finally:
         stop(proc)
