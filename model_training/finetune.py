@@ -163,7 +163,7 @@ def main(argv=None):
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--project", required=True)
     ap.add_argument("--default-checkpoint", default=None)
-    ap.add_argument("--steps", type=int, default=int(os.environ.get("IHP_FIT_STEPS", "150")))
+    ap.add_argument("--steps", type=int, default=int(os.environ.get("IHP_FIT_STEPS", "250")))
     ap.add_argument("--holdout", type=float, default=float(os.environ.get("IHP_FIT_HOLDOUT", "0.2")))
     ap.add_argument("--every", type=int, default=int(os.environ.get("IHP_TRAIN_EVERY", "10")))
     ap.add_argument("--max-corrections", type=int, default=5)
