@@ -14,3 +14,15 @@ preload_app = False
 # grow a worker without bound; the replacement loads the model in ~1 s and /predict waits for it
 max_requests = int(os.environ.get("IHP_MAX_REQUESTS", "5000"))
 max_requests_jitter = max_requests // 10
+
+
+def post_fork(server, worker):
+    """Cap glibc malloc arenas per worker (IHP_MALLOC_ARENAS, default 2): with several request
+    threads glibc would otherwise keep up to 8 x cores arenas of freed memory around."""
+    arenas = int(os.environ.get("IHP_MALLOC_ARENAS", "2"))
+    if arenas > 0:
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+        except (OSError, AttributeError):
+            pass  # not glibc
