@@ -29,7 +29,7 @@ import requests
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.latency import start_backend  # noqa: E402
+from bench.latency import click_body, config_for, start_backend, timed_post  # noqa: E402
 from ihp_backend.checkpoint import read_checkpoint  # noqa: E402
 from ihp_backend.inference import Parser  # noqa: E402
 from ihp_backend.ls_format import mask_to_rle  # noqa: E402
@@ -46,9 +46,7 @@ LABELS = list(dict.fromkeys(FROM_CCP12.values()))
 
 
 def label_config() -> str:
-    labs = "".join(f'<Label value="{n}"/>' for n in LABELS)
-    return (f'<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image" smart="true">'
-            f'{labs}</KeyPointLabels><BrushLabels name="mask" toName="image">{labs}</BrushLabels></View>')
+    return config_for(LABELS)
 
 
 def project_gt(ds, gt12: np.ndarray) -> np.ndarray:
@@ -76,16 +74,9 @@ def click_latencies(url, img_id, seconds, stop_when=None, project=77, tag=0):
     rng = np.random.default_rng(tag)
     while time.time() < t_end and not (stop_when and stop_when()):
         k += 1
-        body = {"tasks": [{"id": 900000 + tag * 1000 + k // 8, "data": {"image": img}}], "project": f"{project}.1",
-                "label_config": label_config(), "params": {"context": {"result": [{
-                    "type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": 550,
-                    "original_height": 830, "is_positive": True,
-                    "value": {"x": float(rng.uniform(35, 65)), "y": float(rng.uniform(10, 90)),
-                              "keypointlabels": [LABELS[1 + k % (len(LABELS) - 1)]]}}]}}}
-        t = time.perf_counter()
-        r = s.post(url + "/predict", json=body, timeout=60)
-        out.append(time.perf_counter() - t)
-        r.raise_for_status()
+        body = click_body(900000 + tag * 1000 + k // 8, img, label_config(), 550, 830, float(rng.uniform(35, 65)),
+                          float(rng.uniform(10, 90)), LABELS[1 + k % (len(LABELS) - 1)], f"{project}.1")
+        out.append(timed_post(s, url, body))
         time.sleep(0.3)  # an annotator does not click continuously
     return out
 
@@ -95,7 +86,7 @@ def main():
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     ap.add_argument("--train", type=int, default=50)
     ap.add_argument("--val", type=int, default=50)
-    ap.add_argument("--steps", type=int, default=200, help="fine-tuning steps of the fit job (IHP_FIT_STEPS)")
+    ap.add_argument("--steps", type=int, default=250, help="fine-tuning steps of the fit job (IHP_FIT_STEPS)")
     ap.add_argument("--max-corrections", type=int, default=10)
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "fit_scenario"))
     a = ap.parse_args()

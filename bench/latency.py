@@ -148,25 +148,37 @@ def start_backend(checkpoint: str, env_extra: dict, workers: int = 2, threads: i
     return proc, url
 
 
-def http_sequence(url, image_ref, w, h, labels, n_clicks, task, project="bench.1"):
+def config_for(labels) -> str:
+    """A label config with one smart KeyPointLabels and one BrushLabels over ``labels``."""
     labs = "".join(f'<Label value="{n}"/>' for n in labels)
-    cfg = LIP_CONFIG if len(labels) == 20 and labels[0] == "Background" and "Hat" in labels else (
-        f'<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image" smart="true">'
-        f'{labs}</KeyPointLabels><BrushLabels name="mask" toName="image">{labs}</BrushLabels></View>')
-    ts = []
+    return (f'<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image" smart="true">'
+            f'{labs}</KeyPointLabels><BrushLabels name="mask" toName="image">{labs}</BrushLabels></View>')
+
+
+def click_body(task, image_ref, label_config, w, h, x_pct, y_pct, label, project) -> dict:
+    """One interactive /predict body as Label Studio sends it: the newest keypoint only."""
+    return {"tasks": [{"id": task, "data": {"image": image_ref}}], "project": project, "label_config": label_config,
+            "params": {"context": {"result": [{
+                "type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": w,
+                "original_height": h, "is_positive": True,
+                "value": {"x": x_pct, "y": y_pct, "keypointlabels": [label]}}]}}}
+
+
+def timed_post(session, url, body) -> float:
+    """POST /predict; seconds taken (raises on an HTTP error)."""
+    t = time.perf_counter()
+    r = session.post(url + "/predict", json=body, timeout=60)
+    dt = time.perf_counter() - t
+    r.raise_for_status()
+    return dt
+
+
+def http_sequence(url, image_ref, w, h, labels, n_clicks, task, project="bench.1"):
+    cfg = LIP_CONFIG if len(labels) == 20 and labels[0] == "Background" and "Hat" in labels else config_for(labels)
     cl = clicks_for(h, w, n_clicks, [lab for lab in labels if lab != "Background"], task)
     s = requests.Session()
-    for y, x, lab in cl:
-        body = {"tasks": [{"id": task, "data": {"image": image_ref}}], "project": project, "label_config": cfg,
-                "params": {"context": {"result": [{
-                    "type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": w,
-                    "original_height": h, "is_positive": True,
-                    "value": {"x": 100 * x / w, "y": 100 * y / h, "keypointlabels": [lab]}}]}}}
-        t = time.perf_counter()
-        r = s.post(url + "/predict", json=body, timeout=60)
-        ts.append(time.perf_counter() - t)
-        r.raise_for_status()
-    return ts
+    return [timed_post(s, url, click_body(task, image_ref, cfg, w, h, 100 * x / w, 100 * y / h, lab, project))
+            for y, x, lab in cl]
 
 
 def main():

@@ -25,7 +25,7 @@ import requests
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.latency import ROOT, ccp_photo, children, start_backend, status_mb  # noqa: E402
+from bench.latency import ROOT, ccp_photo, children, click_body, start_backend, status_mb  # noqa: E402
 from ihp_backend.settings import DEFAULT_CHECKPOINT  # noqa: E402
 
 
@@ -59,12 +59,9 @@ def main():
                 for k in range(6):
                     if time.time() >= stop:
                         return
-                    body = {"tasks": [{"id": i * 100000 + task, "data": {"image": "/data/local-files/?d=photo.jpg"}}],
-                            "project": "load.1", "label_config": cfg, "params": {"context": {"result": [{
-                                "type": "keypointlabels", "from_name": "kp", "to_name": "image",
-                                "original_width": w, "original_height": h, "is_positive": True,
-                                "value": {"x": float(rng.uniform(30, 70)), "y": float(rng.uniform(10, 90)),
-                                          "keypointlabels": [labels[k % len(labels)]]}}]}}}
+                    body = click_body(i * 100000 + task, "/data/local-files/?d=photo.jpg", cfg, w, h,
+                                      float(rng.uniform(30, 70)), float(rng.uniform(10, 90)),
+                                      labels[k % len(labels)], "load.1")
                     t = time.perf_counter()
                     try:
                         r = s.post(url + "/predict", json=body, timeout=30)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
 import requests
+
+from tests.test_gunicorn import free_port
 
 VERSION = "1.23.2"
 TOKEN = "ihp-e2e-token-0123456789"
@@ -43,14 +44,6 @@ def ensure_installed(log=print) -> str:
                    check=True)
     open(marker, "w").close()
     return exe
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @dataclass
