@@ -78,17 +78,20 @@ def normalise_rgb(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np
 
 def network_input(image: np.ndarray, clicks, num_slots: int, prev_mask: np.ndarray | None = None,
                   use_prev_mask: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                  rgb: np.ndarray | None = None) -> torch.Tensor:
+                  rgb: np.ndarray | None = None, out: np.ndarray | None = None) -> torch.Tensor:
     """Build the (C, H, W) input tensor: RGB, the maps, and optionally the previous prediction.
 
     ``image`` is already at network resolution and clicks are in its pixel coordinates.
     ``prev_mask`` is an (H, W) array of slot indices (or -1 / None for "no prediction yet").
     ``rgb`` is ``normalise_rgb(image, mean, std)`` when the caller has it cached (it does not
-    depend on the clicks).
+    depend on the clicks). ``out`` (float32, (C, H, W)) is filled in place when given.
     """
     h, w = image.shape[:2]
     n = 3 + num_slots * (2 if use_prev_mask else 1)
-    out = np.empty((n, h, w), np.float32)
+    if out is None:
+        out = np.empty((n, h, w), np.float32)
+    elif out.shape != (n, h, w) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {(n, h, w)}, not {out.dtype} {out.shape}")
     out[:3] = normalise_rgb(image, mean, std) if rgb is None else rgb
     localization_maps(clicks, (h, w), num_slots, out=out[3:3 + num_slots])
     if use_prev_mask:

@@ -39,45 +39,48 @@ def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BILINEAR))
 
 
-def _source_coords(n_out: int, n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _source_coords(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bilinear source indices and weights of each output coordinate (align_corners=False),
     as ``F.interpolate`` computes them."""
-    src = ((torch.arange(n_out, dtype=torch.float32) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
-    i0 = src.floor().long().clamp(max=n_in - 1)
-    i1 = (i0 + 1).clamp(max=n_in - 1)
-    return i0, i1, src - i0
+    src = np.maximum((np.arange(n_out, dtype=np.float32) + 0.5) * np.float32(n_in / n_out) - 0.5, 0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
 
 
-def upsampled_argmax(logits: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
-    """``argmax`` over channels of the bilinearly upsampled ``logits`` (C, h, w) -> (H, W).
+def upsampled_argmax(logits: torch.Tensor, out_hw: tuple[int, int], values=None) -> np.ndarray:
+    """``argmax`` over channels of the bilinearly upsampled CPU ``logits`` (C, h, w) -> (H, W).
 
     Same answer as ``F.interpolate(...).argmax(0)`` (up to exact ties) at a fraction of the cost:
     a convex combination of logit vectors that share an argmax keeps it, so only output pixels
-    whose four low-resolution source pixels disagree are interpolated.
+    whose four low-resolution source pixels disagree are interpolated. ``values`` (length C)
+    maps channel indices to the returned labels (uint8 when they fit, else int64).
     """
     c, h, w = logits.shape
     hh, ww = out_hw
-    arg = logits.argmax(dim=0)
-    # uniform[y, x]: the 2x2 block of sources at (y, x) (clamped at the border) has one label
-    p = F.pad(arg[None, None].float(), (0, 1, 0, 1), mode="replicate")[0, 0]
-    uniform = (p[:-1, :-1] == p[1:, :-1]) & (p[:-1, :-1] == p[:-1, 1:]) & (p[:-1, :-1] == p[1:, 1:])
+    lut = np.arange(c) if values is None else np.asarray(values)
+    lut = lut.astype(np.uint8 if lut.max(initial=0) < 256 and lut.min(initial=0) >= 0 else np.int64)
+    arg = logits.argmax(dim=0).numpy()
+    # mixed[y, x]: the 2x2 block of sources at (y, x) (clamped at the border) has several labels
+    p = np.pad(arg, ((0, 1), (0, 1)), mode="edge")
+    mixed = (p[:-1, :-1] != p[1:, :-1]) | (p[:-1, :-1] != p[:-1, 1:]) | (p[:-1, :-1] != p[1:, 1:])
     y0, y1, wy = _source_coords(hh, h)
     x0, x1, wx = _source_coords(ww, w)
-    out = arg[y0[:, None], x0[None, :]]
-    yy, xx = torch.nonzero(~uniform[y0[:, None], x0[None, :]], as_tuple=True)
+    out = lut[arg][y0][:, x0]  # nearest source: right wherever the block is not mixed
+    yy, xx = np.nonzero(mixed[y0][:, x0])
     if len(yy):
         # interpolate along x for every source row (cheap: h rows), then along y per band pixel
         across = F.interpolate(logits[None], size=(h, ww), mode="bilinear", align_corners=False)[0]
-        rows = across.permute(1, 2, 0).reshape(h * ww, c)  # one contiguous row per (y, x)
+        rows = across.permute(1, 2, 0).contiguous().numpy().reshape(h * ww, c)
         fy = wy[yy, None]
-        mix = rows.index_select(0, y0[yy] * ww + xx) * (1 - fy) + rows.index_select(0, y1[yy] * ww + xx) * fy
-        out[yy, xx] = mix.argmax(dim=1)
+        mix = rows[y0[yy] * ww + xx] * (1 - fy) + rows[y1[yy] * ww + xx] * fy
+        out[yy, xx] = lut[mix.argmax(axis=1)]
     return out
 
 
 @dataclass
 class ParseResult:
-    labels: np.ndarray  # (H, W) int64 slot index per pixel, at the original image size
+    labels: np.ndarray  # (H, W) slot index per pixel (uint8 when slots fit), at the image size
     confidence: np.ndarray  # (num_slots,) mean softmax probability over the pixels of each slot
     score: float  # mean winning probability over the image
 
@@ -102,6 +105,7 @@ class Parser:
             torch.set_num_threads(int(threads))
         self._lock = threading.Lock()
         self._resized: OrderedDict[int, tuple] = OrderedDict()  # id(image) -> (weakref, hw, small)
+        self._stage: tuple[np.ndarray, torch.Tensor] | None = None
 
     def _network_image(self, image: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """The image resized to network size and its normalised RGB planes, cached per image
@@ -139,14 +143,32 @@ class Parser:
         if self.use_prev_mask and prev_mask is not None:
             pm = np.asarray(Image.fromarray(prev_mask.astype(np.int32)).resize(
                 (hw[1], hw[0]), Image.NEAREST))
-        x = network_input(small, c, self.num_slots, pm, self.use_prev_mask, self.mean, self.std, rgb=rgb)
-        return self.forward(x[None])[0].float()
+        n = 3 + self.num_slots * (2 if self.use_prev_mask else 1)
+        with self._lock, torch.inference_mode():
+            host, _ = self._staging((1, n) + tuple(hw))
+            network_input(small, c, self.num_slots, pm, self.use_prev_mask, self.mean, self.std,
+                          rgb=rgb, out=host[0])
+            return self._forward_locked(torch.from_numpy(host))[0].float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network on a (B, C, h, w) input batch -> stride-4 logits (B, num_slots, h/4, w/4)."""
-        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
         with self._lock, torch.inference_mode():
-            return self.net(x, features=True)[0]
+            return self._forward_locked(x)
+
+    def _staging(self, shape: tuple[int, ...]) -> tuple[np.ndarray, torch.Tensor]:
+        """Input buffers kept across clicks (caller holds the lock): the NCHW array the maps are
+        written into and the channels-last tensor the network reads. A fresh 12 MB input per
+        click cost ~5 ms of page faults and layout copies."""
+        if self._stage is None or self._stage[0].shape != shape:
+            self._stage = None  # free the old pair before allocating the new one
+            dev = torch.empty(shape, device=self.device).contiguous(memory_format=torch.channels_last)
+            self._stage = (np.empty(shape, np.float32), dev)
+        return self._stage
+
+    def _forward_locked(self, x: torch.Tensor) -> torch.Tensor:
+        _, dev = self._staging(tuple(x.shape))
+        dev.copy_(x)
+        return self.net(dev, features=True)[0]
 
     def parse(self, image: np.ndarray, clicks, allowed_slots=None,
               prev_mask: np.ndarray | None = None) -> ParseResult:
@@ -162,8 +184,7 @@ class Parser:
             sub = logits[torch.as_tensor(slots, device=logits.device)]
             # scores at stride 4 (cheap); labels from logits upsampled once to the image size
             best, arg_small = torch.softmax(sub, dim=0).max(dim=0)
-            arg_full = upsampled_argmax(sub.cpu(), image.shape[:2])
-            labels = torch.as_tensor(slots)[arg_full].numpy()
+            labels = upsampled_argmax(sub.cpu(), image.shape[:2], values=slots)
             conf = np.zeros(self.num_slots, np.float32)
             flat = arg_small.flatten()
             sums = torch.zeros(len(slots), device=flat.device).scatter_add_(0, flat, best.flatten())
