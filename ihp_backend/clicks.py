@@ -29,25 +29,19 @@ def scale_clicks(clicks: np.ndarray, src_hw: tuple[int, int], dst_hw: tuple[int,
     return c
 
 
-def localization_maps(clicks, hw: tuple[int, int], num_slots: int,
-                      truncation: float = TRUNCATION, out: np.ndarray | None = None) -> np.ndarray:
-    """Class-aware localization maps, paper Eq. (1).
-
-    ``T_i[p] = min(truncation, min over clicks q of slot i of ||p - q||^2)``; a slot without
-    clicks is ``truncation`` everywhere. Returned as float32 (num_slots, H, W) scaled to [0, 1]
-    (divided by ``truncation``), so 0 marks a click and 1 means "far from any click".
+def draw_clicks(maps: np.ndarray, clicks, truncation: float = TRUNCATION) -> list[tuple]:
+    """Lower ``maps`` (num_slots, H, W), scaled to [0, 1], to each click's truncated squared
+    distance, paper Eq. (1); returns the windows it touched as ``(slot, rows, cols)`` slices.
 
     Because the map saturates at sqrt(truncation) pixels, each click only touches a small
-    window: the work is one vectorised window per click, never a loop over pixels. ``out``
-    (float32, (num_slots, H, W)) is filled in place when given.
+    window: one vectorised window per click, never a loop over pixels. ``maps`` may be a
+    strided view (serving writes straight into the network's channels-last input).
     """
-    h, w = hw
-    if out is None:
-        out = np.empty((num_slots, h, w), dtype=np.float32)
-    out.fill(1.0)
+    num_slots, h, w = maps.shape
     c = as_click_array(clicks)
     r = int(np.ceil(np.sqrt(truncation)))
     scale = np.float32(1.0 / truncation)
+    touched = []
     for y, x, s in c:
         s = int(s)
         if not 0 <= s < num_slots:
@@ -59,8 +53,26 @@ def localization_maps(clicks, hw: tuple[int, int], num_slots: int,
             continue
         yy = (np.arange(y0, y1, dtype=np.float32) - np.float32(y))[:, None] ** 2
         xx = (np.arange(x0, x1, dtype=np.float32) - np.float32(x))[None, :] ** 2
-        win = out[s, y0:y1, x0:x1]
+        win = maps[s, y0:y1, x0:x1]
         np.minimum(win, (yy + xx) * scale, out=win)  # min(T, d)/T == min(1, d/T)
+        touched.append((s, slice(y0, y1), slice(x0, x1)))
+    return touched
+
+
+def localization_maps(clicks, hw: tuple[int, int], num_slots: int,
+                      truncation: float = TRUNCATION, out: np.ndarray | None = None) -> np.ndarray:
+    """Class-aware localization maps, paper Eq. (1).
+
+    ``T_i[p] = min(truncation, min over clicks q of slot i of ||p - q||^2)``; a slot without
+    clicks is ``truncation`` everywhere. Returned as float32 (num_slots, H, W) scaled to [0, 1]
+    (divided by ``truncation``), so 0 marks a click and 1 means "far from any click".
+    ``out`` (float32, (num_slots, H, W)) is filled in place when given.
+    """
+    h, w = hw
+    if out is None:
+        out = np.empty((num_slots, h, w), dtype=np.float32)
+    out.fill(1.0)
+    draw_clicks(out, clicks, truncation)
     return out
 
 

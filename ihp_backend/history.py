@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sqlite3
+import threading
 import time
 
 from .ls_format import Click
@@ -99,15 +100,34 @@ def init_db(path: str, statements: list[str], attempts: int = 100) -> None:
 class ClickHistory:
     """SQLite-backed store; safe across processes (each call is one short transaction)."""
 
+    PURGE_EVERY = 60.0  # seconds between sweeps of expired entries
+
     def __init__(self, path: str, ttl: float = DEFAULT_TTL):
         self.path, self.ttl = path, ttl
         init_db(path, ["CREATE TABLE IF NOT EXISTS clicks (project TEXT, task TEXT, clicks TEXT, "
                        "size TEXT, updated REAL, PRIMARY KEY (project, task))"])
+        self._local = threading.local()
+        self._purged = 0.0
 
     def _conn(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
-        db.execute("PRAGMA busy_timeout=10000")
+        """This thread's connection, opened once (per process: never shared across a fork).
+        synchronous=NORMAL: in WAL mode a commit survives a crash of the process, not a power
+        cut, and skips an fsync per click (the clicks also live in Label Studio)."""
+        db = getattr(self._local, "db", None)
+        if db is None or self._local.pid != os.getpid():
+            db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout=10000")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db, self._local.pid = db, os.getpid()
         return db
+
+    def _drop_conn(self) -> None:
+        db, self._local.db = getattr(self._local, "db", None), None
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
 
     def apply(self, project, task, new: list[Click], size: tuple[int, int] | None) -> list[Click]:
         """Update the task's history with a context's clicks and return the full history."""
@@ -126,32 +146,39 @@ class ClickHistory:
                            (p, t, _enc(hist), json.dumps(size), now))
             else:
                 db.execute("DELETE FROM clicks WHERE project=? AND task=?", (p, t))
-            db.execute("DELETE FROM clicks WHERE updated < ?", (now - self.ttl,))
+            if now - self._purged >= self.PURGE_EVERY:  # a table scan: not on every click
+                db.execute("DELETE FROM clicks WHERE updated < ?", (now - self.ttl,))
+                self._purged = now
             db.execute("COMMIT")
             return hist
-        except BaseException:
-            db.execute("ROLLBACK") if db.in_transaction else None
+        except BaseException as e:
+            try:
+                db.execute("ROLLBACK") if db.in_transaction else None
+            finally:
+                if not is_transient(e):
+                    self._drop_conn()  # a disk or file error may have left it unusable
             raise
-        finally:
-            db.close()
 
     def get(self, project, task) -> list[Click]:
-        db = self._conn()
         try:
-            row = db.execute("SELECT clicks, updated FROM clicks WHERE project=? AND task=?",
-                             (project_key(project), str(task))).fetchone()
-        finally:
-            db.close()
+            row = self._conn().execute("SELECT clicks, updated FROM clicks WHERE project=? AND task=?",
+                                       (project_key(project), str(task))).fetchone()
+        except sqlite3.Error as e:
+            if not is_transient(e):
+                self._drop_conn()
+            raise
         if not row or time.time() - row[1] > self.ttl:
             return []
         return _dec(row[0])
 
     def clear(self, project, task) -> None:
-        db = self._conn()
         try:
-            db.execute("DELETE FROM clicks WHERE project=? AND task=?", (project_key(project), str(task)))
-        finally:
-            db.close()
+            self._conn().execute("DELETE FROM clicks WHERE project=? AND task=?",
+                                 (project_key(project), str(task)))
+        except sqlite3.Error as e:
+            if not is_transient(e):
+                self._drop_conn()
+            raise
 
 
 class MemoryHistory:

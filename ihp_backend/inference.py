@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import Binding, binding_of, network_of, read_checkpoint
-from .clicks import network_input, normalise_rgb, scale_clicks
+from .clicks import draw_clicks, network_input, normalise_rgb, scale_clicks
 from .network import fold_batchnorm
 
 
@@ -106,6 +106,7 @@ class Parser:
         self._lock = threading.Lock()
         self._resized: OrderedDict[int, tuple] = OrderedDict()  # id(image) -> (weakref, hw, small)
         self._stage: tuple[np.ndarray, torch.Tensor] | None = None
+        self._drawn: dict = {"rgb": None, "windows": None}  # what the channels-last buffer holds
 
     def _network_image(self, image: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """The image resized to network size and its normalised RGB planes, cached per image
@@ -139,16 +140,20 @@ class Parser:
         hw = network_size(image.shape[:2], self.max_side)
         small, rgb = self._network_image(image, hw)
         c = scale_clicks(clicks, image.shape[:2], hw) if len(clicks) else np.zeros((0, 3))
-        pm = None
-        if self.use_prev_mask and prev_mask is not None:
-            pm = np.asarray(Image.fromarray(prev_mask.astype(np.int32)).resize(
-                (hw[1], hw[0]), Image.NEAREST))
         n = 3 + self.num_slots * (2 if self.use_prev_mask else 1)
         with self._lock, torch.inference_mode():
-            host, _ = self._staging((1, n) + tuple(hw))
-            network_input(small, c, self.num_slots, pm, self.use_prev_mask, self.mean, self.std,
-                          rgb=rgb, out=host[0])
-            return self._forward_locked(torch.from_numpy(host))[0].float()
+            if self.use_prev_mask or self.device.type != "cpu":
+                pm = None
+                if self.use_prev_mask and prev_mask is not None:
+                    pm = np.asarray(Image.fromarray(prev_mask.astype(np.int32)).resize(
+                        (hw[1], hw[0]), Image.NEAREST))
+                host, _ = self._staging((1, n) + tuple(hw))
+                network_input(small, c, self.num_slots, pm, self.use_prev_mask, self.mean, self.std,
+                              rgb=rgb, out=host[0])
+                x = torch.from_numpy(host)
+            else:
+                x = self._redraw_input((1, n) + tuple(hw), rgb, c)
+            return self._forward_locked(x)[0].float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network on a (B, C, h, w) input batch -> stride-4 logits (B, num_slots, h/4, w/4)."""
@@ -163,11 +168,35 @@ class Parser:
             self._stage = None  # free the old pair before allocating the new one
             dev = torch.empty(shape, device=self.device).contiguous(memory_format=torch.channels_last)
             self._stage = (np.empty(shape, np.float32), dev)
+            self._drawn = {"rgb": None, "windows": None}
         return self._stage
+
+    def _redraw_input(self, shape: tuple[int, ...], rgb: np.ndarray, clicks: np.ndarray) -> torch.Tensor:
+        """The network input written in place into the channels-last buffer (CPU, caller holds
+        the lock): the RGB planes only when the image changed, and of the maps only the windows
+        the previous call's clicks touched (reset to 1) and this call's clicks touch. Equal to
+        ``network_input`` (tested); saves the 12 MB fill and layout copy per click (~3.5 ms)."""
+        _, dev = self._staging(shape)
+        view = dev[0].numpy()  # (C, h, w) view of the channels-last memory
+        maps, state = view[3:], self._drawn
+        if state["rgb"] is not rgb:
+            state["rgb"] = None
+            view[:3] = rgb
+            state["rgb"] = rgb
+        windows, state["windows"] = state["windows"], None  # unknown until drawn
+        if windows is None:
+            maps.fill(1.0)
+        else:
+            for s, ys, xs in windows:
+                maps[s, ys, xs] = 1.0
+        state["windows"] = draw_clicks(maps, clicks)
+        return dev
 
     def _forward_locked(self, x: torch.Tensor) -> torch.Tensor:
         _, dev = self._staging(tuple(x.shape))
-        dev.copy_(x)
+        if x is not dev:
+            self._drawn = {"rgb": None, "windows": None}  # the buffer no longer holds our drawing
+            dev.copy_(x)
         return self.net(dev, features=True)[0]
 
     def parse(self, image: np.ndarray, clicks, allowed_slots=None,

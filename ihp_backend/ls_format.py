@@ -174,12 +174,15 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
     return _runs_to_rle(starts, flat.size, flat[starts])
 
 
-def label_map_to_rles(labels: np.ndarray, values) -> dict[int, list[int]]:
-    """``{v: mask_to_rle(labels == v)}`` for every ``v`` in ``values``, from one pass over the
-    pixels: each class's runs are merged from the label map's runs (far fewer than pixels)."""
+def label_map_to_rles(labels: np.ndarray, values=None, keep=None) -> dict[int, list[int]]:
+    """``{v: mask_to_rle(labels == v)}`` for every ``v`` in ``values`` (default: the values
+    present, those for which ``keep(v)`` is true if given), from one pass over the pixels:
+    each class's runs are merged from the label map's runs (far fewer than pixels)."""
     flat = np.asarray(labels).ravel()
     starts = _runs(flat)
     run_vals = flat[starts]
+    if values is None:
+        values = [int(v) for v in np.unique(run_vals) if keep is None or keep(int(v))]
     out = {}
     for v in values:
         on = run_vals == v
@@ -243,10 +246,8 @@ def brush_results(labels: np.ndarray, slot_to_label: dict[int, str], setup: Labe
     h, w = labels.shape
     allowed = set(setup.brush_labels)
     out = []
-    present = np.flatnonzero(np.bincount(labels.ravel())).tolist()
-    wanted = [s for s in present if slot_to_label.get(int(s)) in allowed]
-    rles = label_map_to_rles(labels, wanted) if labels.size else {}
-    for slot in wanted:
+    rles = label_map_to_rles(labels, keep=lambda s: slot_to_label.get(s) in allowed) if labels.size else {}
+    for slot in rles:
         name = slot_to_label[int(slot)]
         res = {
             "from_name": setup.brush_from,

@@ -69,3 +69,25 @@ def test_upsampled_argmax_equals_interpolate_then_argmax(c, h, w, hh, ww):
     for logits in (smooth, torch.randn(c, h, w, generator=gen)):
         ref = F.interpolate(logits[None], (hh, ww), mode="bilinear", align_corners=False)[0].argmax(0)
         assert np.array_equal(upsampled_argmax(logits, (hh, ww)), ref.numpy())
+
+
+def test_parser_redraws_input_in_place_exactly(tiny_checkpoint):
+    """Serving redraws only the changed click windows of its kept input buffer; every click
+    sequence (added, moved, removed clicks; another image; an outside forward in between) must
+    give the logits of a freshly built input."""
+    from ihp_backend.inference import Parser, network_size
+
+    parser = Parser.from_file(tiny_checkpoint, threads=1, max_side=64)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (90, 70, 3), dtype=np.uint8) for _ in range(2)]
+    sequences = [[(10, 10, 1)], [(10, 10, 1), (50, 30, 2)], [(50, 30, 2)], [], [(89, 69, 23), (0, 0, 0)] * 3,
+                 [(45.5, 35.2, 3)]]
+    cases = [(img, np.asarray(clicks, float).reshape(-1, 3)) for img in images + images[:1] for clicks in sequences]
+    got = [parser.logits(img, arr) for img, arr in cases]  # consecutive: the in-place path
+    parser.forward(torch.zeros(1, 27, 64, 48))  # someone else's input in the buffer
+    got.append(parser.logits(*cases[1]))
+    for (img, arr), g in zip(cases + cases[1:2], got):
+        hw = network_size(img.shape[:2], parser.max_side)
+        small, rgb = parser._network_image(img, hw)
+        ref = parser.forward(network_input(small, scale_clicks(arr, img.shape[:2], hw), 24, rgb=rgb)[None])[0]
+        assert torch.allclose(g, ref, atol=1e-5)
