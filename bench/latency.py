@@ -1,8 +1,10 @@
 """Per-click latency of the backend on this machine (prints a table and one JSON line).
 
-    .venv/bin/python bench/latency.py [--checkpoint PATH] [--clicks 12] [--repeats 3]
+    .venv/bin/python bench/latency.py [--checkpoint PATH] [--clicks 12] [--repeats 5]
 
 1. bare forward pass at the serving resolution (batch 1), CCP-size photo (550x830);
+   (also timed between the requests of 2. and 3., so each ratio compares samples of one
+   machine state);
 2. the core pipeline in process (cached image -> maps -> forward -> upsample -> argmax ->
    RLE for every class);
 3. end to end over HTTP against a live gunicorn (2 workers) on 127.0.0.1: a sequence of
@@ -59,22 +61,35 @@ def ccp_photo():
     return (rng.random((830, 550, 3)) * 255).astype(np.uint8)
 
 
-def bench_forward(parser, image, repeats):
-    """The network alone (input built beforehand), exactly as serving calls it."""
-    hw = network_size(image.shape[:2], parser.max_side)
-    small = resize_image(image, hw)
-    x = network_input(small, scale_clicks([(400, 270, 1)], image.shape[:2], hw), parser.num_slots)[None]
-    for _ in range(3):
-        parser.forward(x)
-    ts = []
-    for _ in range(repeats):
+class ForwardProbe:
+    """Times the bare network (input built beforehand, exactly as serving calls it). Called
+    between the measured requests, so forward and pipeline samples see the same machine: on a
+    shared VM the forward alone drifts by 30% within minutes, which made ratios of separately
+    measured medians meaningless."""
+
+    def __init__(self, parser, image):
+        self.parser = parser
+        self.hw = network_size(image.shape[:2], parser.max_side)
+        small = resize_image(image, self.hw)
+        self.x = network_input(small, scale_clicks([(400, 270, 1)], image.shape[:2], self.hw),
+                               parser.num_slots)[None]
+        self.samples = []
+        for _ in range(3):
+            parser.forward(self.x)
+
+    def __call__(self) -> float:
         t = time.perf_counter()
-        parser.forward(x)
-        ts.append(time.perf_counter() - t)
-    return ts, hw
+        self.parser.forward(self.x)
+        dt = time.perf_counter() - t
+        self.samples.append(dt)
+        return dt
 
 
-def bench_core(parser, image, n_clicks, repeats):
+def bench_forward(probe, repeats):
+    return [probe() for _ in range(repeats)]
+
+
+def bench_core(parser, image, n_clicks, repeats, probe=None):
     setup = parse_label_config(LIP_CONFIG)
     mapping = parser.binding.bind(list(setup.labels))
     labels = [lab for lab in setup.labels if lab != "Background"][:8]
@@ -87,6 +102,8 @@ def bench_core(parser, image, n_clicks, repeats):
             res = parser.parse(image, arr, allowed_slots=sorted({0} | set(arr[:, 2].astype(int))))
             brush_results(res.labels, {v: k_ for k_, v in mapping.items()}, setup, res.confidence)
             ts.append(time.perf_counter() - t)
+            if probe:
+                probe()
     return ts
 
 
@@ -173,19 +190,24 @@ def timed_post(session, url, body) -> float:
     return dt
 
 
-def http_sequence(url, image_ref, w, h, labels, n_clicks, task, project="bench.1"):
+def http_sequence(url, image_ref, w, h, labels, n_clicks, task, project="bench.1", probe=None):
+    """Times of a sequence of single-click requests; ``probe`` (if any) runs after each."""
     cfg = LIP_CONFIG if len(labels) == 20 and labels[0] == "Background" and "Hat" in labels else config_for(labels)
     cl = clicks_for(h, w, n_clicks, [lab for lab in labels if lab != "Background"], task)
     s = requests.Session()
-    return [timed_post(s, url, click_body(task, image_ref, cfg, w, h, 100 * x / w, 100 * y / h, lab, project))
-            for y, x, lab in cl]
+    out = []
+    for y, x, lab in cl:
+        out.append(timed_post(s, url, click_body(task, image_ref, cfg, w, h, 100 * x / w, 100 * y / h, lab, project)))
+        if probe:
+            probe()
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     ap.add_argument("--clicks", type=int, default=12)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per worker, also used in process (default: cores / workers)")
@@ -194,8 +216,11 @@ def main():
     torch.set_num_threads(a.threads)  # the in-process numbers use what one worker uses
     parser = Parser.from_file(a.checkpoint)
     photo = ccp_photo()
-    fwd, hw = bench_forward(parser, photo, 20)
-    core = bench_core(parser, photo, a.clicks, a.repeats)
+    probe = ForwardProbe(parser, photo)
+    hw = probe.hw
+    fwd = bench_forward(probe, 20)
+    core_probe = ForwardProbe(parser, photo)
+    core = bench_core(parser, photo, a.clicks, a.repeats, probe=core_probe)
     rle_s = bench_rle()
 
     tmp = tempfile.mkdtemp()
@@ -208,7 +233,8 @@ def main():
         lip = list(parse_label_config(LIP_CONFIG).labels)
         h, w = photo.shape[:2]
         http_sequence(url, "/data/local-files/?d=photo.jpg", w, h, lip, 2, 999)  # warm both caches
-        e2e = sum((http_sequence(url, "/data/local-files/?d=photo.jpg", w, h, lip, a.clicks, t)
+        http_probe = ForwardProbe(parser, photo)
+        e2e = sum((http_sequence(url, "/data/local-files/?d=photo.jpg", w, h, lip, a.clicks, t, probe=http_probe)
                    for t in range(a.repeats)), [])
         e2e_big = sum((http_sequence(url, "/data/local-files/?d=big.jpg", 1024, 1024, lip, a.clicks, 100 + t)
                        for t in range(a.repeats)), [])
@@ -227,7 +253,7 @@ def main():
     finally:
         proc.terminate()
         proc.wait(20)
-    fm = pct(fwd, 50)
+    fm = pct(fwd + core_probe.samples + http_probe.samples, 50)
     res = {
         "checkpoint": os.path.relpath(a.checkpoint, ROOT), "model_version": parser.model_version,
         "serving_hw": list(hw), "workers": a.workers, "torch_threads_per_worker": a.threads,
@@ -236,12 +262,15 @@ def main():
         "http_1024_20labels_ms_p50": round(pct(e2e_big, 50), 1),
         "http_1024_20labels_ms_p95": round(pct(e2e_big, 95), 1),
         "rle_1024_20classes_ms": round(rle_s * 1000, 1),
-        "ratio_core_over_forward": round(pct(core, 50) / fm, 2),
-        "ratio_http_over_forward": round(pct(e2e, 50) / fm, 2),
+        # each ratio over the forward samples taken between its own requests (same machine state)
+        "ratio_core_over_forward": round(pct(core, 50) / pct(core_probe.samples, 50), 2),
+        "ratio_http_over_forward": round(pct(e2e, 50) / pct(http_probe.samples, 50), 2),
+        "forward_ms_p50_between_core": round(pct(core_probe.samples, 50), 1),
+        "forward_ms_p50_between_http": round(pct(http_probe.samples, 50), 1),
         "peak_rss_mb_per_worker": [round(r, 1) for r in rss if r],
         "throughput_req_per_s_4_clients": round(thr, 2),
     }
-    rows = [("bare forward (batch 1, %dx%d)" % tuple(hw), res["forward_ms_p50"], None),
+    rows = [("bare forward (batch 1, %dx%d), all samples" % tuple(hw), res["forward_ms_p50"], None),
             ("core pipeline, CCP photo", res["core_ms_p50"], None),
             ("HTTP, CCP photo, LIP config", res["http_ccp_ms_p50"], res["http_ccp_ms_p95"]),
             ("HTTP, 1024x1024, 20 labels", res["http_1024_20labels_ms_p50"], res["http_1024_20labels_ms_p95"]),
@@ -249,7 +278,9 @@ def main():
     print("| measurement | p50 ms | p95 ms |\n|---|---|---|", file=sys.stderr)
     for name, p50, p95 in rows:
         print(f"| {name} | {p50} | {'' if p95 is None else p95} |", file=sys.stderr)
-    print(f"ratios: core/forward {res['ratio_core_over_forward']}, http/forward {res['ratio_http_over_forward']}; "
+    print(f"ratios (forward timed between the requests: {res['forward_ms_p50_between_core']} ms between core calls, "
+          f"{res['forward_ms_p50_between_http']} ms between HTTP calls): "
+          f"core/forward {res['ratio_core_over_forward']}, http/forward {res['ratio_http_over_forward']}; "
           f"peak RSS per worker {res['peak_rss_mb_per_worker']} MB; "
           f"throughput {res['throughput_req_per_s_4_clients']} req/s", file=sys.stderr)
     print(json.dumps(res))

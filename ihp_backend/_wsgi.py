@@ -10,7 +10,9 @@ import os
 import threading
 import time
 
+import orjson
 from flask import Flask, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from .model import IHPModel, ModelNotReady, RequestError
@@ -41,8 +43,40 @@ def _authorized(user: str, password: str, token: str) -> bool:
     return False
 
 
+class FastJSON(DefaultJSONProvider):
+    """orjson for request and response bodies: a click's answer is thousands of RLE integers,
+    which the standard library encodes in ~1.3 ms and orjson in ~0.1 ms. Falls back to the
+    standard provider for anything orjson cannot encode."""
+
+    OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+    def dumps(self, obj, **kw) -> str:
+        try:
+            return orjson.dumps(obj, option=self.OPTIONS).decode()
+        except TypeError:
+            return super().dumps(obj, **kw)
+
+    def loads(self, s, **kw):
+        try:
+            return orjson.loads(s)
+        except orjson.JSONDecodeError:
+            return super().loads(s, **kw)  # same error message and type as before
+
+    def response(self, *args, **kwargs):
+        obj = self._prepare_response_obj(args, kwargs)
+        try:
+            body = orjson.dumps(obj, option=self.OPTIONS)
+        except TypeError:
+            return super().response(*args, **kwargs)
+        return self._app.response_class(body, mimetype=self.mimetype)
+
+
+class _App(Flask):
+    json_provider_class = FastJSON
+
+
 def create_app(model: IHPModel | None = None, load: bool = True) -> Flask:
-    app = Flask(__name__)
+    app = _App(__name__)
     user, password, token = _auth_settings()
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     model = model or IHPModel()

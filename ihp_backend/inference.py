@@ -60,21 +60,28 @@ def upsampled_argmax(logits: torch.Tensor, out_hw: tuple[int, int], values=None)
     hh, ww = out_hw
     lut = np.arange(c) if values is None else np.asarray(values)
     lut = lut.astype(np.uint8 if lut.max(initial=0) < 256 and lut.min(initial=0) >= 0 else np.int64)
-    arg = logits.argmax(dim=0).numpy()
+    arg = logits.permute(1, 2, 0).contiguous().numpy().argmax(axis=2)
     # mixed[y, x]: the 2x2 block of sources at (y, x) (clamped at the border) has several labels
     p = np.pad(arg, ((0, 1), (0, 1)), mode="edge")
     mixed = (p[:-1, :-1] != p[1:, :-1]) | (p[:-1, :-1] != p[:-1, 1:]) | (p[:-1, :-1] != p[1:, 1:])
-    y0, y1, wy = _source_coords(hh, h)
-    x0, x1, wx = _source_coords(ww, w)
+    y0, _, wy = _source_coords(hh, h)
+    x0, _, _ = _source_coords(ww, w)
     out = lut[arg][y0][:, x0]  # nearest source: right wherever the block is not mixed
-    yy, xx = np.nonzero(mixed[y0][:, x0])
-    if len(yy):
-        # interpolate along x for every source row (cheap: h rows), then along y per band pixel
-        across = F.interpolate(logits[None], size=(h, ww), mode="bilinear", align_corners=False)[0]
-        rows = across.permute(1, 2, 0).contiguous().numpy().reshape(h * ww, c)
-        fy = wy[yy, None]
-        mix = rows[y0[yy] * ww + xx] * (1 - fy) + rows[y1[yy] * ww + xx] * fy
-        out[yy, xx] = lut[mix.argmax(axis=1)]
+    ii, xs = np.nonzero(mixed[:, x0])  # (source row, output column) pairs in a mixed block
+    if len(ii):
+        # interpolate along x for every source row (cheap: h rows), then along y for the output
+        # rows of each pair at once: rows first[i] .. first[i] + count[i] - 1 have y0 == i
+        across = F.interpolate(logits[None], size=(h, ww), mode="bilinear", align_corners=False)[0].numpy()
+        first = np.searchsorted(y0, np.arange(h))
+        count = np.searchsorted(y0, np.arange(h), side="right") - first
+        k = np.arange(count.max())
+        rows = np.minimum(first[:, None] + k, hh - 1)[ii]  # (P, kmax)
+        valid = (k < count[:, None])[ii]
+        top = across[:, ii, xs].T[:, None, :]  # (P, 1, C)
+        below = across[:, np.minimum(ii + 1, h - 1), xs].T[:, None, :]
+        fy = wy[rows][:, :, None]
+        best = (top * (1 - fy) + below * fy).argmax(axis=2)  # (P, kmax)
+        out[rows[valid], np.broadcast_to(xs[:, None], valid.shape)[valid]] = lut[best[valid]]
     return out
 
 

@@ -57,6 +57,7 @@ def test_network_input_channels():
 
 
 @pytest.mark.parametrize("c,h,w,hh,ww", [(20, 104, 68, 832, 550), (5, 30, 40, 61, 83), (3, 10, 10, 10, 10),
+                                         (4, 40, 30, 20, 15), (3, 1, 1, 5, 5), (9, 104, 68, 830, 550),
                                          (4, 9, 7, 100, 3), (6, 50, 50, 1024, 1024)])
 def test_upsampled_argmax_equals_interpolate_then_argmax(c, h, w, hh, ww):
     """Serving interpolates only where the low-res labels change; the answer must not change."""
