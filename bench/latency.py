@@ -181,23 +181,37 @@ def click_body(task, image_ref, label_config, w, h, x_pct, y_pct, label, project
                 "value": {"x": x_pct, "y": y_pct, "keypointlabels": [label]}}]}}}
 
 
-def timed_post(session, url, body) -> float:
-    """POST /predict; seconds taken (raises on an HTTP error)."""
+def server_timing(header: str) -> dict[str, float]:
+    """``Server-Timing: forward;dur=45.1, ...`` -> {"forward": 0.0451, ...} (seconds)."""
+    out = {}
+    for part in (header or "").split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if name and dur:
+            out[name] = float(dur) / 1000
+    return out
+
+
+def timed_post(session, url, body, stages: list | None = None) -> float:
+    """POST /predict; seconds taken (raises on an HTTP error). The backend's own stage times
+    (its Server-Timing header) are appended to ``stages`` when given."""
     t = time.perf_counter()
     r = session.post(url + "/predict", json=body, timeout=60)
     dt = time.perf_counter() - t
     r.raise_for_status()
+    if stages is not None:
+        stages.append(server_timing(r.headers.get("Server-Timing", "")))
     return dt
 
 
-def http_sequence(url, image_ref, w, h, labels, n_clicks, task, project="bench.1", probe=None):
+def http_sequence(url, image_ref, w, h, labels, n_clicks, task, project="bench.1", probe=None, stages=None):
     """Times of a sequence of single-click requests; ``probe`` (if any) runs after each."""
     cfg = LIP_CONFIG if len(labels) == 20 and labels[0] == "Background" and "Hat" in labels else config_for(labels)
     cl = clicks_for(h, w, n_clicks, [lab for lab in labels if lab != "Background"], task)
     s = requests.Session()
     out = []
     for y, x, lab in cl:
-        out.append(timed_post(s, url, click_body(task, image_ref, cfg, w, h, 100 * x / w, 100 * y / h, lab, project)))
+        out.append(timed_post(s, url, click_body(task, image_ref, cfg, w, h, 100 * x / w, 100 * y / h, lab, project),
+                              stages))
         if probe:
             probe()
     return out
@@ -234,8 +248,9 @@ def main():
         h, w = photo.shape[:2]
         http_sequence(url, "/data/local-files/?d=photo.jpg", w, h, lip, 2, 999)  # warm both caches
         http_probe = ForwardProbe(parser, photo)
-        e2e = sum((http_sequence(url, "/data/local-files/?d=photo.jpg", w, h, lip, a.clicks, t, probe=http_probe)
-                   for t in range(a.repeats)), [])
+        stages = []
+        e2e = sum((http_sequence(url, "/data/local-files/?d=photo.jpg", w, h, lip, a.clicks, t, probe=http_probe,
+                                 stages=stages) for t in range(a.repeats)), [])
         e2e_big = sum((http_sequence(url, "/data/local-files/?d=big.jpg", 1024, 1024, lip, a.clicks, 100 + t)
                        for t in range(a.repeats)), [])
         # throughput: 4 concurrent clients
@@ -265,6 +280,9 @@ def main():
         # each ratio over the forward samples taken between its own requests (same machine state)
         "ratio_core_over_forward": round(pct(core, 50) / pct(core_probe.samples, 50), 2),
         "ratio_http_over_forward": round(pct(e2e, 50) / pct(http_probe.samples, 50), 2),
+        # the same, paired within each request: its wall time over the forward the worker ran for it
+        "ratio_http_over_worker_forward": round(float(np.median([e / st["forward"] for e, st in zip(e2e, stages)])), 2),
+        "worker_stages_ms_p50": {k: round(pct([st.get(k, 0.0) for st in stages], 50), 1) for k in stages[0]},
         "forward_ms_p50_between_core": round(pct(core_probe.samples, 50), 1),
         "forward_ms_p50_between_http": round(pct(http_probe.samples, 50), 1),
         "peak_rss_mb_per_worker": [round(r, 1) for r in rss if r],
@@ -280,7 +298,9 @@ def main():
         print(f"| {name} | {p50} | {'' if p95 is None else p95} |", file=sys.stderr)
     print(f"ratios (forward timed between the requests: {res['forward_ms_p50_between_core']} ms between core calls, "
           f"{res['forward_ms_p50_between_http']} ms between HTTP calls): "
-          f"core/forward {res['ratio_core_over_forward']}, http/forward {res['ratio_http_over_forward']}; "
+          f"core/forward {res['ratio_core_over_forward']}, http/forward {res['ratio_http_over_forward']}, "
+          f"http/(the worker's forward in the same request) {res['ratio_http_over_worker_forward']}; "
+          f"worker stages p50 ms {res['worker_stages_ms_p50']}; "
           f"peak RSS per worker {res['peak_rss_mb_per_worker']} MB; "
           f"throughput {res['throughput_req_per_s_4_clients']} req/s", file=sys.stderr)
     print(json.dumps(res))

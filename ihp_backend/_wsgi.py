@@ -153,7 +153,12 @@ def create_app(model: IHPModel | None = None, load: bool = True) -> Flask:
             preds = model.predict(d.get("tasks"), context=params.get("context"),
                                   label_config=d.get("label_config"), project=d.get("project"))
             ok = True
-            return jsonify({"results": preds, "model_version": model.model_version})
+            resp = jsonify({"results": preds, "model_version": model.model_version})
+            # W3C Server-Timing: browsers' devtools and bench/latency.py read the stages
+            stages = model.last_timings()
+            stages["app"] = time.time() - t0
+            resp.headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in stages.items())
+            return resp
         finally:
             with stats_lock:
                 stats["predict_requests"] += 1

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -90,6 +91,7 @@ class ParseResult:
     labels: np.ndarray  # (H, W) slot index per pixel (uint8 when slots fit), at the image size
     confidence: np.ndarray  # (num_slots,) mean softmax probability over the pixels of each slot
     score: float  # mean winning probability over the image
+    timings: dict = field(default_factory=dict)  # seconds: "input", "forward", "upsample"
 
 
 class Parser:
@@ -141,9 +143,12 @@ class Parser:
     def from_file(cls, path: str, **kw) -> "Parser":
         return cls(read_checkpoint(path), **kw)
 
-    def logits(self, image: np.ndarray, clicks, prev_mask: np.ndarray | None = None) -> torch.Tensor:
+    def logits(self, image: np.ndarray, clicks, prev_mask: np.ndarray | None = None,
+               timings: dict | None = None) -> torch.Tensor:
         """Network logits (num_slots, h/4, w/4) at the decoder's stride 4 of the network size
-        (``parse`` upsamples them once, straight to the image size)."""
+        (``parse`` upsamples them once, straight to the image size). ``timings`` (a dict) gets
+        the seconds spent building the input and in the network."""
+        t0 = time.perf_counter()
         hw = network_size(image.shape[:2], self.max_side)
         small, rgb = self._network_image(image, hw)
         c = scale_clicks(clicks, image.shape[:2], hw) if len(clicks) else np.zeros((0, 3))
@@ -160,7 +165,12 @@ class Parser:
                 x = torch.from_numpy(host)
             else:
                 x = self._redraw_input((1, n) + tuple(hw), rgb, c)
-            return self._forward_locked(x)[0].float()
+            t1 = time.perf_counter()
+            out = self._forward_locked(x)[0].float()
+            if timings is not None:
+                timings["input"] = t1 - t0
+                timings["forward"] = time.perf_counter() - t1
+            return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network on a (B, C, h, w) input batch -> stride-4 logits (B, num_slots, h/4, w/4)."""
@@ -213,7 +223,9 @@ class Parser:
         ``allowed_slots`` restricts the argmax to the slots the label config uses; masks are
         mutually exclusive. Logits are upsampled to the original size before the argmax.
         """
-        logits = self.logits(image, clicks, prev_mask)
+        timings: dict = {}
+        logits = self.logits(image, clicks, prev_mask, timings)
+        t0 = time.perf_counter()
         slots = np.arange(self.num_slots) if allowed_slots is None else np.asarray(
             sorted(set(int(s) for s in allowed_slots)))
         with torch.inference_mode():
@@ -227,7 +239,8 @@ class Parser:
             counts = torch.bincount(flat, minlength=len(slots)).clamp(min=1)
             conf[slots] = (sums / counts).cpu().numpy()
             score = float(best.mean())
-        return ParseResult(labels=labels, confidence=conf, score=score)
+        timings["upsample"] = time.perf_counter() - t0
+        return ParseResult(labels=labels, confidence=conf, score=score, timings=timings)
 
 
 def default_threads() -> int:

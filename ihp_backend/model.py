@@ -88,6 +88,7 @@ class IHPModel:
         self._project_loading: set[str] = set()
         self._project_lock = threading.Lock()
         self.jobs: dict[str, subprocess.Popen] = {}
+        self._request = threading.local()  # per-thread timings of the last predict()
 
     # -- loading ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -158,7 +159,20 @@ class IHPModel:
             raise RequestError(str(e)) from None
         if context is not None and not isinstance(context, dict):
             raise RequestError("'params.context' must be an object or null")
+        self._request.timings = {}
         return [self._predict_task(t, context, setup, project) for t in tasks]
+
+    def last_timings(self) -> dict[str, float]:
+        """Seconds per stage of this thread's last ``predict`` (summed over its tasks): history,
+        fetch, input, forward, upsample, rle. The HTTP layer sends them as Server-Timing."""
+        return dict(getattr(self._request, "timings", {}))
+
+    def _timed(self, stage: str, t0: float) -> float:
+        now = time.perf_counter()
+        t = getattr(self._request, "timings", None)
+        if t is not None:
+            t[stage] = t.get(stage, 0.0) + now - t0
+        return now
 
     def parser_for(self, project) -> Parser:
         """The project's promoted model if it has one, else the default. A newly promoted
@@ -221,6 +235,7 @@ class IHPModel:
             for c in new:
                 if c.label not in label_to_slot:
                     raise RequestError(f"keypoint label {c.label!r} is not a label of the config")
+            t0 = time.perf_counter()
             try:
                 clicks = self.history.apply(project, task["id"], new, size)
             except (OSError, sqlite3.Error) as e:
@@ -229,6 +244,7 @@ class IHPModel:
                 self._storage_failed(e)  # disk full / read-only: keep serving from memory
                 self.history = self._memory_history
                 clicks = self.history.apply(project, task["id"], new, size)
+            self._timed("history", t0)
             if not clicks:
                 self._forget_prev(project, task["id"])
                 return self._empty(parser)
@@ -236,10 +252,12 @@ class IHPModel:
         url = data.get(setup.image_key) if isinstance(data, dict) else None
         if not url:
             raise RequestError(f"task {task['id']} has no image in data[{setup.image_key!r}]")
+        t0 = time.perf_counter()
         try:
             image = self.fetcher.get(url)
         except ImageFetchError as e:
             raise RequestError(str(e), status=422) from None
+        self._timed("fetch", t0)
         h, w = image.shape[:2]
         sx, sy = (w / size[0], h / size[1]) if size else (1.0, 1.0)
         arr = np.array([(c.y * sy, c.x * sx, label_to_slot[c.label]) for c in clicks
@@ -249,10 +267,14 @@ class IHPModel:
         with self._prev_lock:
             prev = self._prev.get(key)
         res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=prev)
+        for stage, sec in res.timings.items():
+            self._timed(stage, time.perf_counter() - sec)
+        t0 = time.perf_counter()
         self._remember_prev(key, res.labels.astype(np.uint8))  # slots < 256: 8x smaller than int64
         slot_to_label = self._slot_names(label_to_slot, setup)
         results = brush_results(res.labels, slot_to_label, setup, res.confidence)
         validate_results(results, setup)
+        self._timed("rle", t0)
         return {"result": results, "score": res.score, "model_version": parser.model_version}
 
     @staticmethod

@@ -124,3 +124,14 @@ def test_unknown_label_and_missing_image_are_4xx(client, payloads):
 def test_versions_and_metrics(client):
     assert client.get("/versions").get_json()["serving"] == "tiny-test"
     assert "predict_requests" in client.get("/metrics").get_json()
+
+
+def test_predict_reports_server_timing(client, payloads):
+    """Each /predict answer says where its time went (W3C Server-Timing, milliseconds)."""
+    r = client.post("/predict", json=click_body(payloads, 50, 21, "Hair"))
+    assert r.status_code == 200
+    stages = dict(part.strip().split(";dur=") for part in r.headers["Server-Timing"].split(","))
+    assert {"history", "fetch", "input", "forward", "upsample", "rle", "app"} <= set(stages)
+    ms = {k: float(v) for k, v in stages.items()}
+    assert all(v >= 0 for v in ms.values())
+    assert ms["forward"] > 0 and ms["app"] >= ms["forward"] + ms["upsample"]
