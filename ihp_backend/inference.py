@@ -40,13 +40,12 @@ def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BILINEAR))
 
 
-def _source_coords(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bilinear source indices and weights of each output coordinate (align_corners=False),
-    as ``F.interpolate`` computes them."""
+def _source_coords(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """First bilinear source index and the weight of the next one, for each output coordinate
+    (align_corners=False), as ``F.interpolate`` computes them."""
     src = np.maximum((np.arange(n_out, dtype=np.float32) + 0.5) * np.float32(n_in / n_out) - 0.5, 0)
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    return i0, i1, (src - i0).astype(np.float32)
+    return i0, (src - i0).astype(np.float32)
 
 
 def upsampled_argmax(logits: torch.Tensor, out_hw: tuple[int, int], values=None) -> np.ndarray:
@@ -65,8 +64,8 @@ def upsampled_argmax(logits: torch.Tensor, out_hw: tuple[int, int], values=None)
     # mixed[y, x]: the 2x2 block of sources at (y, x) (clamped at the border) has several labels
     p = np.pad(arg, ((0, 1), (0, 1)), mode="edge")
     mixed = (p[:-1, :-1] != p[1:, :-1]) | (p[:-1, :-1] != p[:-1, 1:]) | (p[:-1, :-1] != p[1:, 1:])
-    y0, _, wy = _source_coords(hh, h)
-    x0, _, _ = _source_coords(ww, w)
+    y0, wy = _source_coords(hh, h)
+    x0, _ = _source_coords(ww, w)
     out = lut[arg][y0][:, x0]  # nearest source: right wherever the block is not mixed
     ii, xs = np.nonzero(mixed[:, x0])  # (source row, output column) pairs in a mixed block
     if len(ii):

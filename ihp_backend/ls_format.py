@@ -186,8 +186,8 @@ def label_map_to_rles(labels: np.ndarray, values=None, keep=None) -> dict[int, l
     out = {}
     for v in values:
         on = run_vals == v
-        keep = _runs(on)  # runs of the binary sequence = changes of `on` across label-map runs
-        out[v] = _runs_to_rle(starts[keep], flat.size, on[keep])
+        edges = _runs(on)  # runs of the binary sequence = changes of `on` across label-map runs
+        out[v] = _runs_to_rle(starts[edges], flat.size, on[edges])
     return out
 
 

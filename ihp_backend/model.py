@@ -167,12 +167,10 @@ class IHPModel:
         fetch, input, forward, upsample, rle. The HTTP layer sends them as Server-Timing."""
         return dict(getattr(self._request, "timings", {}))
 
-    def _timed(self, stage: str, t0: float) -> float:
-        now = time.perf_counter()
+    def _add_time(self, stage: str, seconds: float) -> None:
         t = getattr(self._request, "timings", None)
         if t is not None:
-            t[stage] = t.get(stage, 0.0) + now - t0
-        return now
+            t[stage] = t.get(stage, 0.0) + seconds
 
     def parser_for(self, project) -> Parser:
         """The project's promoted model if it has one, else the default. A newly promoted
@@ -244,7 +242,7 @@ class IHPModel:
                 self._storage_failed(e)  # disk full / read-only: keep serving from memory
                 self.history = self._memory_history
                 clicks = self.history.apply(project, task["id"], new, size)
-            self._timed("history", t0)
+            self._add_time("history", time.perf_counter() - t0)
             if not clicks:
                 self._forget_prev(project, task["id"])
                 return self._empty(parser)
@@ -257,7 +255,7 @@ class IHPModel:
             image = self.fetcher.get(url)
         except ImageFetchError as e:
             raise RequestError(str(e), status=422) from None
-        self._timed("fetch", t0)
+        self._add_time("fetch", time.perf_counter() - t0)
         h, w = image.shape[:2]
         sx, sy = (w / size[0], h / size[1]) if size else (1.0, 1.0)
         arr = np.array([(c.y * sy, c.x * sx, label_to_slot[c.label]) for c in clicks
@@ -268,13 +266,13 @@ class IHPModel:
             prev = self._prev.get(key)
         res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=prev)
         for stage, sec in res.timings.items():
-            self._timed(stage, time.perf_counter() - sec)
+            self._add_time(stage, sec)
         t0 = time.perf_counter()
-        self._remember_prev(key, res.labels.astype(np.uint8))  # slots < 256: 8x smaller than int64
+        self._remember_prev(key, res.labels.astype(np.uint8, copy=False))  # slots < 256: already uint8
         slot_to_label = self._slot_names(label_to_slot, setup)
         results = brush_results(res.labels, slot_to_label, setup, res.confidence)
         validate_results(results, setup)
-        self._timed("rle", t0)
+        self._add_time("rle", time.perf_counter() - t0)
         return {"result": results, "score": res.score, "model_version": parser.model_version}
 
     @staticmethod
