@@ -165,6 +165,28 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     return net
 
 
+def load_widening_input(net: IHPNet, state_dict: dict) -> int:
+    """Load ``state_dict`` into ``net``; if only the first conv differs, and only by having
+    fewer input channels (e.g. a model trained without the previous-prediction input), copy
+    the channels it has and start the extra ones at zero, so the widened network computes
+    exactly what the original did until training moves those weights.
+    Returns the number of input channels added (0 for an ordinary load)."""
+    first = net.encoder.first_conv()
+    name = "encoder." + [n for n, p in net.encoder.named_parameters() if p is first.weight][0]
+    w_old = state_dict.get(name)
+    added = 0
+    if w_old is not None and w_old.shape != first.weight.shape:
+        if w_old.shape[0] != first.weight.shape[0] or w_old.shape[2:] != first.weight.shape[2:] \
+                or w_old.shape[1] > first.weight.shape[1]:
+            raise ValueError(f"{name}: cannot widen {tuple(w_old.shape)} to {tuple(first.weight.shape)}")
+        w = torch.zeros_like(first.weight)
+        w[:, :w_old.shape[1]] = w_old
+        added = first.weight.shape[1] - w_old.shape[1]
+        state_dict = {**state_dict, name: w}
+    net.load_state_dict(state_dict)
+    return added
+
+
 def load_backbone_weights(net: IHPNet, path: str) -> list[str]:
     """Load a torchvision ImageNet state dict from a local file into the encoder.
 

@@ -51,7 +51,9 @@ class CorePredictor:
         self.ignore_clicks = ignore_clicks
         self.name = name or (parser.model_version + (" (no clicks)" if ignore_clicks else ""))
 
-    def __call__(self, image: np.ndarray, clicks: np.ndarray) -> np.ndarray:
+    def __call__(self, image: np.ndarray, clicks: np.ndarray, prev: np.ndarray | None = None) -> np.ndarray:
+        """``prev``: the previous prediction (class indices), fed to models with the
+        previous-prediction input exactly as the backend feeds its cached last answer."""
         slots = [self.slot_of[self.class_names[int(c)]] for c in clicks[:, 2]] if len(clicks) else []
         c = np.column_stack([clicks[:, :2], slots]) if len(clicks) else np.zeros((0, 3))
         if self.ignore_clicks:
@@ -61,7 +63,10 @@ class CorePredictor:
             allowed = sorted(self.slot_of.values())
         else:
             allowed = sorted({self.slot_of[self.class_names[0]]} | set(int(s) for s in slots))
-        res = self.parser.parse(image, c, allowed_slots=allowed)
+        prev_slots = None
+        if prev is not None and self.parser.use_prev_mask and not self.ignore_clicks:
+            prev_slots = np.array([self.slot_of[n] for n in self.class_names])[prev]
+        res = self.parser.parse(image, c, allowed_slots=allowed, prev_mask=prev_slots)
         lut = np.zeros(self.parser.num_slots, np.int64)
         for s, i in self.cls_of_slot.items():
             lut[s] = i
@@ -77,7 +82,7 @@ class RandomWalkerPredictor:
     def __init__(self, max_side: int = 192, radius: int = 3, beta: float = 130.0):
         self.max_side, self.radius, self.beta = max_side, radius, beta
 
-    def __call__(self, image: np.ndarray, clicks: np.ndarray) -> np.ndarray:
+    def __call__(self, image: np.ndarray, clicks: np.ndarray, prev: np.ndarray | None = None) -> np.ndarray:
         from skimage.segmentation import random_walker
         h, w = image.shape[:2]
         if len(clicks) == 0:
@@ -118,7 +123,7 @@ class HTTPPredictor:
         self._task, self._image_uri, self._image_id = None, None, None
         self.run = uuid.uuid4().int % 10 ** 9
 
-    def __call__(self, image: np.ndarray, clicks: np.ndarray) -> np.ndarray:
+    def __call__(self, image: np.ndarray, clicks: np.ndarray, prev: np.ndarray | None = None) -> np.ndarray:
         from ihp_backend.ls_format import rle_to_mask
         h, w = image.shape[:2]
         if self._image_id is not id(image):
@@ -276,7 +281,7 @@ def evaluate(predictor, samples, class_names: list[str], cfg: EvalConfig, progre
                 c = cs.correction_click(gt, pred)
                 if c is not None:
                     arr = np.vstack([arr, np.array([c], np.float64)])
-                    pred = predictor(image, arr)
+                    pred = predictor(image, arr, pred)
             cm = confusion(gt, pred, n)
             conf[k] += cm
             edge_conf[k] += confusion(gt, pred, n, band)

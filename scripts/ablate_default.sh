@@ -8,7 +8,9 @@
 # all 201 CCP val photos (ccp12, central clicks then 5 corrections), and the table of mIoU@k
 # is printed and written to runs/ablate/table.md. Training from scratch per variant would be
 # the cleaner test but takes hours per run here; this measures which change helps the model
-# we ship when training goes on.
+# we ship when training goes on. `prev-mask` adds the previous-prediction input: INIT's first
+# conv is widened with zero weights for it (model_training.train's init_from), so it starts
+# out computing exactly what INIT does; it is fed during iterative training and evaluation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 INIT=${INIT:-ihp_backend/models/default.pt}
@@ -26,6 +28,8 @@ declare -A SETS=(
   [no-iterative]="--set iterative.enabled=false"
   [ec5]="--set sample.max_extra=5"
   [crop320]="--set sample.crop=[320,224]"
+  [crop448]="--set sample.crop=[448,320]"
+  [prev-mask]="--set net.prev_mask=true"
 )
 VARIANTS=("$@")
 [ ${#VARIANTS[@]} -gt 0 ] || VARIANTS=(base base-seed2 no-iterative near-edge no-sp ec5)

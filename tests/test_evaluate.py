@@ -23,14 +23,14 @@ class Perfect:
         self.i = -1
         self.last = None
 
-    def __call__(self, image, clicks):
+    def __call__(self, image, clicks, prev=None):
         return self.gts[id(image)]
 
 
 class Constant:
     name = "constant"
 
-    def __call__(self, image, clicks):
+    def __call__(self, image, clicks, prev=None):
         return np.zeros(image.shape[:2], np.int64)
 
 
@@ -44,7 +44,7 @@ class FillsClicked:
         self.gts = gts
         self.calls = []
 
-    def __call__(self, image, clicks):
+    def __call__(self, image, clicks, prev=None):
         gt = self.gts[id(image)]
         self.calls.append(clicks.copy())
         out = np.zeros_like(gt)
@@ -101,3 +101,55 @@ def test_random_walker_floor_improves_with_clicks():
                  EvalConfig(max_corrections=3, background_click=True), progress=False)
     assert r.miou_curve[0] > 0.5
     assert r.miou_curve[-1] >= r.miou_curve[0] - 0.02
+
+
+class RecordsPrev(Constant):
+    def __init__(self):
+        self.prevs = []
+
+    def __call__(self, image, clicks, prev=None):
+        self.prevs.append(None if prev is None else prev.copy())
+        return np.full(image.shape[:2], len(self.prevs) % 2, np.int64)
+
+
+def test_correction_calls_receive_the_previous_prediction():
+    p = RecordsPrev()
+    evaluate(p, samples(1), CLASSES, EvalConfig(max_corrections=2), progress=False)
+    assert p.prevs[0] is None  # the first answer has nothing before it
+    assert len(p.prevs) == 3
+    for i in (1, 2):  # call i sees what call i - 1 returned
+        assert np.all(p.prevs[i] == i % 2)
+
+
+def test_core_predictor_feeds_prev_mask_models_in_slot_space(monkeypatch, tmp_path):
+    import torch
+    from ihp_backend.checkpoint import Binding, make_checkpoint, save_checkpoint
+    from ihp_backend.clicks import IMAGENET_MEAN, IMAGENET_STD
+    from ihp_backend.inference import Parser
+    from ihp_backend.network import NetConfig, build_network
+    from model_training.evaluate import CorePredictor
+    img, lab = person_image()
+    prev = lab.astype(np.int64)
+    for use_prev in (False, True):
+        torch.manual_seed(0)
+        net = build_network(NetConfig(num_slots=8, aspp_channels=16, decoder_channels=16,
+                                      low_level_channels=8, prev_mask=use_prev))
+        path = str(tmp_path / f"m{use_prev}.pt")
+        save_checkpoint(make_checkpoint(net, Binding("shuffled", 8, ["background", "part"]), 128,
+                                        IMAGENET_MEAN, IMAGENET_STD, "t", {}), path)
+        parser = Parser.from_file(path)
+        seen, real = [], parser.parse
+
+        def spy(image, clicks, allowed_slots=None, prev_mask=None):
+            seen.append(prev_mask)
+            return real(image, clicks, allowed_slots=allowed_slots, prev_mask=prev_mask)
+
+        monkeypatch.setattr(parser, "parse", spy)
+        core = CorePredictor(parser, CLASSES)
+        out = core(img, np.array([[50.0, 160.0, 1.0]]), prev)
+        assert out.shape == lab.shape
+        if use_prev:
+            lut = np.array([core.slot_of[n] for n in CLASSES])
+            assert np.array_equal(seen[-1], lut[prev])
+        else:
+            assert seen[-1] is None  # no previous-prediction input: nothing to feed

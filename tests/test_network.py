@@ -7,7 +7,7 @@ import yaml
 from torchvision.models import mobilenet_v3_large, resnet50
 
 from ihp_backend.checkpoint import Binding, binding_of, make_checkpoint, network_of, read_checkpoint, save_checkpoint
-from ihp_backend.network import NetConfig, build_network, load_backbone_weights
+from ihp_backend.network import NetConfig, build_network, load_backbone_weights, load_widening_input
 from tests.conftest import ROOT
 
 
@@ -86,3 +86,21 @@ def test_folding_batchnorm_keeps_the_outputs():
         out = net(x, features=True)[0]
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_widening_the_input_keeps_what_the_network_computes():
+    """init_from a model without the previous-prediction input: the added channels start at
+    zero, so on any input the widened network answers exactly as the original did."""
+    torch.manual_seed(0)
+    small = NetConfig(num_slots=5, aspp_channels=16, decoder_channels=16)
+    wide = NetConfig(num_slots=5, aspp_channels=16, decoder_channels=16, prev_mask=True)
+    a = build_network(small).eval()
+    b = build_network(wide).eval()
+    assert load_widening_input(b, a.state_dict()) == 5
+    x = torch.randn(2, small.in_channels, 64, 48)
+    x_wide = torch.cat([x, torch.rand(2, 5, 64, 48)], 1)  # whatever the previous prediction is
+    with torch.no_grad():
+        assert torch.allclose(a(x), b(x_wide), atol=1e-5)
+    assert load_widening_input(a, a.state_dict()) == 0  # an ordinary load
+    with pytest.raises(ValueError, match="cannot widen"):
+        load_widening_input(a, b.state_dict())
