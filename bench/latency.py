@@ -72,7 +72,7 @@ class ForwardProbe:
         self.hw = network_size(image.shape[:2], parser.max_side)
         small = resize_image(image, self.hw)
         self.x = network_input(small, scale_clicks([(400, 270, 1)], image.shape[:2], self.hw),
-                               parser.num_slots)[None]
+                               parser.num_slots, use_prev_mask=parser.use_prev_mask)[None]
         self.samples = []
         for _ in range(3):
             parser.forward(self.x)
