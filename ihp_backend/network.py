@@ -94,6 +94,10 @@ class _Encoder(nn.Module):
     def first_conv(self) -> nn.Conv2d:
         return self.low[0][0] if self.name == "mobilenet_v3_large" else self.low[0]
 
+    def first_conv_key(self) -> str:
+        """The first conv's weight name in this encoder's state dict."""
+        return "low.0.0.weight" if self.name == "mobilenet_v3_large" else "low.0.weight"
+
 
 class IHPNet(nn.Module):
     """DeepLabV3+ (ASPP + stride-4 decoder skip, output stride 16) for interactive parsing."""
@@ -172,7 +176,7 @@ def load_widening_input(net: IHPNet, state_dict: dict) -> int:
     exactly what the original did until training moves those weights.
     Returns the number of input channels added (0 for an ordinary load)."""
     first = net.encoder.first_conv()
-    name = "encoder." + [n for n, p in net.encoder.named_parameters() if p is first.weight][0]
+    name = "encoder." + net.encoder.first_conv_key()
     w_old = state_dict.get(name)
     added = 0
     if w_old is not None and w_old.shape != first.weight.shape:
@@ -213,7 +217,7 @@ def load_backbone_weights(net: IHPNet, path: str) -> list[str]:
             if head in rn:
                 own[rn[head] + k[len(head):]] = v
     first = enc.first_conv()
-    first_name = [n for n, p in enc.named_parameters() if p is first.weight][0]
+    first_name = enc.first_conv_key()
     if first_key in sd:
         w_rgb = sd[first_key]
         w = torch.zeros_like(first.weight)

@@ -47,7 +47,9 @@ class CorePredictor:
         self.parser = parser
         self.class_names = class_names
         self.slot_of = parser.binding.bind(class_names)
-        self.cls_of_slot = {s: i for i, s in enumerate(self.slot_of[n] for n in class_names)}
+        self.slot_lut = np.array([self.slot_of[n] for n in class_names])  # class index -> slot
+        self.class_lut = np.zeros(parser.num_slots, np.int64)  # slot -> class index
+        self.class_lut[self.slot_lut] = np.arange(len(class_names))
         self.ignore_clicks = ignore_clicks
         self.name = name or (parser.model_version + (" (no clicks)" if ignore_clicks else ""))
 
@@ -65,12 +67,9 @@ class CorePredictor:
             allowed = sorted({self.slot_of[self.class_names[0]]} | set(int(s) for s in slots))
         prev_slots = None
         if prev is not None and self.parser.use_prev_mask and not self.ignore_clicks:
-            prev_slots = np.array([self.slot_of[n] for n in self.class_names])[prev]
+            prev_slots = self.slot_lut[prev]
         res = self.parser.parse(image, c, allowed_slots=allowed, prev_mask=prev_slots)
-        lut = np.zeros(self.parser.num_slots, np.int64)
-        for s, i in self.cls_of_slot.items():
-            lut[s] = i
-        return lut[res.labels]
+        return self.class_lut[res.labels]
 
 
 class RandomWalkerPredictor:
