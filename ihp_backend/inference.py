@@ -97,7 +97,7 @@ class Parser:
     """Holds one network and runs it; thread-safe (one forward at a time per Parser)."""
 
     def __init__(self, ckpt: dict, device: str | None = None, max_side: int | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, flip: bool = False):
         self.ckpt = ckpt
         self.binding: Binding = binding_of(ckpt)
         self.net = fold_batchnorm(network_of(ckpt).eval())
@@ -109,6 +109,7 @@ class Parser:
         self.num_slots = self.net.cfg.num_slots
         self.use_prev_mask = self.net.cfg.prev_mask
         self.model_version = ckpt.get("model_version", "unknown")
+        self.flip = bool(flip)  # test-time flip: mean of the logits of the input and its mirror
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(int(threads))
         self._lock = threading.Lock()
@@ -213,7 +214,11 @@ class Parser:
         if x is not dev:
             self._drawn = {"rgb": None, "windows": None}  # the buffer no longer holds our drawing
             dev.copy_(x)
-        return self.net(dev, features=True)[0]
+        out = self.net(dev, features=True)[0]
+        if self.flip:
+            mirrored = dev.flip(-1).contiguous(memory_format=torch.channels_last)
+            out = 0.5 * (out + self.net(mirrored, features=True)[0].flip(-1))
+        return out
 
     def parse(self, image: np.ndarray, clicks, allowed_slots=None,
               prev_mask: np.ndarray | None = None) -> ParseResult:

@@ -95,9 +95,7 @@ class IHPModel:
         """Load the serving checkpoint (blocking). Records the error instead of raising."""
         t0 = time.time()
         try:
-            self.parser = Parser.from_file(self.settings.checkpoint, device=self.settings.device,
-                                           max_side=self.settings.max_side,
-                                           threads=self.settings.torch_threads or default_threads())
+            self.parser = Parser.from_file(self.settings.checkpoint, **self._parser_options())
             log.info("model %s loaded from %s in %.1fs", self.parser.model_version,
                      self.settings.checkpoint, time.time() - t0)
         except Exception as e:  # reported by /health and by every /predict
@@ -194,10 +192,15 @@ class IHPModel:
                 threading.Thread(target=self._load_project, args=(p, info), daemon=True).start()
         return current or default
 
+    def _parser_options(self) -> dict:
+        """How every network of this backend runs (default and per-project models alike)."""
+        st = self.settings
+        return dict(device=st.device, max_side=st.max_side, flip=st.flip,
+                    threads=st.torch_threads or default_threads())
+
     def _load_project(self, p: str, info: dict) -> None:
         try:
-            parser = Parser.from_file(info["path"], device=self.settings.device, max_side=self.settings.max_side,
-                                      threads=self.settings.torch_threads or default_threads())
+            parser = Parser.from_file(info["path"], **self._parser_options())
             with self._project_lock:
                 self._project_parsers[p] = parser
             log.info("project %s now serves %s", p, parser.model_version)

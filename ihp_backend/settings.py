@@ -30,6 +30,7 @@ class Settings:
     checkpoint: str = DEFAULT_CHECKPOINT
     device: str | None = None
     max_side: int | None = None
+    flip: bool = False
     torch_threads: int | None = None
     ls_url: str = ""
     api_key: str = field(default="", repr=False)
@@ -50,6 +51,7 @@ class Settings:
             checkpoint=os.environ.get("IHP_CHECKPOINT", "") or DEFAULT_CHECKPOINT,
             device=os.environ.get("IHP_DEVICE") or None,
             max_side=_int("IHP_MAX_SIDE", 0) or None,
+            flip=bool(_int("IHP_FLIP", 0)),
             torch_threads=_int("IHP_TORCH_THREADS", 0) or None,
             ls_url=os.environ.get("LABEL_STUDIO_URL", "").rstrip("/"),
             api_key=os.environ.get("LABEL_STUDIO_API_KEY", ""),

@@ -372,6 +372,7 @@ def main(argv=None):
     ap.add_argument("--rgb-only", action="store_true", help="no central clicks: corrections only (Fig. 7)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     ap.add_argument("--max-side", type=int, default=None, help="serving resolution override")
+    ap.add_argument("--flip", action="store_true", help="test-time flip (the backend's IHP_FLIP=1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--include", action="append", default=[],
@@ -389,7 +390,7 @@ def main(argv=None):
     predictors = []
     from ihp_backend.inference import Parser
     for ck in a.checkpoint:
-        parser = Parser.from_file(ck, max_side=a.max_side)
+        parser = Parser.from_file(ck, max_side=a.max_side, flip=a.flip)
         predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}"))
         if "no-clicks" in a.baseline:
             predictors.append(CorePredictor(parser, ds.classes, ignore_clicks=True))

@@ -92,3 +92,21 @@ def test_parser_redraws_input_in_place_exactly(tiny_checkpoint):
         small, rgb = parser._network_image(img, hw)
         ref = parser.forward(network_input(small, scale_clicks(arr, img.shape[:2], hw), 24, rgb=rgb)[None])[0]
         assert torch.allclose(g, ref, atol=1e-5)
+
+
+def test_flip_parser_is_mirror_equivariant(tiny_checkpoint):
+    """With test-time flip the logits of a mirrored photo with mirrored clicks are the mirror of
+    the logits (up to float rounding), and the flip pass really changes the answer."""
+    from ihp_backend.inference import Parser
+
+    plain = Parser.from_file(tiny_checkpoint, threads=1, max_side=64)
+    flip = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, flip=True)
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)
+    clicks = np.array([[10, 5, 1], [40, 30, 2], [60, 47, 0]], float)
+    mirrored = clicks.copy()
+    mirrored[:, 1] = img.shape[1] - 1 - clicks[:, 1]
+    a = flip.logits(img, clicks)
+    b = flip.logits(np.ascontiguousarray(img[:, ::-1]), mirrored)
+    assert torch.allclose(a, b.flip(-1), atol=1e-4)
+    assert (a - plain.logits(img, clicks)).abs().max() > 10 * (a - b.flip(-1)).abs().max()

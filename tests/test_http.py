@@ -135,3 +135,16 @@ def test_predict_reports_server_timing(client, payloads):
     ms = {k: float(v) for k, v in stages.items()}
     assert all(v >= 0 for v in ms.values())
     assert ms["forward"] > 0 and ms["app"] >= ms["forward"] + ms["upsample"]
+
+
+def test_flip_setting_reaches_the_network(tmp_path, tiny_checkpoint, image_server, payloads, monkeypatch):
+    """IHP_FLIP=1 turns on test-time flip for the served network; a click still answers."""
+    monkeypatch.setenv("IHP_FLIP", "1")
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "md"))
+    monkeypatch.setenv("IHP_CHECKPOINT", tiny_checkpoint)
+    monkeypatch.setenv("LABEL_STUDIO_URL", image_server["url"])
+    m = IHPModel(Settings.from_env())
+    m.load()
+    assert m.parser.flip
+    r = create_app(m, load=False).test_client().post("/predict", json=click_body(payloads, 40, 50, "Hair"))
+    assert r.status_code == 200 and r.get_json()["results"][0]["result"]
