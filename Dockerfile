@@ -14,11 +14,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --create-home --uid 1000 ihp
 WORKDIR /app
 
-# the same install steps as scripts/setup_env.sh, from the same requirement files
+# the install of scripts/setup_env.sh (pinned set, no pip cache, no triton), runtime files only
 COPY requirements.txt requirements-test.txt ./
-RUN python3 -m venv /app/.venv \
-    && /app/.venv/bin/python -m pip install --no-cache-dir --upgrade pip \
-    && /app/.venv/bin/python -m pip install --no-cache-dir -r requirements.txt
+COPY scripts/setup_env.sh ./scripts/
+RUN IHP_REQUIREMENTS=requirements.txt bash scripts/setup_env.sh
 
 COPY --chown=ihp:ihp ihp_backend ./ihp_backend
 COPY --chown=ihp:ihp model_training ./model_training

@@ -14,7 +14,8 @@ from tests.conftest import ROOT
 def test_dockerfile_uses_the_same_requirements_as_setup():
     docker = open(os.path.join(ROOT, "Dockerfile")).read()
     setup = open(os.path.join(ROOT, "scripts", "setup_env.sh")).read()
-    assert "-r requirements.txt" in docker and "-r requirements.txt" in setup
+    assert "IHP_REQUIREMENTS=requirements.txt bash scripts/setup_env.sh" in docker
+    assert "COPY scripts/setup_env.sh" in docker and "requirements.txt" in setup
     assert re.search(r"HEALTHCHECK .*?/health", docker, re.S)
     assert "USER 1000" in docker and 'VOLUME ["/data/model_dir"]' in docker
 
