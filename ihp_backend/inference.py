@@ -216,8 +216,7 @@ class Parser:
             dev.copy_(x)
         out = self.net(dev, features=True)[0]
         if self.flip:
-            mirrored = dev.flip(-1).contiguous(memory_format=torch.channels_last)
-            out = 0.5 * (out + self.net(mirrored, features=True)[0].flip(-1))
+            out = 0.5 * (out + self.net(dev.flip(-1), features=True)[0].flip(-1))  # flip keeps channels-last
         return out
 
     def parse(self, image: np.ndarray, clicks, allowed_slots=None,

@@ -95,8 +95,10 @@ class _Encoder(nn.Module):
         return self.low[0][0] if self.name == "mobilenet_v3_large" else self.low[0]
 
     def first_conv_key(self) -> str:
-        """The first conv's weight name in this encoder's state dict."""
-        return "low.0.0.weight" if self.name == "mobilenet_v3_large" else "low.0.weight"
+        """The first conv's weight name in this encoder's state dict (found from ``first_conv``,
+        so the layout is written in one place)."""
+        first = self.first_conv()
+        return next(n for n, m in self.named_modules() if m is first) + ".weight"
 
 
 class IHPNet(nn.Module):

@@ -56,7 +56,7 @@ class CorePredictor:
     def __call__(self, image: np.ndarray, clicks: np.ndarray, prev: np.ndarray | None = None) -> np.ndarray:
         """``prev``: the previous prediction (class indices), fed to models with the
         previous-prediction input exactly as the backend feeds its cached last answer."""
-        slots = [self.slot_of[self.class_names[int(c)]] for c in clicks[:, 2]] if len(clicks) else []
+        slots = self.slot_lut[clicks[:, 2].astype(np.int64)] if len(clicks) else []
         c = np.column_stack([clicks[:, :2], slots]) if len(clicks) else np.zeros((0, 3))
         if self.ignore_clicks:
             c = np.zeros((0, 3))
@@ -64,7 +64,7 @@ class CorePredictor:
         elif self.parser.binding.kind == "fixed":
             allowed = sorted(self.slot_of.values())
         else:
-            allowed = sorted({self.slot_of[self.class_names[0]]} | set(int(s) for s in slots))
+            allowed = sorted({int(self.slot_lut[0])} | set(int(s) for s in slots))
         prev_slots = None
         if prev is not None and self.parser.use_prev_mask and not self.ignore_clicks:
             prev_slots = self.slot_lut[prev]

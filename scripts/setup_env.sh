@@ -3,7 +3,7 @@
 # the requirement files have not changed since the last successful install).
 #
 # Disk: torch 2.14.1 for x86_64 is a CUDA build; with its NVIDIA libraries the venv is about
-# 5.3 GB. To keep that down (a CI machine once ran out of disk here) pip keeps no download
+# 5.4 GB. To keep that down (a CI machine once ran out of disk here) pip keeps no download
 # cache, and the packages in IHP_SKIP_PACKAGES (default: triton, the 0.9 GB GPU compiler that
 # only torch.compile uses; nothing here calls it) are left out: pip resolves the full pinned
 # set first, then installs exactly that set minus those packages with --no-deps.
