@@ -16,6 +16,7 @@ from PIL import Image
 from .checkpoint import Binding, binding_of, network_of, read_checkpoint
 from .clicks import draw_clicks, network_input, normalise_rgb, scale_clicks
 from .network import fold_batchnorm
+from .refine import paint_clicks, refined_argmax
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -97,7 +98,8 @@ class Parser:
     """Holds one network and runs it; thread-safe (one forward at a time per Parser)."""
 
     def __init__(self, ckpt: dict, device: str | None = None, max_side: int | None = None,
-                 threads: int | None = None, flip: bool = False):
+                 threads: int | None = None, flip: bool = False, refine: bool = True,
+                 click_radius: float = 10.0):
         self.ckpt = ckpt
         self.binding: Binding = binding_of(ckpt)
         self.net = fold_batchnorm(network_of(ckpt).eval())
@@ -110,6 +112,8 @@ class Parser:
         self.use_prev_mask = self.net.cfg.prev_mask
         self.model_version = ckpt.get("model_version", "unknown")
         self.flip = bool(flip)  # test-time flip: mean of the logits of the input and its mirror
+        self.refine = bool(refine)  # labels refined along the photo's colour edges (refine.py)
+        self.click_radius = float(click_radius)  # each click claims a disk this big (network pixels)
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(int(threads))
         self._lock = threading.Lock()
@@ -224,7 +228,10 @@ class Parser:
         """Parse ``image`` (H, W, 3 uint8) given clicks (y, x, slot) in its pixel coordinates.
 
         ``allowed_slots`` restricts the argmax to the slots the label config uses; masks are
-        mutually exclusive. Logits are upsampled to the original size before the argmax.
+        mutually exclusive. With ``refine`` the class probabilities are refined along the
+        colour edges of the network-size photo (``refined_argmax``), else the logits are
+        upsampled to the original size before the argmax. Then every click claims the pixels
+        of its colour within ``click_radius`` network pixels (``paint_clicks``).
         """
         timings: dict = {}
         logits = self.logits(image, clicks, prev_mask, timings)
@@ -233,9 +240,19 @@ class Parser:
             sorted(set(int(s) for s in allowed_slots)))
         with torch.inference_mode():
             sub = logits[torch.as_tensor(slots, device=logits.device)]
-            # scores at stride 4 (cheap); labels from logits upsampled once to the image size
+            # scores at stride 4 (cheap); labels at the image size
             best, arg_small = torch.softmax(sub, dim=0).max(dim=0)
-            labels = upsampled_argmax(sub.cpu(), image.shape[:2], values=slots)
+            hw = network_size(image.shape[:2], self.max_side)
+            if self.refine:
+                small, _ = self._network_image(image, hw)
+                labels = refined_argmax(sub.cpu(), small, image.shape[:2], values=slots)
+            else:
+                labels = upsampled_argmax(sub.cpu(), image.shape[:2], values=slots)
+            if self.click_radius > 0 and len(clicks):
+                own = np.asarray(clicks, np.float64).reshape(-1, 3)
+                own = own[np.isin(own[:, 2].astype(np.int64), slots)]
+                scale = max(image.shape[0] / hw[0], image.shape[1] / hw[1])
+                paint_clicks(labels, image, own, self.click_radius * scale)
             conf = np.zeros(self.num_slots, np.float32)
             flat = arg_small.flatten()
             sums = torch.zeros(len(slots), device=flat.device).scatter_add_(0, flat, best.flatten())

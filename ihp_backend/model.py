@@ -195,7 +195,8 @@ class IHPModel:
     def _parser_options(self) -> dict:
         """How every network of this backend runs (default and per-project models alike)."""
         st = self.settings
-        return dict(device=st.device, max_side=st.max_side, flip=st.flip,
+        return dict(device=st.device, max_side=st.max_side, flip=st.flip, refine=st.refine,
+                    click_radius=st.click_radius,
                     threads=st.torch_threads or default_threads())
 
     def _load_project(self, p: str, info: dict) -> None:

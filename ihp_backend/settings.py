@@ -31,6 +31,8 @@ class Settings:
     device: str | None = None
     max_side: int | None = None
     flip: bool = False
+    refine: bool = True
+    click_radius: float = 10.0
     torch_threads: int | None = None
     ls_url: str = ""
     api_key: str = field(default="", repr=False)
@@ -52,6 +54,8 @@ class Settings:
             device=os.environ.get("IHP_DEVICE") or None,
             max_side=_int("IHP_MAX_SIDE", 0) or None,
             flip=bool(_int("IHP_FLIP", 0)),
+            refine=bool(_int("IHP_REFINE", 1)),
+            click_radius=_float("IHP_CLICK_RADIUS", 10.0),
             torch_threads=_int("IHP_TORCH_THREADS", 0) or None,
             ls_url=os.environ.get("LABEL_STUDIO_URL", "").rstrip("/"),
             api_key=os.environ.get("LABEL_STUDIO_API_KEY", ""),

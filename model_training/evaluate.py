@@ -373,6 +373,11 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     ap.add_argument("--max-side", type=int, default=None, help="serving resolution override")
     ap.add_argument("--flip", action="store_true", help="test-time flip (the backend's IHP_FLIP=1)")
+    ap.add_argument("--no-refine", action="store_true",
+                    help="plain upsampled argmax, no colour-guided refinement (the backend's IHP_REFINE=0)")
+    ap.add_argument("--click-radius", type=float, default=10.0,
+                    help="each click claims its colour within this many network pixels "
+                         "(the backend's IHP_CLICK_RADIUS; 0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--include", action="append", default=[],
@@ -390,7 +395,8 @@ def main(argv=None):
     predictors = []
     from ihp_backend.inference import Parser
     for ck in a.checkpoint:
-        parser = Parser.from_file(ck, max_side=a.max_side, flip=a.flip)
+        parser = Parser.from_file(ck, max_side=a.max_side, flip=a.flip, refine=not a.no_refine,
+                                    click_radius=a.click_radius)
         predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}"))
         if "no-clicks" in a.baseline:
             predictors.append(CorePredictor(parser, ds.classes, ignore_clicks=True))

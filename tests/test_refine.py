@@ -1,0 +1,104 @@
+"""The colour-guided refinement of the coarse class probabilities (ihp_backend/refine.py)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ihp_backend.inference import upsampled_argmax
+from ihp_backend.refine import guided_coefficients, inverse_3x3, paint_clicks, refined_argmax
+
+
+def test_inverse_3x3_matches_linalg():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 7, 5, generator=gen)
+    m = torch.einsum("ikhw,jkhw->ijhw", x, x) + 0.05 * torch.eye(3)[:, :, None, None]
+    ref = torch.linalg.inv(m.permute(2, 3, 0, 1)).permute(2, 3, 0, 1)
+    assert torch.allclose(inverse_3x3(m), ref, atol=1e-3, rtol=1e-3)
+
+
+def test_guided_filter_of_a_flat_guide_is_the_box_mean():
+    """With a constant guide the colour terms vanish: the filter is a box mean of a box mean."""
+    p = torch.softmax(torch.randn(4, 12, 10, generator=torch.Generator().manual_seed(1)), 0)
+    guide = torch.full((3, 12, 10), 0.5)
+    a, b = guided_coefficients(guide, p, 2, 1e-4)
+    box = lambda t: F.avg_pool2d(t[None], 5, stride=1, padding=2, count_include_pad=False)[0]  # noqa: E731
+    q = (a * guide[None]).sum(1) + b
+    assert torch.allclose(q, box(box(p)), atol=1e-4)
+
+
+def _photo_and_late_logits(edge_x: int, logit_edge: float, size=(96, 128)):
+    """A photo whose left part (x < edge_x) is red and right part blue, and stride-4 logits
+    whose class boundary sits at ``logit_edge`` (in logit pixels): a coarse, misplaced answer."""
+    h, w = size
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, :edge_x] = (200, 40, 40)
+    img[:, edge_x:] = (30, 50, 190)
+    xs = torch.arange(w // 4, dtype=torch.float32) + 0.5
+    right = (xs - logit_edge) * 1.5
+    logits = torch.stack([-right, right])[:, None, :].expand(2, h // 4, w // 4).contiguous()
+    return img, logits
+
+
+@pytest.mark.parametrize("edge_x,logit_edge", [(50, 15.0), (70, 15.0), (64, 16.0)])
+def test_refined_boundary_follows_the_colour_edge(edge_x, logit_edge):
+    img, logits = _photo_and_late_logits(edge_x, logit_edge)
+    truth = np.zeros(img.shape[:2], np.int64)
+    truth[:, edge_x:] = 1
+    plain = upsampled_argmax(logits, img.shape[:2])
+    refined = refined_argmax(logits, img, img.shape[:2])
+    assert (refined != truth).mean() <= (plain != truth).mean()
+    assert (refined != truth).mean() < 0.01
+
+
+def test_refined_argmax_resizes_and_maps_values():
+    img, logits = _photo_and_late_logits(50, 12.5)
+    small = np.asarray(torch.from_numpy(img)[::2, ::2].contiguous())
+    got = refined_argmax(logits, small, (96, 128), values=[3, 7])
+    assert got.shape == (96, 128) and got.dtype == np.uint8
+    assert set(np.unique(got)) == {3, 7}
+    assert (got[:, :48] == 3).all() and (got[:, 52:] == 7).all()
+    one = refined_argmax(logits[:1], img, (10, 20), values=[5])
+    assert one.shape == (10, 20) and (one == 5).all()
+
+
+def test_refined_argmax_keeps_unambiguous_answers():
+    """Where the network is sure of one class everywhere, no colour edge changes it."""
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)
+    logits = torch.zeros(3, 16, 12)
+    logits[1] = 8.0
+    assert (refined_argmax(logits, img, (64, 48)) == 1).all()
+
+
+def test_a_click_claims_the_pixels_of_its_colour_around_it():
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[:, :30] = (200, 40, 40)
+    img[:, 30:] = (30, 50, 190)
+    labels = np.zeros((40, 60), np.uint8)
+    paint_clicks(labels, img, [(20, 27, 4)], radius=6)
+    yy, xx = np.mgrid[:40, :60]
+    disk = (yy - 20) ** 2 + (xx - 27) ** 2 <= 36
+    assert (labels[disk & (xx < 30)] == 4).all()  # its colour, within the radius
+    assert (labels[~disk | (xx >= 30)] == 0).all()  # nothing across the colour edge or beyond
+    paint_clicks(labels, img, [(20, 27, 2), (20, 28, 5), (-3, 100, 1)], radius=3)
+    assert labels[20, 27] == 5 and labels[0, 59] == 1  # later clicks win; outside clicks clamp
+    assert paint_clicks(labels.copy(), img, [(5, 5, 9)], radius=0)[5, 5] != 9
+
+
+def test_parser_click_disks_follow_the_setting(tiny_checkpoint):
+    """Every click's own pixel carries its label with click disks on, whatever the network says."""
+    from ihp_backend.inference import Parser
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 255, (80, 60, 3), dtype=np.uint8)
+    clicks = np.array([[10, 5, 1], [40, 30, 2], [70, 50, 0], [79, 59, 3]], float)
+    on = Parser.from_file(tiny_checkpoint, threads=1, max_side=64)
+    off = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, click_radius=0, refine=False)
+    got = on.parse(img, clicks, allowed_slots=[0, 1, 2, 3]).labels
+    assert [got[int(y), int(x)] for y, x, _ in clicks] == [1, 2, 0, 3]
+    plain = off.parse(img, clicks, allowed_slots=[0, 1, 2, 3]).labels
+    assert got.shape == plain.shape == (80, 60)
+    assert not np.array_equal(got, plain)
+    # a click whose slot the label config does not use paints nothing
+    none = on.parse(img, clicks[:1], allowed_slots=[0, 2]).labels
+    assert set(np.unique(none)) <= {0, 2}
