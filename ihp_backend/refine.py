@@ -14,9 +14,21 @@ import torch
 import torch.nn.functional as F
 
 
+def _window_sum_1d(x: torch.Tensor, radius: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of ``x`` over windows of +-``radius`` along ``dim`` (clipped at the ends), from a
+    running sum (cost independent of the radius), and the window lengths."""
+    n = x.shape[dim]
+    c = F.pad(x.cumsum(dim).movedim(dim, -1), (1, 0)).movedim(-1, dim)
+    idx = torch.arange(n)
+    hi, lo = (idx + radius).clamp(max=n - 1) + 1, (idx - radius).clamp(min=0)
+    return c.index_select(dim, hi) - c.index_select(dim, lo), (hi - lo).to(x.dtype)
+
+
 def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over the (2r+1)^2 window around each pixel of (N, C, h, w), windows clipped at the border."""
-    return F.avg_pool2d(x, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+    """Mean over the (2r+1)^2 window around each pixel of (..., h, w), windows clipped at the border."""
+    rows, n_rows = _window_sum_1d(x, radius, -2)
+    both, n_cols = _window_sum_1d(rows, radius, -1)
+    return both / (n_rows[:, None] * n_cols[None, :])
 
 
 def inverse_3x3(m: torch.Tensor) -> torch.Tensor:
@@ -68,10 +80,16 @@ def refined_argmax(logits: torch.Tensor, image: np.ndarray, out_hw: tuple[int, i
     rgb = torch.from_numpy(np.array(image, np.float32, copy=True)).permute(2, 0, 1) / 255.0
     guide = F.interpolate(rgb[None], size=(h, w), mode="area")[0]
     a, b = guided_coefficients(guide, torch.softmax(logits.float(), dim=0), radius, eps)
-    coef = F.interpolate(torch.cat([a.reshape(3 * c, h, w), b])[None], size=(hh, ww),
-                         mode="bilinear", align_corners=False)[0]
-    q = coef[3 * c:] + (coef[:3 * c].reshape(c, 3, hh, ww) * rgb[None]).sum(1)
-    labels = lut[q.argmax(0).numpy()]
+    coef = torch.cat([a, b[:, None]], 1)  # (C, 4, h, w): per class, the colour weights and offset
+    best = torch.full((hh, ww), -torch.inf)
+    arg = torch.zeros((hh, ww), dtype=torch.uint8 if c < 256 else torch.int64)
+    for k in range(c):  # class by class (cache-sized buffers), keeping the running argmax
+        up = F.interpolate(coef[k:k + 1], size=(hh, ww), mode="bilinear", align_corners=False)[0]
+        q = torch.addcmul(torch.addcmul(torch.addcmul(up[3], up[0], rgb[0]), up[1], rgb[1]), up[2], rgb[2])
+        better = q > best
+        best = torch.where(better, q, best)
+        arg[better] = k
+    labels = lut[arg.numpy()]
     if (hh, ww) != out_hw:
         ys = np.minimum(((np.arange(out_hw[0]) + 0.5) * hh / out_hw[0]).astype(np.int64), hh - 1)
         xs = np.minimum(((np.arange(out_hw[1]) + 0.5) * ww / out_hw[1]).astype(np.int64), ww - 1)
