@@ -3,9 +3,11 @@
 The decoder answers at stride 4 of the network size (about 1/8 of a CCP photo's side), so part
 boundaries come out blurred. A colour guided filter (He, Sun, Tang, "Guided Image Filtering",
 TPAMI 2013, Eq. 14, 19-21) fits, in every window, each class probability as a linear function of
-the RGB colour; evaluated with the full-resolution photo, the boundaries follow its colour edges.
-The coefficients are computed at the logit resolution and upsampled (the "fast guided filter"
-of He & Sun, 2015), so the cost is a few small convolutions plus one pass at the output size.
+the RGB colour; evaluated on the photo at the network size (about twice the logit grid's
+resolution), the boundaries follow its colour edges. The coefficients are computed at the logit
+grid and upsampled (the "fast guided filter" of He & Sun, 2015), so the cost is a few small box
+filters plus one pass per class at the network size. ``paint_clicks`` then makes every click win
+around itself.
 """
 from __future__ import annotations
 
