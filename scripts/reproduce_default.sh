@@ -14,13 +14,16 @@
 #    (ihp-ccp-mnv3-s11100),
 # 5. continues from that release with a fifth poly schedule, lr 1e-3 over 3000 steps, seed 3,
 #    the previous-prediction input added (first conv widened by zero-initialised channels) and the
-#    iterative rounds back on, which feed it (resumes runs/ccp_cpu_stage5/last.pt), releases it,
-# 6. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
-#    the random-walker floor. About ten and a half hours on a 2-core CPU: run it in the background.
+#    iterative rounds back on, which feed it (resumes runs/ccp_cpu_stage5/last.pt), releases it
+#    (ihp-ccp-mnv3-s14100),
+# 6. continues from that release with a sixth poly schedule, lr 1e-3 over 3000 steps, seed 4
+#    (resumes runs/ccp_cpu_stage6/last.pt), releases it,
+# 7. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
+#    the random-walker floor. About twelve hours on a 2-core CPU: run it in the background.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-VERSION=${VERSION:-ihp-ccp-mnv3-s14100}
+VERSION=${VERSION:-ihp-ccp-mnv3-s17100}
 export IHP_TORCH_THREADS=${IHP_TORCH_THREADS:-2}
 .venv/bin/python -m model_training.train --config model_training/configs/ccp_cpu.yaml
 .venv/bin/python -m model_training.train --config model_training/configs/ccp_cpu.yaml \
@@ -40,8 +43,13 @@ export IHP_TORCH_THREADS=${IHP_TORCH_THREADS:-2}
 .venv/bin/python -m model_training.train --config model_training/configs/ccp_cpu.yaml \
     --set init_from=runs/ccp_cpu_stage4/release.pt --set steps=3000 --set lr=0.001 --set seed=3 \
     --set net.prev_mask=true --out runs/ccp_cpu_stage5
-.venv/bin/python -m model_training.release --checkpoint runs/ccp_cpu_stage5/last.pt --version "$VERSION" \
+.venv/bin/python -m model_training.release --checkpoint runs/ccp_cpu_stage5/last.pt --version ihp-ccp-mnv3-s14100 \
     --recalibrate-bn 16 --out runs/ccp_cpu_stage5/release.pt
+.venv/bin/python -m model_training.train --config model_training/configs/ccp_cpu.yaml \
+    --set init_from=runs/ccp_cpu_stage5/release.pt --set steps=3000 --set lr=0.001 --set seed=4 \
+    --set net.prev_mask=true --out runs/ccp_cpu_stage6
+.venv/bin/python -m model_training.release --checkpoint runs/ccp_cpu_stage6/last.pt --version "$VERSION" \
+    --recalibrate-bn 16 --out runs/ccp_cpu_stage6/release.pt
 .venv/bin/python -m model_training.evaluate --data ../shared/data/ccp --kind ccp --split val --merge ccp12 \
-    --checkpoint runs/ccp_cpu_stage5/release.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
+    --checkpoint runs/ccp_cpu_stage6/release.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
     --out runs/eval_default
