@@ -16,7 +16,7 @@ from PIL import Image
 from .checkpoint import Binding, binding_of, network_of, read_checkpoint
 from .clicks import draw_clicks, network_input, normalise_rgb, scale_clicks
 from .network import fold_batchnorm
-from .refine import paint_clicks, refined_argmax
+from .refine import label_lut, paint_clicks, refined_argmax
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -59,8 +59,7 @@ def upsampled_argmax(logits: torch.Tensor, out_hw: tuple[int, int], values=None)
     """
     c, h, w = logits.shape
     hh, ww = out_hw
-    lut = np.arange(c) if values is None else np.asarray(values)
-    lut = lut.astype(np.uint8 if lut.max(initial=0) < 256 and lut.min(initial=0) >= 0 else np.int64)
+    lut = label_lut(c, values)
     arg = logits.permute(1, 2, 0).contiguous().numpy().argmax(axis=2)
     # mixed[y, x]: the 2x2 block of sources at (y, x) (clamped at the border) has several labels
     p = np.pad(arg, ((0, 1), (0, 1)), mode="edge")

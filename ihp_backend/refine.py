@@ -16,6 +16,12 @@ import torch
 import torch.nn.functional as F
 
 
+def label_lut(c: int, values=None) -> np.ndarray:
+    """Channel index -> returned label (``values``, default the index), uint8 when they fit."""
+    lut = np.arange(c) if values is None else np.asarray(values)
+    return lut.astype(np.uint8 if lut.max(initial=0) < 256 and lut.min(initial=0) >= 0 else np.int64)
+
+
 def _window_sum_1d(x: torch.Tensor, radius: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums of ``x`` over windows of +-``radius`` along ``dim`` (clipped at the ends), from a
     running sum (cost independent of the radius), and the window lengths."""
@@ -74,8 +80,7 @@ def refined_argmax(logits: torch.Tensor, image: np.ndarray, out_hw: tuple[int, i
     """
     c, h, w = logits.shape
     hh, ww = image.shape[:2]
-    lut = np.arange(c) if values is None else np.asarray(values)
-    lut = lut.astype(np.uint8 if lut.max(initial=0) < 256 and lut.min(initial=0) >= 0 else np.int64)
+    lut = label_lut(c, values)
     out_hw = tuple(out_hw or (hh, ww))
     if c == 1:
         return np.full(out_hw, lut[0], lut.dtype)
