@@ -37,7 +37,7 @@ sys.path.insert(0, ROOT)
 from ihp_backend.clicks import network_input, scale_clicks  # noqa: E402
 from ihp_backend.inference import Parser, network_size, resize_image  # noqa: E402
 from ihp_backend.ls_format import brush_results, label_map_to_rles, parse_label_config  # noqa: E402
-from ihp_backend.settings import DEFAULT_CHECKPOINT  # noqa: E402
+from ihp_backend.settings import DEFAULT_CHECKPOINT, PRECISIONS  # noqa: E402
 
 CCP = os.path.join(os.path.dirname(ROOT), "shared", "data", "ccp")
 LIP_CONFIG = open(os.path.join(ROOT, "label_config.xml")).read()
@@ -225,10 +225,12 @@ def main():
     ap.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per worker, also used in process (default: cores / workers)")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
+                    help="the forward's compute type, in process and in the backend (IHP_PRECISION)")
     a = ap.parse_args()
     a.threads = a.threads or max(1, (os.cpu_count() or 2) // a.workers)
     torch.set_num_threads(a.threads)  # the in-process numbers use what one worker uses
-    parser = Parser.from_file(a.checkpoint)
+    parser = Parser.from_file(a.checkpoint, precision=a.precision)
     photo = ccp_photo()
     probe = ForwardProbe(parser, photo)
     hw = probe.hw
@@ -242,7 +244,8 @@ def main():
     big = np.asarray(Image.fromarray(photo).resize((1024, 1024)))
     Image.fromarray(big).save(os.path.join(tmp, "big.jpg"), quality=95)
     proc, url = start_backend(a.checkpoint, {"MODEL_DIR": os.path.join(tmp, "md"), "IHP_LOCAL_ROOT": tmp,
-                                             "IHP_TORCH_THREADS": str(a.threads)}, workers=a.workers)
+                                             "IHP_TORCH_THREADS": str(a.threads),
+                                             "IHP_PRECISION": a.precision}, workers=a.workers)
     try:
         lip = list(parse_label_config(LIP_CONFIG).labels)
         h, w = photo.shape[:2]
@@ -271,7 +274,8 @@ def main():
     fm = pct(fwd + core_probe.samples + http_probe.samples, 50)
     res = {
         "checkpoint": os.path.relpath(a.checkpoint, ROOT), "model_version": parser.model_version,
-        "serving_hw": list(hw), "workers": a.workers, "torch_threads_per_worker": a.threads,
+        "serving_hw": list(hw), "precision": str(parser.dtype).replace("torch.", ""),
+        "workers": a.workers, "torch_threads_per_worker": a.threads,
         "forward_ms_p50": round(fm, 1), "core_ms_p50": round(pct(core, 50), 1),
         "http_ccp_ms_p50": round(pct(e2e, 50), 1), "http_ccp_ms_p95": round(pct(e2e, 95), 1),
         "http_1024_20labels_ms_p50": round(pct(e2e_big, 50), 1),

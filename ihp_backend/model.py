@@ -16,6 +16,7 @@ from collections import OrderedDict
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 from .annotations import AnnotationStore
 from .checkpoint import BindingError
@@ -122,6 +123,16 @@ class IHPModel:
     def model_version(self) -> str:
         return self.parser.model_version if self.parser else "not-loaded"
 
+    @property
+    def inference(self) -> dict | None:
+        """How the default network runs (device, compute type, sizes, refinement), for /health."""
+        p = self.parser
+        if p is None:
+            return None
+        return {"device": str(p.device), "precision": str(p.dtype).replace("torch.", ""),
+                "max_side": p.max_side, "refine": p.refine, "click_radius": p.click_radius, "flip": p.flip,
+                "threads": torch.get_num_threads() if p.device.type == "cpu" else None}
+
     def _ready_parser(self) -> Parser:
         self._loaded.wait(self.settings.load_wait)
         if self.parser is None:
@@ -196,7 +207,7 @@ class IHPModel:
         """How every network of this backend runs (default and per-project models alike)."""
         st = self.settings
         return dict(device=st.device, max_side=st.max_side, flip=st.flip, refine=st.refine,
-                    click_radius=st.click_radius,
+                    click_radius=st.click_radius, precision=st.precision,
                     threads=st.torch_threads or default_threads())
 
     def _load_project(self, p: str, info: dict) -> None:

@@ -24,6 +24,16 @@ def _float(name: str, default: float) -> float:
         raise SystemExit(f"{name} must be a number, got {v!r}") from None
 
 
+PRECISIONS = ("auto", "float32", "bfloat16")  # IHP_PRECISION: the forward's compute type
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    v = os.environ.get(name, "").strip().lower() or default
+    if v not in choices:
+        raise SystemExit(f"{name} must be one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
 @dataclass
 class Settings:
     model_dir: str = "model_dir"
@@ -33,6 +43,7 @@ class Settings:
     flip: bool = False
     refine: bool = True
     click_radius: float = 10.0
+    precision: str = "auto"
     torch_threads: int | None = None
     ls_url: str = ""
     api_key: str = field(default="", repr=False)
@@ -56,6 +67,7 @@ class Settings:
             flip=bool(_int("IHP_FLIP", 0)),
             refine=bool(_int("IHP_REFINE", 1)),
             click_radius=_float("IHP_CLICK_RADIUS", 10.0),
+            precision=_choice("IHP_PRECISION", "auto", PRECISIONS),
             torch_threads=_int("IHP_TORCH_THREADS", 0) or None,
             ls_url=os.environ.get("LABEL_STUDIO_URL", "").rstrip("/"),
             api_key=os.environ.get("LABEL_STUDIO_API_KEY", ""),

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from . import click_simulation as cs
 from .datasets import open_dataset
+from ihp_backend.settings import PRECISIONS
 
 STANDARDS = {"lip": 0.85, "cihp": 0.80, "ppp": 0.80, "pascal-person-part": 0.80, "helen": 0.75,
              "ccp": 0.85}
@@ -378,6 +379,9 @@ def main(argv=None):
     ap.add_argument("--click-radius", type=float, default=10.0,
                     help="each click claims its colour within this many network pixels "
                          "(the backend's IHP_CLICK_RADIUS; 0: off)")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
+                    help="the forward's compute type (the backend's IHP_PRECISION; auto: bfloat16 "
+                         "on a CPU with native bfloat16, else float32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--include", action="append", default=[],
@@ -396,7 +400,7 @@ def main(argv=None):
     from ihp_backend.inference import Parser
     for ck in a.checkpoint:
         parser = Parser.from_file(ck, max_side=a.max_side, flip=a.flip, refine=not a.no_refine,
-                                    click_radius=a.click_radius)
+                                    click_radius=a.click_radius, precision=a.precision)
         predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}"))
         if "no-clicks" in a.baseline:
             predictors.append(CorePredictor(parser, ds.classes, ignore_clicks=True))

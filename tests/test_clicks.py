@@ -99,8 +99,8 @@ def test_flip_parser_is_mirror_equivariant(tiny_checkpoint):
     the logits (up to float rounding), and the flip pass really changes the answer."""
     from ihp_backend.inference import Parser
 
-    plain = Parser.from_file(tiny_checkpoint, threads=1, max_side=64)
-    flip = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, flip=True)
+    plain = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, precision="float32")
+    flip = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, flip=True, precision="float32")
     rng = np.random.default_rng(1)
     img = rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)
     clicks = np.array([[10, 5, 1], [40, 30, 2], [60, 47, 0]], float)
@@ -110,3 +110,59 @@ def test_flip_parser_is_mirror_equivariant(tiny_checkpoint):
     b = flip.logits(np.ascontiguousarray(img[:, ::-1]), mirrored)
     assert torch.allclose(a, b.flip(-1), atol=1e-4)
     assert (a - plain.logits(img, clicks)).abs().max() > 10 * (a - b.flip(-1)).abs().max()
+
+
+def test_cpu_has_native_bf16_reads_the_cpu_flags(tmp_path):
+    from ihp_backend.inference import cpu_has_native_bf16
+
+    def info(text):
+        p = tmp_path / "cpuinfo"
+        p.write_text(text)
+        return str(p)
+
+    assert cpu_has_native_bf16(info("processor : 0\nflags : fpu sse avx512f avx512_bf16 avx512_vnni\n"))
+    assert cpu_has_native_bf16(info("flags : fpu amx_bf16 amx_tile\n"))
+    assert cpu_has_native_bf16(info("Features : fp asimd bf16 i8mm\n"))  # ARM
+    assert not cpu_has_native_bf16(info("flags : fpu sse avx2 avx512f avx512bw\n"))
+    assert not cpu_has_native_bf16(str(tmp_path / "missing"))
+
+
+def test_pick_precision():
+    from ihp_backend.inference import cpu_has_native_bf16, pick_precision
+
+    cpu = torch.device("cpu")
+    assert pick_precision("float32", cpu) == torch.float32
+    assert pick_precision("BFloat16", cpu) == torch.bfloat16
+    assert pick_precision(None, torch.device("cuda")) == torch.float32  # auto: float32 on CUDA
+    assert pick_precision("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    with pytest.raises(ValueError, match="auto, float32, bfloat16"):
+        pick_precision("fp16", cpu)
+
+
+def test_bfloat16_parser_matches_float32(tiny_checkpoint):
+    """bfloat16 autocast changes the logits by rounding only: same labels, float32 logits out."""
+    from ihp_backend.inference import Parser
+
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)
+    clicks = np.array([[10, 5, 1], [40, 30, 2], [60, 47, 0]], float)
+    full = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, precision="float32")
+    half = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, precision="bfloat16")
+    assert half.dtype == torch.bfloat16 and full.dtype == torch.float32
+    a, b = full.logits(img, clicks), half.logits(img, clicks)
+    assert b.dtype == torch.float32
+    assert (a - b).abs().max() < 0.02 * a.abs().max()
+    assert 0 < (a - b).abs().max()  # the bfloat16 path really ran
+    la = full.parse(img, clicks).labels
+    lb = half.parse(img, clicks).labels
+    assert (la == lb).mean() > 0.95
+
+
+def test_precision_setting_is_checked(monkeypatch):
+    from ihp_backend.settings import Settings
+
+    monkeypatch.setenv("IHP_PRECISION", "bfloat16")
+    assert Settings.from_env().precision == "bfloat16"
+    monkeypatch.setenv("IHP_PRECISION", "half")
+    with pytest.raises(SystemExit, match="IHP_PRECISION must be one of auto, float32, bfloat16"):
+        Settings.from_env()

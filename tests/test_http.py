@@ -44,6 +44,9 @@ def click_body(payloads, x, y, label, positive=True):
 def test_health_and_setup(client, payloads):
     h = client.get("/health").get_json()
     assert h["status"] == "UP" and h["model_loaded"] is True and h["model_version"] == "tiny-test"
+    inf = h["inference"]
+    assert inf["device"] == "cpu" and inf["precision"] in ("float32", "bfloat16")
+    assert inf["refine"] is True and inf["click_radius"] == 10.0 and inf["threads"] >= 1
     assert client.get("/").status_code == 200
     r = client.post("/setup", json=payloads["/setup"]["body"])
     assert r.status_code == 200 and r.get_json() == {"model_version": "tiny-test"}
