@@ -28,14 +28,14 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True when the CPU computes bfloat16 dot products in hardware (x86 ``avx512_bf16`` or
-    ``amx_bf16``, ARM ``bf16``). Elsewhere oneDNN emulates bfloat16, slower than float32."""
+    """True when an x86 CPU computes bfloat16 dot products in hardware (``avx512_bf16`` or
+    ``amx_bf16`` flags, the kind measured here). Elsewhere (older x86, ARM, no /proc) oneDNN may
+    emulate bfloat16, slower than float32, so ``auto`` stays in float32 there."""
     try:
         with open(cpuinfo) as f:
             for line in f:
-                if line.lower().startswith(("flags", "features")):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+                if line.lower().startswith("flags"):
+                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
     except OSError:
         pass
     return False
