@@ -17,13 +17,15 @@
 #    iterative rounds back on, which feed it (resumes runs/ccp_cpu_stage5/last.pt), releases it
 #    (ihp-ccp-mnv3-s14100),
 # 6. continues from that release with a sixth poly schedule, lr 1e-3 over 3000 steps, seed 4
-#    (resumes runs/ccp_cpu_stage6/last.pt), releases it,
-# 7. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
-#    the random-walker floor. About twelve hours on a 2-core CPU: run it in the background.
+#    (resumes runs/ccp_cpu_stage6/last.pt), releases it (ihp-ccp-mnv3-s17100),
+# 7. continues from that release with a seventh poly schedule, lr 1e-3 over 2400 steps, seed 5
+#    (resumes runs/ccp_cpu_stage7/last.pt), releases it,
+# 8. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
+#    the random-walker floor. About fourteen hours on a 2-core CPU: run it in the background.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-VERSION=${VERSION:-ihp-ccp-mnv3-s17100}
+VERSION=${VERSION:-ihp-ccp-mnv3-s19500}
 export IHP_TORCH_THREADS=${IHP_TORCH_THREADS:-2}
 .venv/bin/python -m model_training.train --config model_training/configs/ccp_cpu.yaml
 .venv/bin/python -m model_training.train --config model_training/configs/ccp_cpu.yaml \
@@ -48,8 +50,13 @@ export IHP_TORCH_THREADS=${IHP_TORCH_THREADS:-2}
 .venv/bin/python -m model_training.train --config model_training/configs/ccp_cpu.yaml \
     --set init_from=runs/ccp_cpu_stage5/release.pt --set steps=3000 --set lr=0.001 --set seed=4 \
     --set net.prev_mask=true --out runs/ccp_cpu_stage6
-.venv/bin/python -m model_training.release --checkpoint runs/ccp_cpu_stage6/last.pt --version "$VERSION" \
+.venv/bin/python -m model_training.release --checkpoint runs/ccp_cpu_stage6/last.pt --version ihp-ccp-mnv3-s17100 \
     --recalibrate-bn 16 --out runs/ccp_cpu_stage6/release.pt
+.venv/bin/python -m model_training.train --config model_training/configs/ccp_cpu.yaml \
+    --set init_from=runs/ccp_cpu_stage6/release.pt --set steps=2400 --set lr=0.001 --set seed=5 \
+    --set net.prev_mask=true --out runs/ccp_cpu_stage7
+.venv/bin/python -m model_training.release --checkpoint runs/ccp_cpu_stage7/last.pt --version "$VERSION" \
+    --recalibrate-bn 16 --out runs/ccp_cpu_stage7/release.pt
 .venv/bin/python -m model_training.evaluate --data ../shared/data/ccp --kind ccp --split val --merge ccp12 \
-    --checkpoint runs/ccp_cpu_stage6/release.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
+    --checkpoint runs/ccp_cpu_stage7/release.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
     --out runs/eval_default
