@@ -274,7 +274,7 @@ def main():
     fm = pct(fwd + core_probe.samples + http_probe.samples, 50)
     res = {
         "checkpoint": os.path.relpath(a.checkpoint, ROOT), "model_version": parser.model_version,
-        "serving_hw": list(hw), "precision": str(parser.dtype).replace("torch.", ""),
+        "serving_hw": list(hw), "precision": parser.precision,
         "workers": a.workers, "torch_threads_per_worker": a.threads,
         "forward_ms_p50": round(fm, 1), "core_ms_p50": round(pct(core, 50), 1),
         "http_ccp_ms_p50": round(pct(e2e, 50), 1), "http_ccp_ms_p95": round(pct(e2e, 95), 1),

@@ -149,6 +149,11 @@ class Parser:
         self._stage: tuple[np.ndarray, torch.Tensor] | None = None
         self._drawn: dict = {"rgb": None, "windows": None}  # what the channels-last buffer holds
 
+    @property
+    def precision(self) -> str:
+        """The forward's compute type by name ("float32" or "bfloat16")."""
+        return str(self.dtype).removeprefix("torch.")
+
     def _network_image(self, image: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """The image resized to network size and its normalised RGB planes, cached per image
         object (the fetcher hands the same cached array for every click of a task, so a click

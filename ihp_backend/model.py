@@ -129,7 +129,7 @@ class IHPModel:
         p = self.parser
         if p is None:
             return None
-        return {"device": str(p.device), "precision": str(p.dtype).replace("torch.", ""),
+        return {"device": str(p.device), "precision": p.precision,
                 "max_side": p.max_side, "refine": p.refine, "click_radius": p.click_radius, "flip": p.flip,
                 "threads": torch.get_num_threads() if p.device.type == "cpu" else None}
 

@@ -32,9 +32,10 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from ihp_backend.settings import PRECISIONS
+
 from . import click_simulation as cs
 from .datasets import open_dataset
-from ihp_backend.settings import PRECISIONS
 
 STANDARDS = {"lip": 0.85, "cihp": 0.80, "ppp": 0.80, "pascal-person-part": 0.80, "helen": 0.75,
              "ccp": 0.85}

@@ -27,36 +27,27 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 VERSION=${VERSION:-ihp-ccp-mnv3-s19500}
 export IHP_TORCH_THREADS=${IHP_TORCH_THREADS:-2}
-.venv/bin/python -m model_training.train --config model_training/configs/ccp_cpu.yaml
-.venv/bin/python -m model_training.train --config model_training/configs/ccp_cpu.yaml \
-    --set init_from=runs/ccp_cpu/last.pt --set steps=2400 --set lr=0.001 --out runs/ccp_cpu_cont
-.venv/bin/python -m model_training.release --checkpoint runs/ccp_cpu_cont/last.pt --version ihp-ccp-mnv3-s5700 \
-    --recalibrate-bn 16 --out runs/ccp_cpu_cont/release.pt
-.venv/bin/python -m model_training.train --config model_training/configs/ccp_cpu.yaml \
-    --set init_from=runs/ccp_cpu_cont/release.pt --set steps=2400 --set lr=0.001 --set seed=1 \
-    --out runs/ccp_cpu_stage3
-.venv/bin/python -m model_training.release --checkpoint runs/ccp_cpu_stage3/last.pt --version ihp-ccp-mnv3-s8100 \
-    --recalibrate-bn 16 --out runs/ccp_cpu_stage3/release.pt
-.venv/bin/python -m model_training.train --config model_training/configs/ccp_cpu.yaml \
-    --set init_from=runs/ccp_cpu_stage3/release.pt --set steps=3000 --set lr=0.001 --set seed=2 \
-    --set iterative.enabled=false --out runs/ccp_cpu_stage4
-.venv/bin/python -m model_training.release --checkpoint runs/ccp_cpu_stage4/last.pt --version ihp-ccp-mnv3-s11100 \
-    --recalibrate-bn 16 --out runs/ccp_cpu_stage4/release.pt
-.venv/bin/python -m model_training.train --config model_training/configs/ccp_cpu.yaml \
-    --set init_from=runs/ccp_cpu_stage4/release.pt --set steps=3000 --set lr=0.001 --set seed=3 \
-    --set net.prev_mask=true --out runs/ccp_cpu_stage5
-.venv/bin/python -m model_training.release --checkpoint runs/ccp_cpu_stage5/last.pt --version ihp-ccp-mnv3-s14100 \
-    --recalibrate-bn 16 --out runs/ccp_cpu_stage5/release.pt
-.venv/bin/python -m model_training.train --config model_training/configs/ccp_cpu.yaml \
-    --set init_from=runs/ccp_cpu_stage5/release.pt --set steps=3000 --set lr=0.001 --set seed=4 \
-    --set net.prev_mask=true --out runs/ccp_cpu_stage6
-.venv/bin/python -m model_training.release --checkpoint runs/ccp_cpu_stage6/last.pt --version ihp-ccp-mnv3-s17100 \
-    --recalibrate-bn 16 --out runs/ccp_cpu_stage6/release.pt
-.venv/bin/python -m model_training.train --config model_training/configs/ccp_cpu.yaml \
-    --set init_from=runs/ccp_cpu_stage6/release.pt --set steps=2400 --set lr=0.001 --set seed=5 \
-    --set net.prev_mask=true --out runs/ccp_cpu_stage7
-.venv/bin/python -m model_training.release --checkpoint runs/ccp_cpu_stage7/last.pt --version "$VERSION" \
-    --recalibrate-bn 16 --out runs/ccp_cpu_stage7/release.pt
+CONFIG=model_training/configs/ccp_cpu.yaml
+
+# stage OUT VERSION INIT STEPS [--set ...]: a fresh poly schedule (lr 1e-3) from INIT's weights,
+# trained into runs/OUT (resumes its last.pt), then released as runs/OUT/release.pt
+stage() {
+    local out=$1 version=$2 init=$3 steps=$4
+    shift 4
+    .venv/bin/python -m model_training.train --config "$CONFIG" --set init_from="$init" \
+        --set steps="$steps" --set lr=0.001 "$@" --out "runs/$out"
+    .venv/bin/python -m model_training.release --checkpoint "runs/$out/last.pt" --version "$version" \
+        --recalibrate-bn 16 --out "runs/$out/release.pt"
+}
+
+.venv/bin/python -m model_training.train --config "$CONFIG"
+stage ccp_cpu_cont ihp-ccp-mnv3-s5700 runs/ccp_cpu/last.pt 2400
+stage ccp_cpu_stage3 ihp-ccp-mnv3-s8100 runs/ccp_cpu_cont/release.pt 2400 --set seed=1
+stage ccp_cpu_stage4 ihp-ccp-mnv3-s11100 runs/ccp_cpu_stage3/release.pt 3000 --set seed=2 \
+    --set iterative.enabled=false
+stage ccp_cpu_stage5 ihp-ccp-mnv3-s14100 runs/ccp_cpu_stage4/release.pt 3000 --set seed=3 --set net.prev_mask=true
+stage ccp_cpu_stage6 ihp-ccp-mnv3-s17100 runs/ccp_cpu_stage5/release.pt 3000 --set seed=4 --set net.prev_mask=true
+stage ccp_cpu_stage7 "$VERSION" runs/ccp_cpu_stage6/release.pt 2400 --set seed=5 --set net.prev_mask=true
 .venv/bin/python -m model_training.evaluate --data ../shared/data/ccp --kind ccp --split val --merge ccp12 \
     --checkpoint runs/ccp_cpu_stage7/release.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
     --out runs/eval_default
