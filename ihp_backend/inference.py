@@ -43,8 +43,8 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 def pick_precision(requested: str | None, device: torch.device) -> torch.dtype:
     """Compute type of the network's forward pass: ``float32``, ``bfloat16`` (autocast), or
-    ``auto``: bfloat16 on a CPU that has it natively (the default model's forward at 416x272 on
-    one avx512_bf16 core: 55 -> 37 ms; CCP val mIoU within 0.2 points at every click count),
+    ``auto``: bfloat16 on a CPU that has it natively (the default model's forward at 544x368 on
+    one avx512_bf16 core: 102 -> 59 ms; CCP val mIoU within 0.2 points at every click count),
     float32 elsewhere."""
     req = (requested or "auto").strip().lower()
     if req not in PRECISIONS:
