@@ -171,26 +171,33 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     return net
 
 
-def load_widening_input(net: IHPNet, state_dict: dict) -> int:
-    """Load ``state_dict`` into ``net``; if only the first conv differs, and only by having
-    fewer input channels (e.g. a model trained without the previous-prediction input), copy
-    the channels it has and start the extra ones at zero, so the widened network computes
-    exactly what the original did until training moves those weights.
-    Returns the number of input channels added (0 for an ordinary load)."""
-    first = net.encoder.first_conv()
-    name = "encoder." + net.encoder.first_conv_key()
-    w_old = state_dict.get(name)
-    added = 0
-    if w_old is not None and w_old.shape != first.weight.shape:
-        if w_old.shape[0] != first.weight.shape[0] or w_old.shape[2:] != first.weight.shape[2:] \
-                or w_old.shape[1] > first.weight.shape[1]:
-            raise ValueError(f"{name}: cannot widen {tuple(w_old.shape)} to {tuple(first.weight.shape)}")
-        w = torch.zeros_like(first.weight)
-        w[:, :w_old.shape[1]] = w_old
-        added = first.weight.shape[1] - w_old.shape[1]
-        state_dict = {**state_dict, name: w}
-    net.load_state_dict(state_dict)
-    return added
+def load_widening(net: IHPNet, state_dict: dict) -> dict[str, tuple[tuple, tuple]]:
+    """Load ``state_dict`` into ``net``, which may be *wider* than the network it came from:
+    more input channels (e.g. the previous-prediction input added), a wider stride-4 decoder
+    (``decoder_channels``) or low-level projection (``low_level_channels``). Function-preserving
+    (Net2Net-style): every old tensor is copied into the leading block of the new one; a conv's
+    weights from new input channels start at zero, so new channels feed nothing until training
+    moves those weights, and the widened network computes exactly what the original did
+    (BatchNorm of new channels at its defaults). The ASPP width cannot change: its branches are
+    concatenated, so old channels would not stay a leading block.
+    Returns {tensor name: (old shape, new shape)} of the widened tensors ({} for a plain load)."""
+    own = net.state_dict()
+    loaded, widened = dict(state_dict), {}
+    for name, old in state_dict.items():
+        new = own.get(name)
+        if new is None or new.shape == old.shape:
+            continue
+        grows = old.dim() == new.dim() and all(o <= n for o, n in zip(old.shape, new.shape))
+        if not grows or name.startswith("aspp.") or (old.dim() == 4 and old.shape[2:] != new.shape[2:]):
+            raise ValueError(f"{name}: cannot widen {tuple(old.shape)} to {tuple(new.shape)}")
+        w = new.detach().clone()
+        if w.dim() == 4:
+            w[:, old.shape[1]:] = 0  # nothing flows from the new input channels
+        w[tuple(slice(0, n) for n in old.shape)] = old
+        loaded[name] = w
+        widened[name] = (tuple(old.shape), tuple(new.shape))
+    net.load_state_dict(loaded)
+    return widened
 
 
 def load_backbone_weights(net: IHPNet, path: str) -> list[str]:

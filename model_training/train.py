@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ihp_backend.checkpoint import Binding, make_checkpoint, read_checkpoint, save_checkpoint
 from ihp_backend.clicks import IMAGENET_MEAN, IMAGENET_STD, network_input
-from ihp_backend.network import NetConfig, build_network, load_backbone_weights, load_widening_input
+from ihp_backend.network import NetConfig, build_network, load_backbone_weights, load_widening
 
 from . import click_simulation as cs
 from .datasets import open_dataset
@@ -216,9 +216,10 @@ def train(cfg: dict, dataset=None, init_state: dict | None = None, binding: Bind
     elif init_state is not None:
         net.load_state_dict(init_state)
     elif cfg.get("init_from"):
-        added = load_widening_input(net, read_checkpoint(cfg["init_from"])["state_dict"])
-        if rank == 0 and added:
-            print(f"init_from: first conv widened by {added} zero input channels", file=sys.stderr)
+        widened = load_widening(net, read_checkpoint(cfg["init_from"])["state_dict"])
+        if rank == 0 and widened:
+            print(f"init_from: widened {len(widened)} tensors (new channels start silent): "
+                  + ", ".join(f"{n} {o} -> {w}" for n, (o, w) in widened.items()), file=sys.stderr)
     elif cfg.get("backbone_weights"):
         missing = load_backbone_weights(net, cfg["backbone_weights"])
         if rank == 0 and missing:

@@ -7,7 +7,7 @@ import yaml
 from torchvision.models import mobilenet_v3_large, resnet50
 
 from ihp_backend.checkpoint import Binding, binding_of, make_checkpoint, network_of, read_checkpoint, save_checkpoint
-from ihp_backend.network import NetConfig, build_network, load_backbone_weights, load_widening_input
+from ihp_backend.network import NetConfig, build_network, load_backbone_weights, load_widening
 from tests.conftest import ROOT
 
 
@@ -96,11 +96,42 @@ def test_widening_the_input_keeps_what_the_network_computes():
     wide = NetConfig(num_slots=5, aspp_channels=16, decoder_channels=16, prev_mask=True)
     a = build_network(small).eval()
     b = build_network(wide).eval()
-    assert load_widening_input(b, a.state_dict()) == 5
+    widened = load_widening(b, a.state_dict())
+    assert list(widened.values()) == [((16, 8, 7, 7), (16, 13, 7, 7))]  # the first conv only
     x = torch.randn(2, small.in_channels, 64, 48)
     x_wide = torch.cat([x, torch.rand(2, 5, 64, 48)], 1)  # whatever the previous prediction is
     with torch.no_grad():
         assert torch.allclose(a(x), b(x_wide), atol=1e-5)
-    assert load_widening_input(a, a.state_dict()) == 0  # an ordinary load
+    assert load_widening(a, a.state_dict()) == {}  # an ordinary load
     with pytest.raises(ValueError, match="cannot widen"):
-        load_widening_input(a, b.state_dict())
+        load_widening(a, b.state_dict())
+
+
+def test_widening_the_decoder_keeps_what_the_network_computes_and_then_learns():
+    """A wider stride-4 decoder and low-level projection (more capacity where the parse is
+    drawn) from a trained narrower model: same logits at the start, and the new channels
+    receive gradient through their (zero) outgoing weights, so training can use them."""
+    torch.manual_seed(0)
+    small = NetConfig(num_slots=5, aspp_channels=16, decoder_channels=16, low_level_channels=8)
+    wide = NetConfig(num_slots=5, aspp_channels=16, decoder_channels=32, low_level_channels=12,
+                     prev_mask=True)
+    a = build_network(small)
+    a.train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        a(torch.randn(4, small.in_channels, 64, 48))
+    a.eval()
+    b = build_network(wide)
+    widened = load_widening(b, a.state_dict())
+    assert widened["classifier.weight"] == ((5, 16, 1, 1), (5, 32, 1, 1))
+    assert widened["low_proj.0.weight"] == ((8, 24, 1, 1), (12, 24, 1, 1))
+    b.eval()
+    x = torch.randn(2, small.in_channels, 64, 48)
+    x_wide = torch.cat([x, torch.rand(2, 5, 64, 48)], 1)
+    with torch.no_grad():
+        assert torch.allclose(a(x), b(x_wide), atol=1e-5)
+    b.train()
+    b(x_wide).logsumexp(1).mean().backward()
+    assert b.classifier.weight.grad[:, 16:].abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot widen"):  # the ASPP width is fixed
+        load_widening(build_network(NetConfig(num_slots=5, aspp_channels=24, decoder_channels=16,
+                                              low_level_channels=8)), a.state_dict())
