@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -137,6 +139,34 @@ def test_pick_precision():
     assert pick_precision("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     with pytest.raises(ValueError, match="auto, float32, bfloat16"):
         pick_precision("fp16", cpu)
+
+
+def test_auto_precision_keeps_the_faster_compute_type():
+    """``auto`` times the forward in both compute types: a CPU flag alone mispredicted it on
+    one of our machines (bfloat16 1.5x slower there). Here a net that is slow under autocast,
+    then one that is slow without it."""
+    from ihp_backend.inference import faster_dtype
+
+    class Slow(torch.nn.Module):
+        def __init__(self, slow_in_bf16: bool):
+            super().__init__()
+            self.slow_in_bf16 = slow_in_bf16
+
+        def forward(self, x, features=False):
+            in_bf16 = torch.is_autocast_enabled("cpu")
+            time.sleep(0.02 if in_bf16 == self.slow_in_bf16 else 0.001)
+            return x
+
+    x = torch.zeros(1, 3, 8, 8)
+    assert faster_dtype(Slow(slow_in_bf16=True), x) == torch.float32
+    assert faster_dtype(Slow(slow_in_bf16=False), x) == torch.bfloat16
+
+
+def test_auto_parser_runs_one_of_the_two_types(tiny_checkpoint):
+    from ihp_backend.inference import Parser
+
+    p = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, precision="auto")
+    assert p.precision in ("float32", "bfloat16")
 
 
 def test_bfloat16_parser_matches_float32(tiny_checkpoint):
