@@ -381,8 +381,9 @@ def main(argv=None):
                     help="each click claims its colour within this many network pixels "
                          "(the backend's IHP_CLICK_RADIUS; 0: off)")
     ap.add_argument("--precision", default="auto", choices=PRECISIONS,
-                    help="the forward's compute type (the backend's IHP_PRECISION; auto: bfloat16 "
-                         "on a CPU with native bfloat16, else float32)")
+                    help="the forward's compute type (the backend's IHP_PRECISION; auto: on a CPU "
+                         "with native bfloat16, whichever of the two is faster, timed at load; "
+                         "else float32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--include", action="append", default=[],
