@@ -22,13 +22,15 @@
 #    (resumes runs/ccp_cpu_stage7/last.pt), releases it (ihp-ccp-mnv3-s19500),
 # 8. continues from that release with an eighth poly schedule, lr 1e-3 over 2000 steps, seed 6, at
 #    higher resolution: crops 448x320 at 0.65 x scale, trained and served at 544 px (resumes
-#    runs/ccp_cpu_stage8_hr/last.pt), releases it,
-# 9. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
-#    the random-walker floor. About sixteen hours on a 2-core CPU: run it in the background.
+#    runs/ccp_cpu_stage8_hr/last.pt), releases it (ihp-ccp-mnv3-s21500),
+# 9. continues from that release with a ninth poly schedule, lr 1e-3 over 1000 steps, seed 7, at
+#    576 px: crops 472x336 at 0.69 x scale (resumes runs/ccp_cpu_stage9_576/last.pt), releases it,
+# 10. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
+#    the random-walker floor. About eighteen hours on a 2-core CPU: run it in the background.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-VERSION=${VERSION:-ihp-ccp-mnv3-s21500}
+VERSION=${VERSION:-ihp-ccp-mnv3-s22500}
 export IHP_TORCH_THREADS=${IHP_TORCH_THREADS:-2}
 CONFIG=model_training/configs/ccp_cpu.yaml
 
@@ -51,8 +53,10 @@ stage ccp_cpu_stage4 ihp-ccp-mnv3-s11100 runs/ccp_cpu_stage3/release.pt 3000 --s
 stage ccp_cpu_stage5 ihp-ccp-mnv3-s14100 runs/ccp_cpu_stage4/release.pt 3000 --set seed=3 --set net.prev_mask=true
 stage ccp_cpu_stage6 ihp-ccp-mnv3-s17100 runs/ccp_cpu_stage5/release.pt 3000 --set seed=4 --set net.prev_mask=true
 stage ccp_cpu_stage7 ihp-ccp-mnv3-s19500 runs/ccp_cpu_stage6/release.pt 2400 --set seed=5 --set net.prev_mask=true
-stage ccp_cpu_stage8_hr "$VERSION" runs/ccp_cpu_stage7/release.pt 2000 --set seed=6 --set net.prev_mask=true \
+stage ccp_cpu_stage8_hr ihp-ccp-mnv3-s21500 runs/ccp_cpu_stage7/release.pt 2000 --set seed=6 --set net.prev_mask=true \
     --set sample.base_scale=0.65 --set "sample.crop=[448,320]" --set input_size=544
+stage ccp_cpu_stage9_576 "$VERSION" runs/ccp_cpu_stage8_hr/release.pt 1000 --set seed=7 --set net.prev_mask=true \
+    --set sample.base_scale=0.69 --set "sample.crop=[472,336]" --set input_size=576
 .venv/bin/python -m model_training.evaluate --data ../shared/data/ccp --kind ccp --split val --merge ccp12 \
-    --checkpoint runs/ccp_cpu_stage8_hr/release.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
+    --checkpoint runs/ccp_cpu_stage9_576/release.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
     --out runs/eval_default
