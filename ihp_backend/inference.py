@@ -60,7 +60,7 @@ def faster_dtype(net: torch.nn.Module, x: torch.Tensor, dtypes=(torch.float32, t
     """The compute type (autocast) in which ``net`` runs ``x`` faster, timed here: one warm-up
     forward each, then ``repeats`` interleaved rounds, median per type. A CPU flag is not enough:
     two machines reporting the same ``avx512_bf16`` flag measured the default's forward at
-    544x368 102 -> 59 ms and 119 -> 183 ms going from float32 to bfloat16."""
+    544x368 102 -> 59 ms and 149 -> 212 ms going from float32 to bfloat16."""
     times: dict = {d: [] for d in dtypes}
     with torch.inference_mode():
         for r in range(repeats + 1):
@@ -164,7 +164,7 @@ class Parser:
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(int(threads))
         if self.dtype != torch.float32 and (precision or "auto").strip().lower() == "auto":
-            # auto: keep bfloat16 only if it is faster here, at the serving size (about 1 s once)
+            # auto: keep bfloat16 only if it is faster here, at the serving size (1-3 s once)
             hw = network_size((2 * self.max_side // 3, self.max_side), self.max_side)
             probe = torch.zeros((1, self.net.cfg.in_channels) + hw, device=self.device)
             self.dtype = faster_dtype(self.net, probe.contiguous(memory_format=torch.channels_last))
