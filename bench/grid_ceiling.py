@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from ihp_backend.inference import network_size  # noqa: E402
 from model_training.datasets import open_dataset  # noqa: E402
+from model_training.evaluate import confusion, iou_per_class, miou  # noqa: E402
 
 
 def grid_roundtrip(label: np.ndarray, num_classes: int, grid_hw: tuple[int, int]) -> np.ndarray:
@@ -47,18 +48,13 @@ def main(argv=None) -> None:
     labels = [ds.load(i)[1] for i in range(0, len(ds), a.every)]
     for side in a.sides:
         for stride in a.strides:
-            inter, union = np.zeros(n_cls), np.zeros(n_cls)
+            conf = np.zeros((n_cls, n_cls), np.int64)
             for lab in labels:
                 h, w = network_size(lab.shape, side)
-                pred = grid_roundtrip(lab, n_cls, (h // stride, w // stride))
-                for c in range(n_cls):
-                    gt, pr = lab == c, pred == c
-                    inter[c] += np.count_nonzero(gt & pr)
-                    union[c] += np.count_nonzero(gt | pr)
-            present = union > 0
-            iou = inter[present] / union[present]
-            per_class = ", ".join(f"{n} {v:.1%}" for n, v in zip(np.asarray(ds.classes)[present], iou))
-            print(f"side {side} stride {stride}: mIoU {iou.mean():.1%} over {len(labels)} images "
+                conf += confusion(lab, grid_roundtrip(lab, n_cls, (h // stride, w // stride)), n_cls)
+            iou = iou_per_class(conf)
+            per_class = ", ".join(f"{n} {v:.1%}" for n, v in zip(ds.classes, iou) if not np.isnan(v))
+            print(f"side {side} stride {stride}: mIoU {miou(conf):.1%} over {len(labels)} images "
                   f"({per_class})")
 
 
