@@ -196,3 +196,31 @@ def test_precision_setting_is_checked(monkeypatch):
     monkeypatch.setenv("IHP_PRECISION", "half")
     with pytest.raises(SystemExit, match="IHP_PRECISION must be one of auto, float32, bfloat16"):
         Settings.from_env()
+
+
+def test_cpu_forward_flushes_denormals_in_the_request_thread(tiny_checkpoint):
+    """Denormals slow CPU float math several-fold; each forward turns flushing on in the thread
+    that serves the request (the flag is per thread)."""
+    import threading
+
+    from ihp_backend.inference import Parser
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    p = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, precision="float32")
+    img = np.random.default_rng(3).integers(0, 255, (64, 48, 3), dtype=np.uint8)
+    clicks = np.array([[10, 5, 1], [40, 30, 2]], float)
+    seen = {}
+
+    def request():
+        torch.set_flush_denormal(False)
+        seen["before"] = (torch.tensor([1e-39]) * 1.0).item()
+        seen["labels"] = p.parse(img, clicks).labels
+        seen["after"] = (torch.tensor([1e-39]) * 1.0).item()
+
+    t = threading.Thread(target=request)
+    t.start()
+    t.join()
+    assert seen["before"] != 0.0 and seen["after"] == 0.0
+    assert seen["labels"].shape == (64, 48)
+    torch.set_flush_denormal(False)
