@@ -24,13 +24,17 @@
 #    higher resolution: crops 448x320 at 0.65 x scale, trained and served at 544 px (resumes
 #    runs/ccp_cpu_stage8_hr/last.pt), releases it (ihp-ccp-mnv3-s21500),
 # 9. continues from that release with a ninth poly schedule, lr 1e-3 over 1000 steps, seed 7, at
-#    576 px: crops 472x336 at 0.69 x scale (resumes runs/ccp_cpu_stage9_576/last.pt), releases it,
-# 10. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
-#    the random-walker floor. About eighteen hours on a 2-core CPU: run it in the background.
+#    576 px: crops 472x336 at 0.69 x scale (resumes runs/ccp_cpu_stage9_576/last.pt), releases it
+#    (ihp-ccp-mnv3-s22500),
+# 10. continues from that release with a tenth poly schedule, lr 1e-3 over 700 steps, seed 8, at
+#    576 px, with the stride-4 decoder widened 96 -> 192 channels and the low-level projection
+#    32 -> 48 (new channels start silent; resumes runs/stage10_wide/last.pt), releases it,
+# 11. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
+#    the random-walker floor. About nineteen hours on a 2-core CPU: run it in the background.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-VERSION=${VERSION:-ihp-ccp-mnv3-s22500}
+VERSION=${VERSION:-ihp-ccp-mnv3-s23200}
 export IHP_TORCH_THREADS=${IHP_TORCH_THREADS:-2}
 CONFIG=model_training/configs/ccp_cpu.yaml
 
@@ -55,8 +59,11 @@ stage ccp_cpu_stage6 ihp-ccp-mnv3-s17100 runs/ccp_cpu_stage5/release.pt 3000 --s
 stage ccp_cpu_stage7 ihp-ccp-mnv3-s19500 runs/ccp_cpu_stage6/release.pt 2400 --set seed=5 --set net.prev_mask=true
 stage ccp_cpu_stage8_hr ihp-ccp-mnv3-s21500 runs/ccp_cpu_stage7/release.pt 2000 --set seed=6 --set net.prev_mask=true \
     --set sample.base_scale=0.65 --set "sample.crop=[448,320]" --set input_size=544
-stage ccp_cpu_stage9_576 "$VERSION" runs/ccp_cpu_stage8_hr/release.pt 1000 --set seed=7 --set net.prev_mask=true \
+stage ccp_cpu_stage9_576 ihp-ccp-mnv3-s22500 runs/ccp_cpu_stage8_hr/release.pt 1000 --set seed=7 --set net.prev_mask=true \
     --set sample.base_scale=0.69 --set "sample.crop=[472,336]" --set input_size=576
+stage stage10_wide "$VERSION" runs/ccp_cpu_stage9_576/release.pt 700 --set seed=8 --set net.prev_mask=true \
+    --set sample.base_scale=0.69 --set "sample.crop=[472,336]" --set input_size=576 \
+    --set net.decoder_channels=192 --set net.low_level_channels=48
 .venv/bin/python -m model_training.evaluate --data ../shared/data/ccp --kind ccp --split val --merge ccp12 \
-    --checkpoint runs/ccp_cpu_stage9_576/release.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
+    --checkpoint runs/stage10_wide/release.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
     --out runs/eval_default
