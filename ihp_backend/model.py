@@ -265,6 +265,8 @@ class IHPModel:
         url = data.get(setup.image_key) if isinstance(data, dict) else None
         if not url:
             raise RequestError(f"task {task['id']} has no image in data[{setup.image_key!r}]")
+        if not isinstance(url, str):
+            raise RequestError(f"task {task['id']}: data[{setup.image_key!r}] must be a string (the image's URL)")
         t0 = time.perf_counter()
         try:
             image = self.fetcher.get(url)
@@ -374,6 +376,9 @@ class IHPModel:
         st = self._require_store()
         try:
             return fn(st)
+        except (sqlite3.ProgrammingError, sqlite3.InterfaceError) as e:
+            # a payload value SQLite cannot bind (a list, a dict): the request is wrong, not the disk
+            raise RequestError(f"the payload holds a value that cannot be stored: {e}") from None
         except (OSError, sqlite3.Error) as e:
             if is_transient(e):
                 raise RequestError("annotation store is busy; Label Studio will retry", status=503) from None
@@ -403,6 +408,8 @@ class IHPModel:
         brush = [r for r in result if isinstance(r, dict) and r.get("type") == "brushlabels"]
         data = task.get("data")
         url = data.get(setup.image_key) if isinstance(data, dict) else None
+        if url is not None and not isinstance(url, str):
+            raise RequestError(f"task.data.{setup.image_key} must be a string (the image's URL)")
         image, err = None, None
         if brush and url:
             try:

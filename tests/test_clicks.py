@@ -198,29 +198,40 @@ def test_precision_setting_is_checked(monkeypatch):
         Settings.from_env()
 
 
-def test_cpu_forward_flushes_denormals_in_the_request_thread(tiny_checkpoint):
-    """Denormals slow CPU float math several-fold; each forward turns flushing on in the thread
-    that serves the request (the flag is per thread)."""
+def test_cpu_forward_flushes_denormals_and_restores_the_thread(tiny_checkpoint):
+    """Denormals slow CPU float math several-fold: the forward runs with flushing on, in the
+    request's own thread (the flag is per thread), and leaves the thread as it found it."""
     import threading
 
-    from ihp_backend.inference import Parser
+    from ihp_backend.inference import Parser, denormals_flushed
+
+    def tiny_survives():
+        return (torch.tensor([1e-39]) * 1.0).item() != 0.0
 
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush denormals")
+    with denormals_flushed():
+        assert not tiny_survives()
+    assert tiny_survives()
     p = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, precision="float32")
+    assert tiny_survives()
+    forward, seen = p.net.forward, {}
+
+    def recording_forward(*args, **kwargs):
+        seen["tiny_survives_in_forward"] = tiny_survives()
+        return forward(*args, **kwargs)
+
+    p.net.forward = recording_forward
     img = np.random.default_rng(3).integers(0, 255, (64, 48, 3), dtype=np.uint8)
     clicks = np.array([[10, 5, 1], [40, 30, 2]], float)
-    seen = {}
 
     def request():
-        torch.set_flush_denormal(False)
-        seen["before"] = (torch.tensor([1e-39]) * 1.0).item()
         seen["labels"] = p.parse(img, clicks).labels
-        seen["after"] = (torch.tensor([1e-39]) * 1.0).item()
+        seen["tiny_survives_after"] = tiny_survives()
 
     t = threading.Thread(target=request)
     t.start()
     t.join()
-    assert seen["before"] != 0.0 and seen["after"] == 0.0
+    assert seen["tiny_survives_in_forward"] is False
+    assert seen["tiny_survives_after"] is True
     assert seen["labels"].shape == (64, 48)
-    torch.set_flush_denormal(False)

@@ -100,6 +100,22 @@ def test_webhook_annotation_clears_history(client, model, payloads):
     assert r.status_code == 201
 
 
+def test_webhook_with_unstorable_values_is_4xx_and_keeps_the_store(client, payloads):
+    """A malformed payload (found by the fuzz test: task.data.image a list) is the request's
+    fault: 400, and the next well-formed annotation is still stored."""
+    wh = copy.deepcopy(payloads["/webhook_ANNOTATION_CREATED"]["body"])
+    bad = copy.deepcopy(wh)
+    bad["task"]["data"] = {k: ["a", "list"] for k in bad["task"]["data"]}
+    r = client.post("/webhook", json=bad)
+    assert r.status_code == 400 and "must be a string" in r.get_json()["error"]
+    r = client.post("/webhook", json=wh)
+    assert r.status_code == 201 and r.get_json()["stored"] is True
+    b = click_body(payloads, 10, 10, "Hair")
+    b["tasks"][0]["data"] = {k: ["a", "list"] for k in b["tasks"][0]["data"]}
+    r = client.post("/predict", json=b)
+    assert r.status_code == 400 and "must be a string" in r.get_json()["error"]
+
+
 @pytest.mark.parametrize("body,status,needle", [
     ("not json", 400, "JSON object"),
     ({"tasks": []}, 400, "non-empty list"),
