@@ -55,6 +55,15 @@ def _cached_setup(label_config: str) -> LabelSetup:
     return parse_label_config(label_config)
 
 
+def _image_url(task: dict, key: str):
+    """The task's image URL from ``task["data"][key]``: None when absent, a 400 when not a string."""
+    data = task.get("data")
+    url = data.get(key) if isinstance(data, dict) else None
+    if url and not isinstance(url, str):
+        raise RequestError(f"task.data.{key} must be a string (the image's URL)")
+    return url
+
+
 class IHPModel:
     """One per worker process. The network loads in a background thread at start."""
 
@@ -261,12 +270,9 @@ class IHPModel:
             if not clicks:
                 self._forget_prev(project, task["id"])
                 return self._empty(parser)
-        data = task.get("data")
-        url = data.get(setup.image_key) if isinstance(data, dict) else None
+        url = _image_url(task, setup.image_key)
         if not url:
             raise RequestError(f"task {task['id']} has no image in data[{setup.image_key!r}]")
-        if not isinstance(url, str):
-            raise RequestError(f"task {task['id']}: data[{setup.image_key!r}] must be a string (the image's URL)")
         t0 = time.perf_counter()
         try:
             image = self.fetcher.get(url)
@@ -406,10 +412,7 @@ class IHPModel:
         if not isinstance(result, list):
             raise RequestError("annotation.result must be a list")
         brush = [r for r in result if isinstance(r, dict) and r.get("type") == "brushlabels"]
-        data = task.get("data")
-        url = data.get(setup.image_key) if isinstance(data, dict) else None
-        if url is not None and not isinstance(url, str):
-            raise RequestError(f"task.data.{setup.image_key} must be a string (the image's URL)")
+        url = _image_url(task, setup.image_key)
         image, err = None, None
         if brush and url:
             try:
