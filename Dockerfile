@@ -8,7 +8,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MODEL_DIR=/data/model_dir \
     IHP_BIND=0.0.0.0:9090 \
-    IHP_WORKERS=2 \
     IHP_THREADS=4
 
 RUN useradd --create-home --uid 1000 ihp

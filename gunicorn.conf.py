@@ -1,8 +1,12 @@
 """gunicorn settings for the IHP backend (read automatically from the repo root)."""
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ihp_backend.settings import default_workers  # noqa: E402  (no torch import: cheap)
 
 bind = os.environ.get("IHP_BIND", "127.0.0.1:9090")
-workers = int(os.environ.get("IHP_WORKERS", "2"))
+workers = default_workers()  # IHP_WORKERS, else one per 4 cores (1 on a 2-core box)
 threads = int(os.environ.get("IHP_THREADS", "4"))
 timeout = int(os.environ.get("IHP_TIMEOUT", "120"))
 graceful_timeout = 30

@@ -1,7 +1,6 @@
 """Clicks + image -> parse. Pure arrays in and out; no HTTP, no Label Studio."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 import weakref
@@ -337,12 +336,3 @@ class Parser:
             score = float(best.mean())
         timings["upsample"] = time.perf_counter() - t0
         return ParseResult(labels=labels, confidence=conf, score=score, timings=timings)
-
-
-def default_threads() -> int:
-    """A sensible CPU thread count per worker: the cores divided among gunicorn workers."""
-    env = os.environ.get("IHP_TORCH_THREADS")
-    if env:
-        return max(1, int(env))
-    workers = int(os.environ.get("IHP_WORKERS", "2"))
-    return max(1, (os.cpu_count() or 2) // max(1, workers))

@@ -22,12 +22,12 @@ from .annotations import AnnotationStore
 from .checkpoint import BindingError
 from .history import ClickHistory, MemoryHistory, is_transient, project_key
 from .images import FetchSettings, ImageFetcher, ImageFetchError
-from .inference import Parser, default_threads
+from .inference import Parser
 from .locks import is_locked
 from .ls_format import (ClickError, LabelConfigError, LabelSetup, brush_results, keypoints_to_clicks,
                         parse_label_config, validate_results)
 from .registry import Registry
-from .settings import Settings
+from .settings import Settings, default_torch_threads
 
 log = logging.getLogger("ihp_backend")
 
@@ -217,7 +217,7 @@ class IHPModel:
         st = self.settings
         return dict(device=st.device, max_side=st.max_side, flip=st.flip, refine=st.refine,
                     click_radius=st.click_radius, precision=st.precision,
-                    threads=st.torch_threads or default_threads())
+                    threads=st.torch_threads or default_torch_threads())
 
     def _load_project(self, p: str, info: dict) -> None:
         try:

@@ -38,3 +38,28 @@ def test_compose_wires_label_studio_and_backend():
 def test_requirements_pin_torch():
     req = open(os.path.join(ROOT, "requirements.txt")).read()
     assert "torch==2.14.1" in req and "torchvision==0.29.1" in req
+
+
+def test_workers_and_threads_default_to_the_cores(monkeypatch):
+    """Unset: one worker per 4 cores (one on a 2-core box, so a click gets both cores) and the
+    cores shared among the workers; the environment overrides either."""
+    from ihp_backend import settings
+    for var in ("IHP_WORKERS", "IHP_TORCH_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    for cores, workers, threads in [(1, 1, 1), (2, 1, 2), (4, 1, 4), (8, 2, 4), (16, 4, 4)]:
+        monkeypatch.setattr(settings, "cpu_cores", lambda c=cores: c)
+        assert (settings.default_workers(), settings.default_torch_threads()) == (workers, threads)
+    monkeypatch.setenv("IHP_WORKERS", "2")
+    assert (settings.default_workers(), settings.default_torch_threads()) == (2, 8)
+    monkeypatch.setenv("IHP_TORCH_THREADS", "3")
+    assert settings.default_torch_threads() == 3
+
+
+def test_gunicorn_conf_takes_the_default_workers(monkeypatch):
+    import runpy
+    monkeypatch.delenv("IHP_WORKERS", raising=False)
+    from ihp_backend import settings
+    conf = runpy.run_path(os.path.join(ROOT, "gunicorn.conf.py"))
+    assert conf["workers"] == settings.default_workers()
+    monkeypatch.setenv("IHP_WORKERS", "3")
+    assert runpy.run_path(os.path.join(ROOT, "gunicorn.conf.py"))["workers"] == 3
