@@ -71,17 +71,20 @@ def denormals_flushed(enabled: bool = True):
 
 
 def faster_dtype(net: torch.nn.Module, x: torch.Tensor, dtypes=(torch.float32, torch.bfloat16),
-                 repeats: int = 3) -> torch.dtype:
+                 repeats: int = 3, flush_denormals: bool = False) -> torch.dtype:
     """The compute type (autocast) in which ``net`` runs ``x`` faster, timed here: one warm-up
     forward each, then ``repeats`` interleaved rounds, median per type. A CPU flag is not enough:
     two machines reporting the same ``avx512_bf16`` flag measured the default's forward at
-    544x368 102 -> 59 ms and 149 -> 212 ms going from float32 to bfloat16."""
+    544x368 102 -> 59 ms and 149 -> 212 ms going from float32 to bfloat16. ``flush_denormals``
+    times what the served forward runs; only the forwards run flushed (numpy computed its
+    float limits as zero when it first ran inside the flushed block, and kept them)."""
     times: dict = {d: [] for d in dtypes}
     with torch.inference_mode():
         for r in range(repeats + 1):
             for d in dtypes:
                 t0 = time.perf_counter()
-                with torch.autocast(x.device.type, dtype=d, enabled=d != torch.float32):
+                with denormals_flushed(flush_denormals), \
+                        torch.autocast(x.device.type, dtype=d, enabled=d != torch.float32):
                     net(x, features=True)
                 if r:
                     times[d].append(time.perf_counter() - t0)
@@ -182,8 +185,8 @@ class Parser:
             # auto: keep bfloat16 only if it is faster here, at the serving size (1-3 s once)
             hw = network_size((2 * self.max_side // 3, self.max_side), self.max_side)
             probe = torch.zeros((1, self.net.cfg.in_channels) + hw, device=self.device)
-            with denormals_flushed(self.device.type == "cpu"):  # time what the forward will run
-                self.dtype = faster_dtype(self.net, probe.contiguous(memory_format=torch.channels_last))
+            self.dtype = faster_dtype(self.net, probe.contiguous(memory_format=torch.channels_last),
+                                      flush_denormals=self.device.type == "cpu")
         self._lock = threading.Lock()
         self._resized: OrderedDict[int, tuple] = OrderedDict()  # id(image) -> (weakref, hw, small)
         self._stage: tuple[np.ndarray, torch.Tensor] | None = None

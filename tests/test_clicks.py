@@ -1,3 +1,5 @@
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -5,6 +7,7 @@ import pytest
 import torch
 
 from ihp_backend.clicks import localization_maps, network_input, scale_clicks
+from tests.conftest import ROOT
 
 
 def brute_force_maps(clicks, hw, num_slots, trunc=255.0):
@@ -160,6 +163,22 @@ def test_auto_precision_keeps_the_faster_compute_type():
     x = torch.zeros(1, 3, 8, 8)
     assert faster_dtype(Slow(slow_in_bf16=True), x) == torch.float32
     assert faster_dtype(Slow(slow_in_bf16=False), x) == torch.bfloat16
+
+
+def test_precision_probe_flushes_only_the_forwards():
+    """The probe times flushed forwards, but numpy must not first compute its float limits
+    while flushing is on (it cached a smallest subnormal of zero and warned): run in a fresh
+    process so that numpy.ma, whose import computes them, is not loaded yet."""
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('error')\n"
+        "from ihp_backend.inference import faster_dtype\n"
+        "faster_dtype(lambda x, features=False: x * 1.0, torch.zeros(1, 3, 8, 8), flush_denormals=True)\n"
+        "import numpy as np\n"
+        "assert np.finfo(np.float32).smallest_subnormal > 0\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_auto_parser_runs_one_of_the_two_types(tiny_checkpoint):
