@@ -28,13 +28,16 @@
 #    (ihp-ccp-mnv3-s22500),
 # 10. continues from that release with a tenth poly schedule, lr 1e-3 over 700 steps, seed 8, at
 #    576 px, with the stride-4 decoder widened 96 -> 192 channels and the low-level projection
-#    32 -> 48 (new channels start silent; resumes runs/stage10_wide/last.pt), releases it,
-# 11. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
-#    the random-walker floor. About nineteen hours on a 2-core CPU: run it in the background.
+#    32 -> 48 (new channels start silent; resumes runs/stage10_wide/last.pt), releases it
+#    (ihp-ccp-mnv3-s23200),
+# 11. continues from that release with an eleventh poly schedule, lr 6e-4 over 650 steps, seed 9,
+#    the same network and size (resumes runs/stage11/last.pt), releases it,
+# 12. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
+#    the random-walker floor. About twenty hours on a 2-core CPU: run it in the background.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-VERSION=${VERSION:-ihp-ccp-mnv3-s23200}
+VERSION=${VERSION:-ihp-ccp-mnv3-s23850}
 export IHP_TORCH_THREADS=${IHP_TORCH_THREADS:-2}
 CONFIG=model_training/configs/ccp_cpu.yaml
 
@@ -61,9 +64,12 @@ stage ccp_cpu_stage8_hr ihp-ccp-mnv3-s21500 runs/ccp_cpu_stage7/release.pt 2000 
     --set sample.base_scale=0.65 --set "sample.crop=[448,320]" --set input_size=544
 stage ccp_cpu_stage9_576 ihp-ccp-mnv3-s22500 runs/ccp_cpu_stage8_hr/release.pt 1000 --set seed=7 --set net.prev_mask=true \
     --set sample.base_scale=0.69 --set "sample.crop=[472,336]" --set input_size=576
-stage stage10_wide "$VERSION" runs/ccp_cpu_stage9_576/release.pt 700 --set seed=8 --set net.prev_mask=true \
+stage stage10_wide ihp-ccp-mnv3-s23200 runs/ccp_cpu_stage9_576/release.pt 700 --set seed=8 --set net.prev_mask=true \
+    --set sample.base_scale=0.69 --set "sample.crop=[472,336]" --set input_size=576 \
+    --set net.decoder_channels=192 --set net.low_level_channels=48
+stage stage11 "$VERSION" runs/stage10_wide/release.pt 650 --set seed=9 --set lr=0.0006 --set net.prev_mask=true \
     --set sample.base_scale=0.69 --set "sample.crop=[472,336]" --set input_size=576 \
     --set net.decoder_channels=192 --set net.low_level_channels=48
 .venv/bin/python -m model_training.evaluate --data ../shared/data/ccp --kind ccp --split val --merge ccp12 \
-    --checkpoint runs/stage10_wide/release.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
+    --checkpoint runs/stage11/release.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
     --out runs/eval_default
