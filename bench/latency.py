@@ -37,7 +37,7 @@ sys.path.insert(0, ROOT)
 from ihp_backend.clicks import network_input, scale_clicks  # noqa: E402
 from ihp_backend.inference import Parser, network_size, resize_image  # noqa: E402
 from ihp_backend.ls_format import brush_results, label_map_to_rles, parse_label_config  # noqa: E402
-from ihp_backend.settings import DEFAULT_CHECKPOINT, PRECISIONS, cpu_cores, default_workers  # noqa: E402
+from ihp_backend.settings import DEFAULT_CHECKPOINT, PRECISIONS, default_torch_threads, default_workers  # noqa: E402
 
 CCP = os.path.join(os.path.dirname(ROOT), "shared", "data", "ccp")
 LIP_CONFIG = open(os.path.join(ROOT, "label_config.xml")).read()
@@ -225,12 +225,12 @@ def main():
     ap.add_argument("--workers", type=int, default=None,
                     help="gunicorn workers (default: the backend's, IHP_WORKERS or cores / 4)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads per worker, also used in process (default: cores / workers)")
+                    help="torch threads per worker, also used in process (default: IHP_TORCH_THREADS or cores / workers)")
     ap.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="the forward's compute type, in process and in the backend (IHP_PRECISION)")
     a = ap.parse_args()
     a.workers = a.workers or default_workers()
-    a.threads = a.threads or max(1, cpu_cores() // a.workers)
+    a.threads = a.threads or default_torch_threads(a.workers)
     torch.set_num_threads(a.threads)  # the in-process numbers use what one worker uses
     parser = Parser.from_file(a.checkpoint, precision=a.precision)
     photo = ccp_photo()

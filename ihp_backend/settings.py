@@ -40,10 +40,10 @@ def default_workers() -> int:
     return max(1, _int("IHP_WORKERS", 0) or cpu_cores() // 4)
 
 
-def default_torch_threads() -> int:
+def default_torch_threads(workers: int | None = None) -> int:
     """torch CPU threads per worker: ``IHP_TORCH_THREADS``, else the cores divided among the
-    workers."""
-    return max(1, _int("IHP_TORCH_THREADS", 0) or cpu_cores() // default_workers())
+    workers (``workers``, else ``default_workers()``)."""
+    return max(1, _int("IHP_TORCH_THREADS", 0) or cpu_cores() // (workers or default_workers()))
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")  # IHP_PRECISION: the forward's compute type
