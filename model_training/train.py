@@ -26,7 +26,7 @@ from ihp_backend.network import NetConfig, build_network, load_backbone_weights,
 
 from . import click_simulation as cs
 from .datasets import open_dataset
-from .losses import balanced_ce, sp_loss
+from .losses import balanced_ce, lovasz_softmax, sp_loss
 from .samples import ClickSampleDataset, SampleConfig, collate
 
 DEFAULTS = {
@@ -37,6 +37,8 @@ DEFAULTS = {
     "lr": 7e-4, "momentum": 0.9, "weight_decay": 5e-4, "poly_power": 0.9,
     "batch_size": 12, "steps": 1000, "workers": 2, "seed": 0,
     "sp_weight": 1.0, "sp_margin": 1.5,
+    "lovasz_weight": 0.0,  # Lovász-softmax (batch IoU surrogate) added to the paper's losses
+    "lovasz_pixels": 131072,  # labelled pixels per batch it is computed on (uniform sample)
     "iterative": {"enabled": False, "max_rounds": 3, "p": 0.8},
     "input_size": 512,
     "backbone_weights": None,
@@ -297,7 +299,9 @@ def train(cfg: dict, dataset=None, init_state: dict | None = None, binding: Bind
             ce = balanced_ce(logits.float(), y, clicks)
             sp = sp_loss(feats.float(), y, clicks, cfg["sp_margin"]) if cfg["sp_weight"] > 0 \
                 else torch.zeros((), device=device)
-            loss = ce + cfg["sp_weight"] * sp
+            lov = lovasz_softmax(logits, y, max_pixels=cfg["lovasz_pixels"]) if cfg["lovasz_weight"] > 0 \
+                else torch.zeros((), device=device)
+            loss = ce + cfg["sp_weight"] * sp + cfg["lovasz_weight"] * lov
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -308,7 +312,7 @@ def train(cfg: dict, dataset=None, init_state: dict | None = None, binding: Bind
             if on_step is not None and rank == 0:
                 on_step(step, total, {"loss": loss.item(), "elapsed_s": time.time() - t_start})
             if rank == 0 and (step % cfg["log_every"] == 0 or step == 1):
-                rec = {"step": step, "loss": loss.item(), "ce": ce.item(), "sp": sp.item(), "lr": lr,
+                rec = {"step": step, "loss": loss.item(), "ce": ce.item(), "sp": sp.item(), "lovasz": lov.item(), "lr": lr,
                        "images_per_s": cfg["batch_size"] * world / dt, "elapsed_s": time.time() - t_start}
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", ips=f"{rec['images_per_s']:.1f}")
                 with open(log_path, "a") as f:

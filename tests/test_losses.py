@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_training.losses import adjacent_pairs, balanced_ce, class_weights, sp_loss
+from model_training.losses import adjacent_pairs, balanced_ce, class_weights, lovasz_softmax, sp_loss
 
 
 def test_class_weights_equalise_class_totals():
@@ -81,3 +81,47 @@ def test_sp_loss_zero_without_pairs():
     v = sp_loss(f, t, [np.array([[1, 1, 0]], np.float32)])
     assert v.item() == 0.0
     v.backward()
+
+
+def _iou_loss(pred: np.ndarray, target: np.ndarray) -> float:
+    """1 - mean IoU over the classes present in ``target`` (255 ignored)."""
+    keep = target != 255
+    ious = []
+    for c in np.unique(target[keep]):
+        p, t = pred[keep] == c, target[keep] == c
+        ious.append((p & t).sum() / (p | t).sum())
+    return 1.0 - float(np.mean(ious))
+
+
+def test_lovasz_softmax_equals_one_minus_iou_on_hard_predictions():
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 3, size=(2, 9, 7))
+    target[0, 0, :3] = 255
+    pred = np.where(rng.random(target.shape) < 0.7, target, rng.integers(0, 4, size=target.shape))
+    pred[target == 255] = 0
+    logits = F.one_hot(torch.as_tensor(pred), 4).permute(0, 3, 1, 2).float() * 60.0  # softmax ~ one-hot
+    got = lovasz_softmax(logits, torch.as_tensor(target)).item()
+    assert got == pytest.approx(_iou_loss(pred, target), abs=1e-4)
+    perfect = F.one_hot(torch.as_tensor(np.where(target == 255, 0, target)), 4).permute(0, 3, 1, 2) * 60.0
+    assert lovasz_softmax(perfect.float(), torch.as_tensor(target)).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_lovasz_softmax_gradient_lowers_the_loss():
+    torch.manual_seed(0)
+    target = torch.randint(0, 3, (2, 8, 8))
+    logits = torch.randn(2, 4, 8, 8, requires_grad=True)
+    before = lovasz_softmax(logits, target)
+    before.backward()
+    after = lovasz_softmax(logits.detach() - 5.0 * logits.grad, target)
+    assert after.item() < before.item()
+    assert lovasz_softmax(logits, torch.full((2, 8, 8), 255)).item() == 0.0
+
+
+def test_lovasz_softmax_on_a_pixel_sample_estimates_the_full_loss():
+    torch.manual_seed(1)
+    target = torch.randint(0, 5, (4, 64, 64))
+    logits = torch.randn(4, 6, 64, 64) + 3.0 * F.one_hot(target, 6).permute(0, 3, 1, 2)
+    full = lovasz_softmax(logits, target).item()
+    g = torch.Generator().manual_seed(0)
+    sampled = lovasz_softmax(logits, target, max_pixels=4096, generator=g).item()
+    assert sampled == pytest.approx(full, abs=0.02)
