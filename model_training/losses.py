@@ -145,15 +145,15 @@ def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     many labelled pixels uniformly instead (IoU is a ratio of counts, so a uniform sample keeps
     it; the sorts dominate the cost: full 472x336 crops x 8 take seconds on a CPU).
     """
-    s = logits.shape[1]
+    per_image = logits.shape[2] * logits.shape[3]
     t = target.reshape(-1)
     idx = torch.nonzero(t != ignore_index).squeeze(1)
     if max_pixels is not None and idx.numel() > max_pixels:
         pick = torch.randperm(idx.numel(), generator=generator, device="cpu")[:max_pixels]
         idx = idx[pick.to(idx.device)]
     t = t[idx]
-    flat = logits.float().permute(0, 2, 3, 1).reshape(-1, s)
-    prob = flat[idx].softmax(1)
+    # (n, S) rows gathered straight from (B, S, H*W): no channels-last copy of the whole batch
+    prob = logits.flatten(2)[idx // per_image, :, idx % per_image].float().softmax(1)
     losses = []
     for c in torch.unique(t).tolist():
         fg = (t == c).float()
