@@ -33,13 +33,16 @@
 # 11. continues from that release with an eleventh poly schedule, lr 6e-4 over 650 steps, seed 9,
 #    the same network and size (resumes runs/stage11/last.pt), releases it (ihp-ccp-mnv3-s23850),
 # 12. continues from that release with a twelfth poly schedule, lr 6e-4 over 650 steps, seed 10,
-#    with the Lovász-softmax loss added (weight 1; resumes runs/stage12L/last.pt), releases it,
-# 13. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
-#    the random-walker floor. About twenty-one hours on a 2-core CPU: run it in the background.
+#    with the Lovász-softmax loss added (weight 1; resumes runs/stage12L/last.pt), releases it
+#    (ihp-ccp-mnv3-s24500),
+# 13. continues from that release with a thirteenth schedule, the same as the twelfth with seed 11
+#    (resumes runs/stage13L/last.pt), releases it,
+# 14. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
+#    the random-walker floor. About twenty-two hours on a 2-core CPU: run it in the background.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-VERSION=${VERSION:-ihp-ccp-mnv3-s24500}
+VERSION=${VERSION:-ihp-ccp-mnv3-s25150}
 export IHP_TORCH_THREADS=${IHP_TORCH_THREADS:-2}
 CONFIG=model_training/configs/ccp_cpu.yaml
 
@@ -72,9 +75,12 @@ stage stage10_wide ihp-ccp-mnv3-s23200 runs/ccp_cpu_stage9_576/release.pt 700 --
 stage stage11 ihp-ccp-mnv3-s23850 runs/stage10_wide/release.pt 650 --set seed=9 --set lr=0.0006 --set net.prev_mask=true \
     --set sample.base_scale=0.69 --set "sample.crop=[472,336]" --set input_size=576 \
     --set net.decoder_channels=192 --set net.low_level_channels=48
-stage stage12L "$VERSION" runs/stage11/release.pt 650 --set seed=10 --set lr=0.0006 --set net.prev_mask=true \
+stage stage12L ihp-ccp-mnv3-s24500 runs/stage11/release.pt 650 --set seed=10 --set lr=0.0006 --set net.prev_mask=true \
+    --set sample.base_scale=0.69 --set "sample.crop=[472,336]" --set input_size=576 \
+    --set net.decoder_channels=192 --set net.low_level_channels=48 --set lovasz_weight=1.0
+stage stage13L "$VERSION" runs/stage12L/release.pt 650 --set seed=11 --set lr=0.0006 --set net.prev_mask=true \
     --set sample.base_scale=0.69 --set "sample.crop=[472,336]" --set input_size=576 \
     --set net.decoder_channels=192 --set net.low_level_channels=48 --set lovasz_weight=1.0
 .venv/bin/python -m model_training.evaluate --data ../shared/data/ccp --kind ccp --split val --merge ccp12 \
-    --checkpoint runs/stage12L/release.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
+    --checkpoint runs/stage13L/release.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
     --out runs/eval_default
