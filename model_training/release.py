@@ -3,6 +3,9 @@
     python -m model_training.release --checkpoint runs/ccp_cpu/last.pt \
         --version ihp-ccp-mnv3-v1 --metrics runs/eval_default/summary.json \
         --out ihp_backend/models/default.pt
+
+Several --checkpoint paths of one network are averaged uniformly before release (then BatchNorm
+is recalibrated), e.g. the end points of successive fine-tuning stages.
 """
 from __future__ import annotations
 
@@ -29,13 +32,52 @@ def recalibrated_state(ck: dict, batches: int, seed: int = 1234) -> dict:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def release(src: str, dst: str, version: str, metrics: dict | None = None, recalibrate: int = 0,
-            half: bool = True) -> dict:
-    ck = read_checkpoint(src)
+def averaged_state(states: list[dict]) -> dict:
+    """Uniform average of state dicts of one network (a "model soup" of checkpoints).
+
+    Floating tensors are averaged in float32 and cast back to the first state's dtype; integer
+    buffers (BatchNorm's num_batches_tracked) are taken from the first state. Average only
+    checkpoints fine-tuned from one another: the weights of unrelated runs do not line up.
+    """
+    if not states:
+        raise ValueError("nothing to average")
+    keys = set(states[0])
+    for i, st in enumerate(states[1:], 1):
+        if set(st) != keys:
+            raise ValueError(f"checkpoint {i} has different parameters from checkpoint 0")
+    out = {}
+    for k, v in states[0].items():
+        if not v.is_floating_point():
+            out[k] = v.clone()
+            continue
+        for i, st in enumerate(states[1:], 1):
+            if st[k].shape != v.shape:
+                raise ValueError(f"{k}: shape {tuple(st[k].shape)} in checkpoint {i}, "
+                                 f"{tuple(v.shape)} in checkpoint 0")
+        out[k] = (sum(st[k].float() for st in states) / len(states)).to(v.dtype)
+    return out
+
+
+def release(src: str | list[str], dst: str, version: str, metrics: dict | None = None,
+            recalibrate: int = 0, half: bool = True) -> dict:
+    """``src``: one checkpoint, or several of one network to average (the first gives the
+    metadata and training config). Averaging without ``recalibrate`` keeps averaged BatchNorm
+    statistics, which rarely match the averaged weights: recalibrate."""
+    srcs = [src] if isinstance(src, str) else list(src)
+    ck = read_checkpoint(srcs[0])
+    if len(srcs) > 1:
+        others = [read_checkpoint(p) for p in srcs[1:]]
+        for p, o in zip(srcs[1:], others):
+            if o["net"] != ck["net"] or o["binding"] != ck["binding"]:
+                raise ValueError(f"{p} is a different network or binding from {srcs[0]}")
+        ck["state_dict"] = averaged_state([ck["state_dict"]] + [o["state_dict"] for o in others])
     if recalibrate:
         ck["state_dict"] = recalibrated_state(ck, recalibrate)
     training = {k: v for k, v in ck.get("training", {}).items() if k != "optimizer"}
     training["bn_recalibration_batches"] = recalibrate
+    if len(srcs) > 1:
+        training["averaged_from"] = [os.path.basename(os.path.dirname(os.path.abspath(p))) + "/"
+                                     + os.path.basename(p) for p in srcs]
     if metrics is not None:
         training["metrics"] = metrics
     training["weights_dtype"] = "float16" if half else "float32"
@@ -49,7 +91,9 @@ def release(src: str, dst: str, version: str, metrics: dict | None = None, recal
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--checkpoint", required=True, nargs="+",
+                    help="a checkpoint, or several of one network to average uniformly "
+                         "(e.g. the end points of successive fine-tuning stages)")
     ap.add_argument("--version", required=True)
     ap.add_argument("--metrics", help="evaluation summary.json to embed")
     ap.add_argument("--recalibrate-bn", type=int, default=16, metavar="BATCHES",
