@@ -36,13 +36,17 @@
 #    with the Lovász-softmax loss added (weight 1; resumes runs/stage12L/last.pt), releases it
 #    (ihp-ccp-mnv3-s24500),
 # 13. continues from that release with a thirteenth schedule, the same as the twelfth with seed 11
-#    (resumes runs/stage13L/last.pt), releases it,
-# 14. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
-#    the random-walker floor. About twenty-two hours on a 2-core CPU: run it in the background.
+#    (resumes runs/stage13L/last.pt), releases it (ihp-ccp-mnv3-s25150),
+# 14. continues from that release for 850 steps, seed 14, with clicks closer to the evaluation's
+#    initialisation (fewer background, extra and correction clicks; runs/stage15k0), releases it
+#    (ihp-ccp-mnv3-s26000), averages it with s25150 (runs/soup2.pt, BatchNorm recalibrated),
+#    and trains 300 more steps from that average, lr 3e-4, seed 16 (runs/stage16s), releases it,
+# 15. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
+#    the random-walker floor. About twenty-four hours on a 2-core CPU: run it in the background.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-VERSION=${VERSION:-ihp-ccp-mnv3-s25150}
+VERSION=${VERSION:-ihp-ccp-mnv3-s25450}
 export IHP_TORCH_THREADS=${IHP_TORCH_THREADS:-2}
 CONFIG=model_training/configs/ccp_cpu.yaml
 
@@ -78,9 +82,18 @@ stage stage11 ihp-ccp-mnv3-s23850 runs/stage10_wide/release.pt 650 --set seed=9 
 stage stage12L ihp-ccp-mnv3-s24500 runs/stage11/release.pt 650 --set seed=10 --set lr=0.0006 --set net.prev_mask=true \
     --set sample.base_scale=0.69 --set "sample.crop=[472,336]" --set input_size=576 \
     --set net.decoder_channels=192 --set net.low_level_channels=48 --set lovasz_weight=1.0
-stage stage13L "$VERSION" runs/stage12L/release.pt 650 --set seed=11 --set lr=0.0006 --set net.prev_mask=true \
+stage stage13L ihp-ccp-mnv3-s25150 runs/stage12L/release.pt 650 --set seed=11 --set lr=0.0006 --set net.prev_mask=true \
+    --set sample.base_scale=0.69 --set "sample.crop=[472,336]" --set input_size=576 \
+    --set net.decoder_channels=192 --set net.low_level_channels=48 --set lovasz_weight=1.0
+stage stage15k0 ihp-ccp-mnv3-s26000 runs/stage13L/release.pt 850 --set seed=14 --set lr=0.0006 --set net.prev_mask=true \
+    --set sample.base_scale=0.69 --set "sample.crop=[472,336]" --set input_size=576 \
+    --set net.decoder_channels=192 --set net.low_level_channels=48 --set lovasz_weight=1.0 \
+    --set sample.p_background_click=0.25 --set sample.p_extra=0.4 --set iterative.p=0.3
+.venv/bin/python -m model_training.release --checkpoint runs/stage13L/release.pt runs/stage15k0/release.pt \
+    --version soup-s25150-s26000 --recalibrate-bn 16 --out runs/soup2.pt
+stage stage16s "$VERSION" runs/soup2.pt 300 --set seed=16 --set lr=0.0003 --set net.prev_mask=true \
     --set sample.base_scale=0.69 --set "sample.crop=[472,336]" --set input_size=576 \
     --set net.decoder_channels=192 --set net.low_level_channels=48 --set lovasz_weight=1.0
 .venv/bin/python -m model_training.evaluate --data ../shared/data/ccp --kind ccp --split val --merge ccp12 \
-    --checkpoint runs/stage13L/release.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
+    --checkpoint runs/stage16s/release.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
     --out runs/eval_default
