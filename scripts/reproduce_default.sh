@@ -40,13 +40,17 @@
 # 14. continues from that release for 850 steps, seed 14, with clicks closer to the evaluation's
 #    initialisation (fewer background, extra and correction clicks; runs/stage15k0), releases it
 #    (ihp-ccp-mnv3-s26000), averages it with s25150 (runs/soup2.pt, BatchNorm recalibrated),
-#    and trains 300 more steps from that average, lr 3e-4, seed 16 (runs/stage16s), releases it,
-# 15. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
-#    the random-walker floor. About twenty-four hours on a 2-core CPU: run it in the background.
+#    and trains 300 more steps from that average, lr 3e-4, seed 16 (runs/stage16s), releases it
+#    (ihp-ccp-mnv3-s25450),
+# 15. repeats that stage from s25450: 750 steps, seed 17, the same evaluation-like clicks
+#    (runs/stage17k0, released as ihp-ccp-mnv3-s26200), and averages it with s25450 (BatchNorm
+#    recalibrated): the default, runs/default.pt,
+# 16. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
+#    the random-walker floor. About twenty-five hours on a 2-core CPU: run it in the background.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-VERSION=${VERSION:-ihp-ccp-mnv3-s25450}
+VERSION=${VERSION:-ihp-ccp-mnv3-s26200-avg}
 export IHP_TORCH_THREADS=${IHP_TORCH_THREADS:-2}
 CONFIG=model_training/configs/ccp_cpu.yaml
 
@@ -85,7 +89,11 @@ stage stage15k0 ihp-ccp-mnv3-s26000 runs/stage13L/release.pt 850 --set seed=14 -
     --set sample.p_background_click=0.25 --set sample.p_extra=0.4 --set iterative.p=0.3
 .venv/bin/python -m model_training.release --checkpoint runs/stage13L/release.pt runs/stage15k0/release.pt \
     --version soup-s25150-s26000 --recalibrate-bn 16 --out runs/soup2.pt
-stage stage16s "$VERSION" runs/soup2.pt 300 --set seed=16 --set lr=0.0003 "${AT576[@]}" "${LOVASZ[@]}"
+stage stage16s ihp-ccp-mnv3-s25450 runs/soup2.pt 300 --set seed=16 --set lr=0.0003 "${AT576[@]}" "${LOVASZ[@]}"
+stage stage17k0 ihp-ccp-mnv3-s26200 runs/stage16s/release.pt 750 --set seed=17 --set lr=0.0006 "${AT576[@]}" "${LOVASZ[@]}" \
+    --set sample.p_background_click=0.25 --set sample.p_extra=0.4 --set iterative.p=0.3
+.venv/bin/python -m model_training.release --checkpoint runs/stage16s/release.pt runs/stage17k0/release.pt \
+    --version "$VERSION" --recalibrate-bn 16 --out runs/default.pt
 .venv/bin/python -m model_training.evaluate --data ../shared/data/ccp --kind ccp --split val --merge ccp12 \
-    --checkpoint runs/stage16s/release.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
+    --checkpoint runs/default.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
     --out runs/eval_default
