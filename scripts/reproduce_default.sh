@@ -77,23 +77,23 @@ stage ccp_cpu_stage8_hr ihp-ccp-mnv3-s21500 runs/ccp_cpu_stage7/release.pt 2000 
     --set sample.base_scale=0.65 --set "sample.crop=[448,320]" --set input_size=544
 stage ccp_cpu_stage9_576 ihp-ccp-mnv3-s22500 runs/ccp_cpu_stage8_hr/release.pt 1000 --set seed=7 --set net.prev_mask=true \
     --set sample.base_scale=0.69 --set "sample.crop=[472,336]" --set input_size=576
-# stages 10-16: 576 px, the widened decoder, the previous-prediction input; from stage 12 on, Lovász
+# stages 10-17: 576 px, the widened decoder, the previous-prediction input; from stage 12 on, Lovász;
+# stages 15 and 17: clicks closer to the evaluation's initialisation
 AT576=(--set net.prev_mask=true --set sample.base_scale=0.69 --set "sample.crop=[472,336]" --set input_size=576
        --set net.decoder_channels=192 --set net.low_level_channels=48)
 LOVASZ=(--set lovasz_weight=1.0)
+K0CLICKS=(--set sample.p_background_click=0.25 --set sample.p_extra=0.4 --set iterative.p=0.3)
 stage stage10_wide ihp-ccp-mnv3-s23200 runs/ccp_cpu_stage9_576/release.pt 700 --set seed=8 "${AT576[@]}"
 stage stage11 ihp-ccp-mnv3-s23850 runs/stage10_wide/release.pt 650 --set seed=9 --set lr=0.0006 "${AT576[@]}"
 stage stage12L ihp-ccp-mnv3-s24500 runs/stage11/release.pt 650 --set seed=10 --set lr=0.0006 "${AT576[@]}" "${LOVASZ[@]}"
 stage stage13L ihp-ccp-mnv3-s25150 runs/stage12L/release.pt 650 --set seed=11 --set lr=0.0006 "${AT576[@]}" "${LOVASZ[@]}"
-stage stage15k0 ihp-ccp-mnv3-s26000 runs/stage13L/release.pt 850 --set seed=14 --set lr=0.0006 "${AT576[@]}" "${LOVASZ[@]}" \
-    --set sample.p_background_click=0.25 --set sample.p_extra=0.4 --set iterative.p=0.3
+stage stage15k0 ihp-ccp-mnv3-s26000 runs/stage13L/release.pt 850 --set seed=14 --set lr=0.0006 "${AT576[@]}" "${LOVASZ[@]}" "${K0CLICKS[@]}"
 .venv/bin/python -m model_training.release --checkpoint runs/stage13L/release.pt runs/stage15k0/release.pt \
     --version soup-s25150-s26000 --recalibrate-bn 16 --out runs/soup2.pt
 stage stage16s ihp-ccp-mnv3-s25450 runs/soup2.pt 300 --set seed=16 --set lr=0.0003 "${AT576[@]}" "${LOVASZ[@]}"
-stage stage17k0 ihp-ccp-mnv3-s26200 runs/stage16s/release.pt 750 --set seed=17 --set lr=0.0006 "${AT576[@]}" "${LOVASZ[@]}" \
-    --set sample.p_background_click=0.25 --set sample.p_extra=0.4 --set iterative.p=0.3
+stage stage17k0 ihp-ccp-mnv3-s26200 runs/stage16s/release.pt 750 --set seed=17 --set lr=0.0006 "${AT576[@]}" "${LOVASZ[@]}" "${K0CLICKS[@]}"
 .venv/bin/python -m model_training.release --checkpoint runs/stage16s/release.pt runs/stage17k0/release.pt \
     --version "$VERSION" --recalibrate-bn 16 --out runs/default.pt
 .venv/bin/python -m model_training.evaluate --data ../shared/data/ccp --kind ccp --split val --merge ccp12 \
-    --checkpoint runs/default.pt --baseline random-walker --max-corrections 20 --standard 0.85 \
+    --checkpoint runs/default.pt --baseline random-walker --max-corrections 20 --standard 0.85 --precision float32 \
     --out runs/eval_default
