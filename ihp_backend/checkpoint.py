@@ -9,6 +9,8 @@ A checkpoint is a plain dict saved with ``torch.save`` and loaded with ``weights
     binding           "fixed" | "shuffled" (how label names bind to input/output slots)
     class_names       fixed: the name of every slot; shuffled: the training classes (info)
     background_names  names recognised as the background label (slot 0 when shuffled)
+    vocabulary        (optional) the class names of the network's vocabulary head, in channel
+                      order (``ihp_backend.vocabulary``); absent in checkpoints without the head
     input_size        longest image side fed to the network (multiple of 16)
     mean, std         RGB normalisation
     model_version     a human-readable version string
@@ -46,6 +48,14 @@ class Binding:
     num_slots: int
     class_names: list[str] = field(default_factory=list)
     background_names: tuple[str, ...] = DEFAULT_BACKGROUND_NAMES
+    vocabulary: tuple[str, ...] = ()  # names of the vocabulary head's channels (may be empty)
+
+    def known(self, labels: list[str]) -> dict[str, int]:
+        """{label: vocabulary channel} for the labels this model knows by meaning."""
+        if not self.vocabulary:
+            return {}
+        from .vocabulary import lookup
+        return lookup(labels, self.vocabulary)
 
     def is_background(self, name: str) -> bool:
         return name.strip().lower() in {b.lower() for b in self.background_names}
@@ -101,6 +111,7 @@ def make_checkpoint(net: IHPNet, binding: Binding, input_size: int, mean, std,
         "binding": binding.kind,
         "class_names": list(binding.class_names),
         "background_names": list(binding.background_names),
+        **({"vocabulary": list(binding.vocabulary)} if binding.vocabulary else {}),
         "input_size": int(input_size),
         "mean": [float(m) for m in mean],
         "std": [float(s) for s in std],
@@ -137,7 +148,8 @@ def read_checkpoint(path: str) -> dict:
 def binding_of(ckpt: dict) -> Binding:
     return Binding(kind=ckpt["binding"], num_slots=int(ckpt["net"]["num_slots"]),
                    class_names=list(ckpt.get("class_names", [])),
-                   background_names=tuple(ckpt.get("background_names", DEFAULT_BACKGROUND_NAMES)))
+                   background_names=tuple(ckpt.get("background_names", DEFAULT_BACKGROUND_NAMES)),
+                   vocabulary=tuple(ckpt.get("vocabulary", ())))
 
 
 def network_of(ckpt: dict) -> IHPNet:

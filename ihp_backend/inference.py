@@ -152,10 +152,12 @@ def upsampled_argmax(logits: torch.Tensor, out_hw: tuple[int, int], values=None)
 
 @dataclass
 class ParseResult:
-    labels: np.ndarray  # (H, W) slot index per pixel (uint8 when slots fit), at the image size
-    confidence: np.ndarray  # (num_slots,) mean softmax probability over the pixels of each slot
+    labels: np.ndarray  # (H, W) output channel per pixel (uint8 when they fit), at the image size
+    confidence: np.ndarray  # (out_channels,) mean softmax probability over the pixels of each channel
     score: float  # mean winning probability over the image
     timings: dict = field(default_factory=dict)  # seconds: "input", "forward", "upsample"
+    network_labels: np.ndarray | None = None  # (h, w) the same argmax at the network's size,
+    # before refinement: what the previous-prediction input of the next click is made of
 
 
 class Parser:
@@ -173,6 +175,8 @@ class Parser:
         self.max_side = int(max_side or ckpt.get("input_size", 512))
         self.mean, self.std = ckpt["mean"], ckpt["std"]
         self.num_slots = self.net.cfg.num_slots
+        self.unclaimed = self.net.cfg.unclaimed_channel  # "a part no click names" (None: no such output)
+        self.vocab_start = self.net.cfg.vocab_start  # first vocabulary channel
         self.use_prev_mask = self.net.cfg.prev_mask
         self.model_version = ckpt.get("model_version", "unknown")
         self.flip = bool(flip)  # test-time flip: mean of the logits of the input and its mirror
@@ -237,8 +241,8 @@ class Parser:
             if self.use_prev_mask or self.device.type != "cpu":
                 pm = None
                 if self.use_prev_mask and prev_mask is not None:
-                    pm = np.asarray(Image.fromarray(prev_mask.astype(np.int32)).resize(
-                        (hw[1], hw[0]), Image.NEAREST))
+                    pm = prev_mask if prev_mask.shape == tuple(hw) else np.asarray(
+                        Image.fromarray(prev_mask.astype(np.int32)).resize((hw[1], hw[0]), Image.NEAREST))
                 host, _ = self._staging((1, n) + tuple(hw))
                 network_input(small, c, self.num_slots, pm, self.use_prev_mask, self.mean, self.std,
                               rgb=rgb, out=host[0])
@@ -305,8 +309,10 @@ class Parser:
               prev_mask: np.ndarray | None = None) -> ParseResult:
         """Parse ``image`` (H, W, 3 uint8) given clicks (y, x, slot) in its pixel coordinates.
 
-        ``allowed_slots`` restricts the argmax to the slots the label config uses; masks are
-        mutually exclusive. With ``refine`` the class probabilities are refined along the
+        ``allowed_slots`` restricts the argmax to these output channels (the slots the label
+        config uses, the unclaimed channel, or vocabulary channels for a zero-click parse);
+        labels are channel indices and masks are mutually exclusive. ``prev_mask`` is the
+        previous answer's ``network_labels`` (or any slot map, resized to the network size). With ``refine`` the class probabilities are refined along the
         colour edges of the network-size photo (``refined_argmax``), else the logits are
         upsampled to the original size before the argmax. Then every click claims the pixels
         of its colour within ``click_radius`` network pixels (``paint_clicks``).
@@ -314,7 +320,7 @@ class Parser:
         timings: dict = {}
         logits = self.logits(image, clicks, prev_mask, timings)
         t0 = time.perf_counter()
-        slots = np.arange(self.num_slots) if allowed_slots is None else np.asarray(
+        slots = np.arange(self.vocab_start) if allowed_slots is None else np.asarray(
             sorted(set(int(s) for s in allowed_slots)))
         with torch.inference_mode():
             sub = logits[torch.as_tensor(slots, device=logits.device)]
@@ -331,11 +337,13 @@ class Parser:
                 own = own[np.isin(own[:, 2].astype(np.int64), slots)]
                 scale = max(image.shape[0] / hw[0], image.shape[1] / hw[1])
                 paint_clicks(labels, image, own, self.click_radius * scale)
-            conf = np.zeros(self.num_slots, np.float32)
+            network_labels = upsampled_argmax(sub.cpu(), hw, values=slots) if self.use_prev_mask else None
+            conf = np.zeros(self.net.cfg.out_channels, np.float32)
             flat = arg_small.flatten()
             sums = torch.zeros(len(slots), device=flat.device).scatter_add_(0, flat, best.flatten())
             counts = torch.bincount(flat, minlength=len(slots)).clamp(min=1)
             conf[slots] = (sums / counts).cpu().numpy()
             score = float(best.mean())
         timings["upsample"] = time.perf_counter() - t0
-        return ParseResult(labels=labels, confidence=conf, score=score, timings=timings)
+        return ParseResult(labels=labels, confidence=conf, score=score, timings=timings,
+                           network_labels=network_labels)

@@ -300,3 +300,36 @@ def annotation_to_label_map(results, setup: LabelSetup, class_index: dict[str, i
             raise ValueError("brush regions of one annotation disagree on the image size")
         out[rle_to_mask(v["rle"], h, w)] = class_index[names[0]]
     return out
+
+
+def resolve_brush_regions(results, setup: LabelSetup) -> tuple[list[dict], dict]:
+    """One clean parse from an annotation's BrushLabels regions: where regions overlap the later
+    one wins (the annotation's order, ``annotation_to_label_map``'s rule), and every label keeps
+    at most one region. Returns (the brush results, one per label present, in the BrushLabels
+    control's order; {"regions_in", "regions", "overlap_pixels"}), overlap_pixels counting the
+    pixels that two or more regions of different labels claimed."""
+    brush = [r for r in results or [] if isinstance(r, dict) and str(r.get("type", "")).lower() == "brushlabels"]
+    index = {n: i + 1 for i, n in enumerate(setup.brush_labels)}  # 0 = no region
+    labels = annotation_to_label_map(brush, setup, index, background=0)
+    stats = {"regions_in": len(brush), "regions": 0, "overlap_pixels": 0}
+    if labels is None:
+        return [], stats
+    h, w = labels.shape
+    claims = np.zeros((h, w), np.uint8)  # how many different labels claimed each pixel (capped)
+    for name, i in index.items():
+        mask = np.zeros((h, w), bool)
+        for r in brush:
+            v = r.get("value") or {}
+            if (v.get("brushlabels") or [None])[0] == name and v.get("format") == "rle":
+                mask |= rle_to_mask(v["rle"], h, w)
+        claims += mask & (claims < 255)
+    stats["overlap_pixels"] = int((claims >= 2).sum())
+    first = brush[0]
+    out = []
+    for slot, rle in label_map_to_rles(labels, keep=lambda s: s > 0).items():
+        out.append({"from_name": first.get("from_name", setup.brush_from), "to_name": first.get("to_name", setup.to_name),
+                    "type": "brushlabels", "original_width": int(w), "original_height": int(h),
+                    "image_rotation": 0,
+                    "value": {"format": "rle", "rle": rle, "brushlabels": [setup.brush_labels[int(slot) - 1]]}})
+    stats["regions"] = len(out)
+    return out, stats

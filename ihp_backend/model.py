@@ -25,7 +25,7 @@ from .images import FetchSettings, ImageFetcher, ImageFetchError
 from .inference import Parser
 from .locks import is_locked
 from .ls_format import (ClickError, LabelConfigError, LabelSetup, brush_results, keypoints_to_clicks,
-                        parse_label_config, validate_results)
+                        parse_label_config, resolve_brush_regions, validate_results)
 from .registry import Registry
 from .settings import Settings, default_torch_threads
 
@@ -62,6 +62,24 @@ def _image_url(task: dict, key: str):
     if url and not isinstance(url, str):
         raise RequestError(f"task.data.{key} must be a string (the image's URL)")
     return url
+
+
+MAX_STATES = 32  # click sets remembered per task (for undo), each a network-size label map
+
+
+def click_state(clicks) -> tuple:
+    """A task's click set as a hashable key (order kept: the history's order)."""
+    return tuple((round(c.x, 3), round(c.y, 3), c.label) for c in clicks)
+
+
+def previous_input(stack: list[tuple], state: tuple):
+    """The previous-prediction input for click set ``state``, from the task's stack of
+    ``(state, previous input used, answer)``: the input an earlier visit of the same click set
+    used (an undo, Alt-click, returns to exactly the earlier masks), else the newest answer."""
+    for st, used, _ in reversed(stack):
+        if st == state:
+            return used
+    return stack[-1][2] if stack else None
 
 
 class IHPModel:
@@ -241,8 +259,9 @@ class IHPModel:
             raise RequestError(str(e), status=422) from None
         if context is None:
             clicks, size = [], None
-            if parser.binding.kind != "fixed":
-                return self._empty(parser)  # a label-agnostic model needs clicks
+            known = self._zero_click_channels(parser, setup)
+            if parser.binding.kind != "fixed" and not known:
+                return self._empty(parser)  # a label-agnostic model without known names needs clicks
         else:
             results = context.get("result")
             if results is not None and not isinstance(results, list):
@@ -283,16 +302,27 @@ class IHPModel:
         sx, sy = (w / size[0], h / size[1]) if size else (1.0, 1.0)
         arr = np.array([(c.y * sy, c.x * sx, label_to_slot[c.label]) for c in clicks
                         if c.label in label_to_slot], np.float64).reshape(-1, 3)
-        allowed = self._allowed_slots(parser, label_to_slot, arr, setup)
-        key = (project_key(project), str(task["id"]))
-        with self._prev_lock:
-            prev = self._prev.get(key)
-        res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=prev)
-        for stage, sec in res.timings.items():
-            self._add_time(stage, sec)
+        if context is None and parser.binding.kind != "fixed":
+            # zero-click parse: the vocabulary head over the config's known brush labels
+            slot_to_label = {ch: lab for lab, ch in known.items()}
+            res = parser.parse(image, arr, allowed_slots=sorted(slot_to_label))
+            for stage, sec in res.timings.items():
+                self._add_time(stage, sec)
+        else:
+            allowed = self._allowed_slots(parser, label_to_slot, arr, setup)
+            key = (project_key(project), str(task["id"]))
+            state = click_state(clicks)
+            with self._prev_lock:
+                prev = previous_input(self._prev.get(key, []), state)
+            res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=prev)
+            for stage, sec in res.timings.items():
+                self._add_time(stage, sec)
+            if res.network_labels is not None:
+                self._remember_prev(key, state, prev, res.network_labels)
+            slot_to_label = self._slot_names(label_to_slot, setup)
         t0 = time.perf_counter()
-        self._remember_prev(key, res.labels.astype(np.uint8, copy=False))  # slots < 256: already uint8
-        slot_to_label = self._slot_names(label_to_slot, setup)
+        if not self.settings.return_background:
+            slot_to_label = {s: lab for s, lab in slot_to_label.items() if not parser.binding.is_background(lab)}
         results = brush_results(res.labels, slot_to_label, setup, res.confidence)
         validate_results(results, setup)
         self._add_time("rle", time.perf_counter() - t0)
@@ -309,7 +339,23 @@ class IHPModel:
         brush_slots = {label_to_slot[lab] for lab in setup.brush_labels if lab in label_to_slot}
         if parser.binding.kind == "fixed":
             return sorted(brush_slots | set(label_to_slot.values()))
-        return sorted({0} | {int(s) for s in clicks[:, 2]})
+        unclaimed = set() if parser.unclaimed is None else {parser.unclaimed}
+        return sorted({0} | {int(s) for s in clicks[:, 2]} | unclaimed)
+
+    def _zero_click_channels(self, parser: Parser, setup: LabelSetup) -> dict[str, int]:
+        """{brush label: vocabulary output channel} for the config's part labels the model knows
+        by meaning (empty: no zero-click parse). Background takes part in the softmax only when
+        it is a brush label; it is returned as a region only with IHP_RETURN_BACKGROUND."""
+        if not self.settings.zero_click or not parser.binding.vocabulary:
+            return {}
+        known = parser.binding.known(list(setup.brush_labels))
+        parts = [lab for lab in known if not parser.binding.is_background(lab)]
+        if not parts:
+            return {}
+        out = {lab: parser.vocab_start + known[lab] for lab in parts}
+        bg = next((lab for lab in known if parser.binding.is_background(lab)), None)
+        out[bg or "__background__"] = parser.vocab_start + parser.binding.known(["Background"])["Background"]
+        return out
 
     @staticmethod
     def _slot_names(label_to_slot: dict, setup: LabelSetup) -> dict[int, str]:
@@ -323,9 +369,13 @@ class IHPModel:
     def _empty(self, parser: Parser) -> dict:
         return {"result": [], "score": 0.0, "model_version": parser.model_version}
 
-    def _remember_prev(self, key, labels):
+    def _remember_prev(self, key, state: tuple, prev_input, labels: np.ndarray) -> None:
+        """Push this click set's answer (network-size labels) on the task's stack; see
+        ``previous_input`` for how an undo finds its earlier state."""
         with self._prev_lock:
-            self._prev[key] = labels
+            stack = [e for e in self._prev.get(key, []) if e[0] != state][-(MAX_STATES - 1):]
+            stack.append((state, prev_input, labels))
+            self._prev[key] = stack
             self._prev.move_to_end(key)
             while len(self._prev) > 64:
                 self._prev.popitem(last=False)
@@ -411,7 +461,14 @@ class IHPModel:
         result = ann.get("result")
         if not isinstance(result, list):
             raise RequestError("annotation.result must be a list")
-        brush = [r for r in result if isinstance(r, dict) and r.get("type") == "brushlabels"]
+        undecodable = None
+        try:
+            brush, regions = resolve_brush_regions(result, setup)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            # kept as sent (the training data loader skips it), as before overlap resolution
+            brush = [r for r in result if isinstance(r, dict) and r.get("type") == "brushlabels"]
+            regions = {"regions_in": len(brush), "regions": len(brush), "overlap_pixels": 0}
+            undecodable = f"brush regions cannot be decoded ({type(e).__name__}: {e}); stored as sent, never trained on"
         url = _image_url(task, setup.image_key)
         image, err = None, None
         if brush and url:
@@ -420,9 +477,18 @@ class IHPModel:
             except ImageFetchError as e:
                 err = str(e)
         self._store_call(lambda st: st.put(project, ann["id"], task_id, cfg, brush, url, image))
-        out = {"event": event, "stored": True, "regions": len(brush), "image": image is not None}
+        out = {"event": event, "stored": True, "regions": len(brush), "image": image is not None, **regions}
+        warnings = []
+        if regions["overlap_pixels"] or regions["regions"] != regions["regions_in"]:
+            warnings.append(f"{regions['regions_in']} brush regions stored as {regions['regions']} (one per label); "
+                            f"{regions['overlap_pixels']} pixels claimed by several labels went to the later region")
+            log.warning("project %s task %s: %s", project, task_id, warnings[-1])
+        if undecodable:
+            warnings.append(undecodable)
         if err:
-            out["warning"] = f"image not fetched, sample cannot be trained on: {err}"
+            warnings.append(f"image not fetched, sample cannot be trained on: {err}")
+        if warnings:
+            out["warning"] = "; ".join(warnings)
         out["training"] = self.maybe_start_training(project)
         return out
 

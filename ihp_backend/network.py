@@ -10,7 +10,11 @@ localization map per class slot (paper Eq. 1, background included: the paper's C
 channels for C part classes) and, optionally, the previous prediction as one-hot
 slot channels (RITM-style iterative input; off in the paper).
 Output: ``num_slots`` logits at the input resolution, and the stride-4 decoder
-features that the SP-loss (paper Eq. 2) is computed on.
+features that the SP-loss (paper Eq. 2) is computed on. Optionally two more heads on the same
+1x1 classifier: an *unclaimed* channel (a person part that no click names: its pixels get no
+label, so a parse grows with the clicks) and a *vocabulary* head of ``vocab_size`` class-aware
+channels (``ihp_backend.vocabulary``: known label names parsed with no click). Channels:
+``[slots | unclaimed | vocabulary]``.
 """
 from __future__ import annotations
 
@@ -36,10 +40,26 @@ class NetConfig:
     low_level_channels: int = 32
     first_kernel: int = 7
     prev_mask: bool = False
+    unclaimed: bool = False  # one more output after the slots: "a part nobody has clicked"
+    vocab_size: int = 0  # outputs of the vocabulary head (known class names, zero-click parse)
 
     @property
     def in_channels(self) -> int:
         return 3 + self.num_slots * (2 if self.prev_mask else 1)
+
+    @property
+    def unclaimed_channel(self) -> int | None:
+        """Output channel of the unclaimed class (None when the network has none)."""
+        return self.num_slots if self.unclaimed else None
+
+    @property
+    def vocab_start(self) -> int:
+        """First output channel of the vocabulary head."""
+        return self.num_slots + int(self.unclaimed)
+
+    @property
+    def out_channels(self) -> int:
+        return self.vocab_start + self.vocab_size
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,7 +138,7 @@ class IHPNet(nn.Module):
             _separable(cfg.aspp_channels + cfg.low_level_channels, cfg.decoder_channels),
             _separable(cfg.decoder_channels, cfg.decoder_channels),
         )
-        self.classifier = nn.Conv2d(cfg.decoder_channels, cfg.num_slots, 1)
+        self.classifier = nn.Conv2d(cfg.decoder_channels, cfg.out_channels, 1)
         # torchvision's MobileNetV3 uses BN momentum 0.01, tuned for very long schedules; with
         # short CPU runs and fine-tuning the running statistics would lag far behind the weights
         for m in self.modules():

@@ -77,6 +77,8 @@ class Settings:
     max_clicks: int = 500
     load_wait: float = 60.0
     train_every: int = 10
+    return_background: bool = False  # answer a Background brush region too (IHP_RETURN_BACKGROUND)
+    zero_click: bool = True  # batch predictions parse known label names with no click (IHP_ZERO_CLICK)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -101,4 +103,6 @@ class Settings:
             max_clicks=_int("IHP_MAX_CLICKS", 500),
             load_wait=_float("IHP_LOAD_WAIT", 60.0),
             train_every=_int("IHP_TRAIN_EVERY", 10),
+            return_background=bool(_int("IHP_RETURN_BACKGROUND", 0)),
+            zero_click=bool(_int("IHP_ZERO_CLICK", 1)),
         )

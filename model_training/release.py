@@ -20,14 +20,10 @@ def recalibrated_state(ck: dict, batches: int, seed: int = 1234) -> dict:
     """The checkpoint's weights with BatchNorm statistics re-estimated on its training data."""
     from ihp_backend.checkpoint import network_of
 
-    from .datasets import open_dataset
-    from .samples import ClickSampleDataset
-    from .train import recalibrate_bn, sample_config
+    from .train import click_dataset, recalibrate_bn
     cfg = ck["training"]["config"]
-    d = cfg["data"]
     net = network_of(ck)
-    sds = ClickSampleDataset(open_dataset(d["kind"], d["root"], d["split"], d.get("merge")),
-                             sample_config(cfg, net.cfg.num_slots), seed=seed)
+    sds = click_dataset(cfg, net.cfg, seed)
     recalibrate_bn(net, sds, batches=batches, batch_size=cfg.get("batch_size", 8))
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 

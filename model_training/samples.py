@@ -30,6 +30,11 @@ class SampleConfig:
     binding: str = "shuffled"  # fixed | shuffled
     num_slots: int = 24
     background: int = 0
+    # parse that grows with the clicks: in this share of samples only a random number of the
+    # parts present get clicks (1..all, uniform); the others' pixels are the unclaimed target
+    p_partial: float = 0.0
+    unclaimed: int | None = None  # the unclaimed output channel (None: the network has none)
+    p_no_clicks: float = 0.0  # share of samples with no click at all (the zero-click parse)
 
 
 def scale_pair(image: np.ndarray, labels: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray]:
@@ -113,6 +118,30 @@ def unclicked_to_ignore(labels: np.ndarray, clicks, background: int = 0) -> np.n
     return np.where(np.isin(labels, missing), IGNORE, labels).astype(labels.dtype)
 
 
+def leave_parts_unclicked(clicks, rng, background: int = 0) -> list:
+    """Keep the clicks of a random number (1..all, uniform) of the clicked part classes, in a
+    random choice, and the background clicks: the annotator who has clicked only some parts so
+    far (progressive protocol)."""
+    parts = sorted({int(c) for *_, c in clicks} - {background})
+    if len(parts) <= 1:
+        return list(clicks)
+    keep = set(rng.permutation(parts)[:int(rng.integers(1, len(parts) + 1))].tolist())
+    return [c for c in clicks if int(c[2]) == background or int(c[2]) in keep]
+
+
+UNCLAIMED_CLASS = 253  # label value marking "a part with no click" before slot binding
+
+
+def unclicked_to_unclaimed(labels: np.ndarray, clicks, background: int = 0) -> np.ndarray:
+    """Pixels of part classes that have no click become ``UNCLAIMED_CLASS`` (the network's
+    unclaimed output: there is a part here that no click names)."""
+    clicked = {int(c) for *_, c in clicks} | {background, IGNORE}
+    missing = [c for c in np.unique(labels).tolist() if c not in clicked]
+    if not missing:
+        return labels
+    return np.where(np.isin(labels, missing), UNCLAIMED_CLASS, labels).astype(labels.dtype)
+
+
 def slot_permutation(classes_present, cfg: SampleConfig, rng, num_classes: int) -> np.ndarray:
     """Class -> slot lookup (256 entries, IGNORE elsewhere).
 
@@ -123,56 +152,106 @@ def slot_permutation(classes_present, cfg: SampleConfig, rng, num_classes: int) 
     if cfg.binding == "fixed":
         lut[:num_classes] = np.arange(num_classes)
         return lut
-    parts = [int(c) for c in classes_present if c != cfg.background and c != IGNORE]
+    parts = [int(c) for c in classes_present if c not in (cfg.background, IGNORE, UNCLAIMED_CLASS)]
     if len(parts) > cfg.num_slots - 1:
         raise ValueError(f"{len(parts)} classes in one sample but only {cfg.num_slots - 1} part slots")
     slots = rng.permutation(np.arange(1, cfg.num_slots))[:len(parts)]
     lut[cfg.background] = 0
     for c, s in zip(parts, slots):
         lut[c] = s
+    if cfg.unclaimed is not None:
+        lut[UNCLAIMED_CLASS] = cfg.unclaimed
     return lut
 
 
-class ClickSampleDataset(torch.utils.data.Dataset):
-    """Yields (normalised-free uint8 image, slot target, clicks in slot space) per sample.
+def vocabulary_lut(classes: list[str], vocabulary) -> tuple[np.ndarray, np.ndarray]:
+    """(class index -> vocabulary channel lookup of 256 entries, IGNORE for names the vocabulary
+    does not know; bool mask of the vocabulary channels this label space uses)."""
+    from ihp_backend.vocabulary import lookup
+    known = lookup(classes, vocabulary)
+    lut = np.full(256, IGNORE, np.uint8)
+    used = np.zeros(len(vocabulary), bool)
+    for i, name in enumerate(classes):
+        if name in known:
+            lut[i] = known[name]
+            used[known[name]] = True
+    return lut, used
 
+
+class ClickSampleDataset(torch.utils.data.Dataset):
+    """Yields (uint8 image, slot target, clicks in slot space, vocabulary target, vocabulary
+    channels of the sample's label space) per sample; the last two are None without a
+    vocabulary.
+
+    ``spaces`` (optional): several label spaces of the same photos (``[(dataset, weight)]``,
+    e.g. CCP's classes and the pose-derived LIP-20 / PPP parts); each sample draws one by weight.
     Images are cached after the ``base_scale`` resize, so epochs after the first cost no decode.
     """
 
-    def __init__(self, ds: ParsingDataset, cfg: SampleConfig, seed: int = 0, cache: bool = True):
+    def __init__(self, ds: ParsingDataset, cfg: SampleConfig, seed: int = 0, cache: bool = True,
+                 spaces: list[tuple[ParsingDataset, float]] | None = None, vocabulary=None):
         self.ds, self.cfg, self.seed = ds, cfg, seed
-        self.flip_lut = ds.flip_lut()
+        self.spaces = spaces or [(ds, 1.0)]
+        w = np.array([max(0.0, float(x)) for _, x in self.spaces])
+        self.space_p = w / w.sum()
+        if any(len(s) != len(ds) for s, _ in self.spaces):
+            raise ValueError("every label space must hold the same photos")
+        self.flip_luts = [s.flip_lut() for s, _ in self.spaces]
+        self.flip_lut = self.flip_luts[0]
+        self.vocabulary = vocabulary
+        self.vocab_luts = [vocabulary_lut(s.classes, vocabulary) for s, _ in self.spaces] if vocabulary else None
         self.cache = {} if cache else None
         self.epoch = 0
 
     def __len__(self):
         return len(self.ds)
 
-    def _load(self, i):
-        if self.cache is not None and i in self.cache:
-            return self.cache[i]
-        image, labels = self.ds.load(i)
+    def _load(self, i, space: int = 0):
+        key = (space, i)
+        if self.cache is not None and key in self.cache:
+            return self.cache[key]
+        ds = self.spaces[space][0]
+        image, labels = ds.load(i)
         pre = min(1.0, self.cfg.base_scale * self.cfg.scale_range[1])
         image, labels = scale_pair(image, labels, pre)
         if self.cache is not None:
-            self.cache[i] = (image, labels, pre)
+            hit = self.cache.get((0, i)) if space else None
+            if hit is not None and hit[0].shape == image.shape:
+                image = hit[0]  # one copy of each photo whatever the label space
+            self.cache[key] = (image, labels, pre)
         return image, labels, pre
 
     def __getitem__(self, i):
         rng = np.random.default_rng((self.seed, self.epoch, i))
-        image, labels, pre = self._load(i)
+        space = int(rng.choice(len(self.spaces), p=self.space_p)) if len(self.spaces) > 1 else 0
+        image, labels, pre = self._load(i, space)
         cfg = self.cfg
-        image, labels = augment(image, labels, cfg, self.flip_lut, rng, prescaled=pre)
+        image, labels = augment(image, labels, cfg, self.flip_luts[space], rng, prescaled=pre)
+        vocab_target = used = None
+        if self.vocab_luts is not None:
+            vlut, used = self.vocab_luts[space]
+            vocab_target = torch.from_numpy(vlut[labels].astype(np.int64))
+            used = torch.from_numpy(used)
         clicks = simulate_clicks(labels, cfg, rng)
+        if cfg.unclaimed is not None and cfg.p_partial > 0 and rng.random() < cfg.p_partial:
+            clicks = leave_parts_unclicked(clicks, rng, cfg.background)
+        if cfg.unclaimed is not None and cfg.p_no_clicks > 0 and rng.random() < cfg.p_no_clicks:
+            clicks = []
         if cfg.binding == "shuffled":
-            labels = unclicked_to_ignore(labels, clicks, cfg.background)
+            labels = unclicked_to_unclaimed(labels, clicks, cfg.background) if cfg.unclaimed is not None \
+                else unclicked_to_ignore(labels, clicks, cfg.background)
         lut = slot_permutation(np.unique(labels), cfg, rng, len(self.ds.classes))
         target = lut[labels]
         c = np.array([(y, x, lut[k]) for y, x, k in clicks], np.float32).reshape(-1, 3)
-        return torch.from_numpy(image.copy()), torch.from_numpy(target.astype(np.int64)), c
+        return (torch.from_numpy(image.copy()), torch.from_numpy(target.astype(np.int64)), c,
+                vocab_target, used)
 
 
 def collate(batch):
+    """-> images, slot targets, clicks, vocabulary targets (or None), used vocabulary channels."""
     images = torch.stack([b[0] for b in batch])
     targets = torch.stack([b[1] for b in batch])
-    return images, targets, [b[2] for b in batch]
+    clicks = [b[2] for b in batch]
+    if batch[0][3] is None:
+        return images, targets, clicks, None, None
+    return images, targets, clicks, torch.stack([b[3] for b in batch]), torch.stack([b[4] for b in batch])

@@ -27,7 +27,7 @@ from ihp_backend.network import NetConfig, build_network, load_backbone_weights,
 from . import click_simulation as cs
 from .datasets import open_dataset
 from .losses import balanced_ce, lovasz_softmax, sp_loss
-from .samples import ClickSampleDataset, SampleConfig, collate
+from .samples import IGNORE, ClickSampleDataset, SampleConfig, collate
 
 DEFAULTS = {
     "data": {"kind": "ccp", "root": "../shared/data/ccp", "split": "train", "merge": None},
@@ -39,6 +39,7 @@ DEFAULTS = {
     "sp_weight": 1.0, "sp_margin": 1.5,
     "lovasz_weight": 0.0,  # Lovász-softmax (batch IoU surrogate) added to the paper's losses
     "lovasz_pixels": 131072,  # labelled pixels per batch it is computed on (uniform sample)
+    "vocab_weight": 1.0,  # the vocabulary head's cross-entropy (networks with net.vocab_size > 0)
     "iterative": {"enabled": False, "max_rounds": 3, "p": 0.8},
     "input_size": 512,
     "backbone_weights": None,
@@ -81,13 +82,53 @@ def load_config(path: str | None, overrides: list[str]) -> dict:
     return deep_update(cfg, parse_overrides(overrides))
 
 
-def sample_config(cfg: dict, num_slots: int) -> SampleConfig:
+def sample_config(cfg: dict, num_slots: int, unclaimed: int | None = None) -> SampleConfig:
     s = dict(cfg["sample"])
     for k in ("crop", "scale_range", "bg_range"):
         if k in s:
             s[k] = tuple(s[k])
     s["num_slots"] = num_slots
+    s["unclaimed"] = unclaimed
     return SampleConfig(**s)
+
+
+def open_training_data(d: dict):
+    """The config's ``data`` -> (data set, label spaces or None). With ``spaces`` ({name:
+    weight}, kind ``ccp-parts``), the photos of ``root`` in several label spaces derived by
+    ``model_training.pose_labels`` into ``parts`` (the first space is the data set's own)."""
+    if d.get("spaces"):
+        from .pose_labels import ccp_parts
+        spaces = [(ccp_parts(d["root"], d["parts"], d["split"], name), float(w))
+                  for name, w in d["spaces"].items()]
+        return spaces[0][0], spaces
+    return open_dataset(d["kind"], d["root"], d["split"], d.get("merge")), None
+
+
+def click_dataset(cfg: dict, net_cfg: NetConfig, seed: int, ds=None) -> ClickSampleDataset:
+    """The training samples of ``cfg`` for a network ``net_cfg`` (``ds`` replaces the data)."""
+    spaces = None
+    if ds is None:
+        ds, spaces = open_training_data(cfg["data"])
+    vocabulary = None
+    if net_cfg.vocab_size:
+        from ihp_backend.vocabulary import VOCABULARY
+        if len(VOCABULARY) != net_cfg.vocab_size:
+            raise SystemExit(f"net.vocab_size {net_cfg.vocab_size} != {len(VOCABULARY)} names in "
+                             f"ihp_backend.vocabulary")
+        vocabulary = VOCABULARY
+    return ClickSampleDataset(ds, sample_config(cfg, net_cfg.num_slots, net_cfg.unclaimed_channel),
+                              seed=seed, spaces=spaces, vocabulary=vocabulary)
+
+
+def vocabulary_loss(vocab_logits4: torch.Tensor, vocab_target: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the vocabulary head at its stride 4 (targets subsampled at the centre of
+    each 4x4 cell), the softmax over the channels of each sample's label space only (a pixel is
+    "Torso" in PASCAL-Person-Part and "UpperClothes" in LIP at once)."""
+    h, w = vocab_logits4.shape[-2:]
+    st = vocab_target.shape[-1] // w
+    t = vocab_target[:, st // 2::st, st // 2::st][:, :h, :w]
+    masked = vocab_logits4.float().masked_fill(~used[:, :, None, None], -1e4)
+    return balanced_ce(masked, t, [np.zeros((0, 3))] * t.shape[0])
 
 
 def poly_lr(base: float, step: int, total: int, power: float) -> float:
@@ -126,6 +167,7 @@ def add_correction_clicks(net, images, targets, clicks, num_slots, use_prev, dev
             x = build_inputs(images, clicks, num_slots, prev, use_prev).to(device)
             pred = restricted_argmax(net(x), targets.to(device))
             tg = targets.numpy()
+            tg = np.where(tg >= num_slots, IGNORE, tg)  # an unclaimed part cannot be clicked "unclaimed"
             for i in range(len(clicks)):
                 c = cs.correction_click(tg[i], pred[i])
                 if c is not None:
@@ -151,7 +193,7 @@ def recalibrate_bn(net, sds, batches: int = 16, batch_size: int = 8, device=None
     with torch.no_grad():
         for b in range(batches):
             items = [sds[(b * batch_size + i) % n] for i in range(batch_size)]
-            images, _, clicks = collate(items)
+            images, _, clicks, _, _ = collate(items)
             net(build_inputs(images, clicks, net.cfg.num_slots, None, net.cfg.prev_mask).to(device))
     for m, mom in zip(bns, saved):
         m.momentum = mom
@@ -201,9 +243,9 @@ def train(cfg: dict, dataset=None, init_state: dict | None = None, binding: Bind
     out = cfg["out"]
     os.makedirs(out, exist_ok=True)
     d = cfg["data"]
-    ds = dataset if dataset is not None else open_dataset(d["kind"], d["root"], d["split"], d.get("merge"))
     net_cfg = NetConfig.from_dict(cfg["net"])
-    scfg = sample_config(cfg, net_cfg.num_slots)
+    sds = click_dataset(cfg, net_cfg, cfg["seed"], ds=dataset)
+    ds, scfg = sds.ds, sds.cfg
     if scfg.binding == "fixed" and len(ds.classes) > net_cfg.num_slots:
         raise SystemExit(f"fixed binding needs num_slots >= {len(ds.classes)} classes")
     net = build_network(net_cfg)
@@ -238,7 +280,6 @@ def train(cfg: dict, dataset=None, init_state: dict | None = None, binding: Bind
     if resume is not None and "optimizer" in resume.get("training", {}):
         opt.load_state_dict(resume["training"]["optimizer"])
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    sds = ClickSampleDataset(ds, scfg, seed=cfg["seed"])
     sampler = torch.utils.data.distributed.DistributedSampler(sds, world, rank, seed=cfg["seed"]) \
         if world > 1 else None
     per_rank = len(sds) // world
@@ -249,7 +290,8 @@ def train(cfg: dict, dataset=None, init_state: dict | None = None, binding: Bind
     loader_kw = dict(batch_size=cfg["batch_size"], collate_fn=collate, drop_last=True,
                      num_workers=cfg["workers"], persistent_workers=cfg["workers"] > 0)
     total = int(cfg["steps"])
-    binding = binding or Binding(scfg.binding, net_cfg.num_slots, list(ds.classes))
+    binding = binding or Binding(scfg.binding, net_cfg.num_slots, list(ds.classes),
+                                 vocabulary=tuple(sds.vocabulary or ()))
     version = cfg.get("model_version") or f"ihp-{os.path.basename(os.path.normpath(out))}"
     log_path = os.path.join(out, "log.jsonl")
     t_start = time.time()
@@ -277,7 +319,7 @@ def train(cfg: dict, dataset=None, init_state: dict | None = None, binding: Bind
         loader = torch.utils.data.DataLoader(sds, sampler=sampler, shuffle=sampler is None,
                                              generator=torch.Generator().manual_seed(cfg["seed"] + epoch),
                                              **loader_kw)
-        for images, targets, clicks in loader:
+        for images, targets, clicks, vocab_target, vocab_used in loader:
             if step >= total or (cfg.get("stop_at") and step >= int(cfg["stop_at"])):
                 done = True
                 break
@@ -294,14 +336,17 @@ def train(cfg: dict, dataset=None, init_state: dict | None = None, binding: Bind
             x = build_inputs(images, clicks, net_cfg.num_slots, prev, net_cfg.prev_mask).to(device)
             y = targets.to(device)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
-                logits4, feats = model(x, features=True)
+                out4, feats = model(x, features=True)
+                logits4 = out4[:, :net_cfg.vocab_start]  # the slots (and the unclaimed channel)
                 logits = F.interpolate(logits4, size=y.shape[-2:], mode="bilinear", align_corners=False)
             ce = balanced_ce(logits.float(), y, clicks)
+            voc = vocabulary_loss(out4[:, net_cfg.vocab_start:], vocab_target.to(device), vocab_used.to(device)) \
+                if net_cfg.vocab_size and vocab_target is not None else torch.zeros((), device=device)
             sp = sp_loss(feats.float(), y, clicks, cfg["sp_margin"]) if cfg["sp_weight"] > 0 \
                 else torch.zeros((), device=device)
             lov = lovasz_softmax(logits, y, max_pixels=cfg["lovasz_pixels"]) if cfg["lovasz_weight"] > 0 \
                 else torch.zeros((), device=device)
-            loss = ce + cfg["sp_weight"] * sp + cfg["lovasz_weight"] * lov
+            loss = ce + cfg["sp_weight"] * sp + cfg["lovasz_weight"] * lov + cfg["vocab_weight"] * voc
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -312,7 +357,7 @@ def train(cfg: dict, dataset=None, init_state: dict | None = None, binding: Bind
             if on_step is not None and rank == 0:
                 on_step(step, total, {"loss": loss.item(), "elapsed_s": time.time() - t_start})
             if rank == 0 and (step % cfg["log_every"] == 0 or step == 1):
-                rec = {"step": step, "loss": loss.item(), "ce": ce.item(), "sp": sp.item(), "lovasz": lov.item(), "lr": lr,
+                rec = {"step": step, "loss": loss.item(), "ce": ce.item(), "sp": sp.item(), "lovasz": lov.item(), "vocab": voc.item(), "lr": lr,
                        "images_per_s": cfg["batch_size"] * world / dt, "elapsed_s": time.time() - t_start}
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", ips=f"{rec['images_per_s']:.1f}")
                 with open(log_path, "a") as f:

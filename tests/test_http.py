@@ -72,10 +72,11 @@ def test_single_clicks_build_up_the_parse(client, model, payloads, image_server)
         assert shape == (240, 320, 3) and len(clicks) == i + 1  # the history grew by one click
         names = [res["value"]["brushlabels"][0] for res in pred["result"]]
         assert len(names) == len(set(names))
-        assert set(names) <= {lab for *_, lab in seq[:i + 1]} | {"Background"}
+        # only clicked labels, and no Background region (unlabelled pixels are background)
+        assert set(names) <= {lab for *_, lab in seq[:i + 1]} - {"Background"}
         masks = [rle_to_mask(res["value"]["rle"], 240, 320) for res in pred["result"]]
-        total = np.sum(masks, axis=0)
-        assert total.max() == 1 and total.min() == 1  # mutually exclusive, covering the image
+        total = np.sum(masks, axis=0) if masks else np.zeros((240, 320))
+        assert total.max() <= 1  # mutually exclusive
         assert 0 <= pred["score"] <= 1
     # Label Studio fetched the image with the token /setup gave it
     assert image_server["handler"].seen_headers[-1]["Authorization"] == "Token EXAMPLE_TOKEN_0000"
