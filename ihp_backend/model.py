@@ -23,6 +23,7 @@ from .checkpoint import BindingError
 from .history import ClickHistory, MemoryHistory, is_transient, project_key
 from .images import FetchSettings, ImageFetcher, ImageFetchError
 from .inference import Parser
+from .label_rules import allowed_slots, answered_labels, slot_names, zero_click_channels
 from .locks import is_locked
 from .ls_format import (ClickError, LabelConfigError, LabelSetup, brush_results, keypoints_to_clicks,
                         parse_label_config, resolve_brush_regions, validate_results)
@@ -259,9 +260,13 @@ class IHPModel:
             raise RequestError(str(e), status=422) from None
         if context is None:
             clicks, size = [], None
-            known = self._zero_click_channels(parser, setup)
+            known = zero_click_channels(parser.binding, parser.vocab_start, setup.brush_labels) \
+                if self.settings.zero_click else {}
             if parser.binding.kind != "fixed" and not known:
-                return self._empty(parser)  # a label-agnostic model without known names needs clicks
+                # a label-agnostic model without known names needs clicks: no prediction at all
+                # (a list of predictions per task, empty; an empty result would show Label
+                # Studio's empty "0.00%" prediction tab on every task)
+                return []
         else:
             results = context.get("result")
             if results is not None and not isinstance(results, list):
@@ -309,7 +314,8 @@ class IHPModel:
             for stage, sec in res.timings.items():
                 self._add_time(stage, sec)
         else:
-            allowed = self._allowed_slots(parser, label_to_slot, arr, setup)
+            allowed = allowed_slots(parser.binding, label_to_slot, arr[:, 2], setup.brush_labels,
+                                    parser.unclaimed)
             key = (project_key(project), str(task["id"]))
             state = click_state(clicks)
             with self._prev_lock:
@@ -319,52 +325,13 @@ class IHPModel:
                 self._add_time(stage, sec)
             if res.network_labels is not None:
                 self._remember_prev(key, state, prev, res.network_labels)
-            slot_to_label = self._slot_names(label_to_slot, setup)
+            slot_to_label = slot_names(label_to_slot, setup.labels, setup.brush_labels)
         t0 = time.perf_counter()
-        if not self.settings.return_background:
-            slot_to_label = {s: lab for s, lab in slot_to_label.items() if not parser.binding.is_background(lab)}
+        slot_to_label = answered_labels(slot_to_label, parser.binding, self.settings.return_background)
         results = brush_results(res.labels, slot_to_label, setup, res.confidence)
         validate_results(results, setup)
         self._add_time("rle", time.perf_counter() - t0)
         return {"result": results, "score": res.score, "model_version": parser.model_version}
-
-    @staticmethod
-    def _allowed_slots(parser: Parser, label_to_slot: dict, clicks: np.ndarray, setup: LabelSetup):
-        """Slots the argmax may choose from.
-
-        fixed (class-aware): every slot of the config's labels. shuffled (label-agnostic):
-        background plus the slots that have at least one click; a slot nobody clicked carries
-        no meaning for such a model.
-        """
-        brush_slots = {label_to_slot[lab] for lab in setup.brush_labels if lab in label_to_slot}
-        if parser.binding.kind == "fixed":
-            return sorted(brush_slots | set(label_to_slot.values()))
-        unclaimed = set() if parser.unclaimed is None else {parser.unclaimed}
-        return sorted({0} | {int(s) for s in clicks[:, 2]} | unclaimed)
-
-    def _zero_click_channels(self, parser: Parser, setup: LabelSetup) -> dict[str, int]:
-        """{brush label: vocabulary output channel} for the config's part labels the model knows
-        by meaning (empty: no zero-click parse). Background takes part in the softmax only when
-        it is a brush label; it is returned as a region only with IHP_RETURN_BACKGROUND."""
-        if not self.settings.zero_click or not parser.binding.vocabulary:
-            return {}
-        known = parser.binding.known(list(setup.brush_labels))
-        parts = [lab for lab in known if not parser.binding.is_background(lab)]
-        if not parts:
-            return {}
-        out = {lab: parser.vocab_start + known[lab] for lab in parts}
-        bg = next((lab for lab in known if parser.binding.is_background(lab)), None)
-        out[bg or "__background__"] = parser.vocab_start + parser.binding.known(["Background"])["Background"]
-        return out
-
-    @staticmethod
-    def _slot_names(label_to_slot: dict, setup: LabelSetup) -> dict[int, str]:
-        """Slot -> BrushLabels name (the brush control's spelling wins)."""
-        out = {}
-        for lab in setup.labels:
-            if lab in label_to_slot and (label_to_slot[lab] not in out or lab in setup.brush_labels):
-                out[label_to_slot[lab]] = lab
-        return out
 
     def _empty(self, parser: Parser) -> dict:
         return {"result": [], "score": 0.0, "model_version": parser.model_version}

@@ -1,0 +1,58 @@
+"""Which output channels may win, and which label each names: the one place for these rules,
+used by serving (``ihp_backend.model``) and by the evaluation (``model_training.evaluate``), so
+that the evaluation measures what is served. Pure functions; no HTTP."""
+from __future__ import annotations
+
+import numpy as np
+
+from .checkpoint import Binding
+
+
+def allowed_slots(binding: Binding, label_to_slot: dict[str, int], click_slots, brush_labels,
+                  unclaimed: int | None = None) -> list[int]:
+    """Output channels the argmax may choose from for an interactive parse.
+
+    fixed (class-aware): every slot of the config's labels. shuffled (label-agnostic):
+    background plus the slots that have at least one click (a slot nobody clicked carries no
+    meaning for such a model) plus, when the network has one, the unclaimed channel: a part
+    that no click names stays unlabelled, so the parse grows with the clicks.
+    """
+    if binding.kind == "fixed":
+        brush = {label_to_slot[lab] for lab in brush_labels if lab in label_to_slot}
+        return sorted(brush | set(label_to_slot.values()))
+    extra = set() if unclaimed is None else {int(unclaimed)}
+    return sorted({0} | {int(s) for s in np.asarray(click_slots).reshape(-1)} | extra)
+
+
+def zero_click_channels(binding: Binding, vocab_start: int, brush_labels) -> dict[str, int]:
+    """{brush label: vocabulary output channel} for a parse with no click: the config's part
+    labels that the model knows by meaning, plus background (under the config's own background
+    label when it has one, else ``"__background__"``, which names no region). Empty when the
+    model has no vocabulary or the config no known part label."""
+    if not binding.vocabulary:
+        return {}
+    known = binding.known(list(brush_labels))
+    parts = [lab for lab in known if not binding.is_background(lab)]
+    if not parts:
+        return {}
+    out = {lab: vocab_start + known[lab] for lab in parts}
+    bg = next((lab for lab in known if binding.is_background(lab)), "__background__")
+    out[bg] = vocab_start + binding.known(["Background"])["Background"]
+    return out
+
+
+def slot_names(label_to_slot: dict[str, int], labels, brush_labels) -> dict[int, str]:
+    """Slot -> BrushLabels name (the brush control's spelling wins)."""
+    out = {}
+    for lab in labels:
+        if lab in label_to_slot and (label_to_slot[lab] not in out or lab in brush_labels):
+            out[label_to_slot[lab]] = lab
+    return out
+
+
+def answered_labels(slot_to_label: dict[int, str], binding: Binding, return_background: bool) -> dict[int, str]:
+    """The channels answered as regions: background labels only when asked for
+    (``IHP_RETURN_BACKGROUND``); unlabelled pixels are background anyway."""
+    if return_background:
+        return dict(slot_to_label)
+    return {s: lab for s, lab in slot_to_label.items() if not binding.is_background(lab)}

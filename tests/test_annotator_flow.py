@@ -1,0 +1,135 @@
+"""The annotator's flow over HTTP (issue 27): undo is exact, only clicked labels win, no
+Background region, overlapping annotations are resolved before they are stored, and a config
+with known names gets a zero-click parse while an unknown one gets no prediction at all."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from ihp_backend._wsgi import create_app
+from ihp_backend.checkpoint import Binding, make_checkpoint, save_checkpoint
+from ihp_backend.clicks import IMAGENET_MEAN, IMAGENET_STD
+from ihp_backend.ls_format import mask_to_rle, parse_label_config, resolve_brush_regions, rle_to_mask
+from ihp_backend.model import IHPModel
+from ihp_backend.network import NetConfig, build_network
+from ihp_backend.settings import Settings
+from ihp_backend.vocabulary import VOCABULARY
+from tests.test_http import click_body
+
+
+@pytest.fixture(scope="module")
+def parts_checkpoint(tmp_path_factory) -> str:
+    """Random weights with every head of the shipped network: previous-prediction input,
+    unclaimed channel, vocabulary head (protocol tests only)."""
+    torch.manual_seed(1)
+    cfg = NetConfig(num_slots=24, aspp_channels=32, decoder_channels=32, low_level_channels=16,
+                    prev_mask=True, unclaimed=True, vocab_size=len(VOCABULARY))
+    net = build_network(cfg)
+    ck = make_checkpoint(net, Binding("shuffled", 24, ["background", "part"], vocabulary=VOCABULARY), 256,
+                         IMAGENET_MEAN, IMAGENET_STD, "tiny-parts", {"note": "random weights"})
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny_parts.pt")
+    save_checkpoint(ck, path)
+    return path
+
+
+@pytest.fixture()
+def client(tmp_path, parts_checkpoint, image_server):
+    m = IHPModel(Settings(model_dir=str(tmp_path / "md"), checkpoint=parts_checkpoint,
+                          ls_url=image_server["url"], train_every=1000))
+    m.load()
+    return create_app(m, load=False).test_client()
+
+
+def masks_of(pred, h=240, w=320) -> dict[str, np.ndarray]:
+    return {r["value"]["brushlabels"][0]: rle_to_mask(r["value"]["rle"], h, w) for r in pred["result"]}
+
+
+def test_undo_gives_exactly_the_masks_before_the_click(client, payloads):
+    """Clicks A, B, then Alt-click B: the masks of A, bit for bit (the previous-prediction
+    input of A is used again, not B's answer)."""
+    client.post("/setup", json=payloads["/setup"]["body"])
+    after_a = client.post("/predict", json=click_body(payloads, 50, 21, "Hair")).get_json()["results"][0]
+    after_b = client.post("/predict", json=click_body(payloads, 45, 80, "Left-arm")).get_json()["results"][0]
+    undone = client.post("/predict", json=click_body(payloads, 45, 80, "Left-arm", positive=False)).get_json()["results"][0]
+    a, b, u = masks_of(after_a), masks_of(after_b), masks_of(undone)
+    assert set(u) == set(a) and all((u[k] == a[k]).all() for k in a)
+    assert set(b) != set(a) or any((b[k] != a[k]).any() for k in a)  # B did change the answer
+    # and clicking B again gives B's masks again
+    again = client.post("/predict", json=click_body(payloads, 45, 80, "Left-arm")).get_json()["results"][0]
+    g = masks_of(again)
+    assert set(g) == set(b) and all((g[k] == b[k]).all() for k in b)
+
+
+def test_only_clicked_labels_and_no_background_region(client, payloads):
+    client.post("/setup", json=payloads["/setup"]["body"])
+    for x, y, lab in [(50, 21, "Hair"), (5, 5, "Background")]:
+        pred = client.post("/predict", json=click_body(payloads, x, y, lab)).get_json()["results"][0]
+        ms = masks_of(pred)
+        assert set(ms) <= {"Hair"}
+        if ms:
+            assert np.sum(list(ms.values()), axis=0).max() <= 1
+
+
+def test_zero_click_parse_for_known_names(client, payloads):
+    """Retrieve predictions with no click: a config of known names (the payload's Background,
+    Hair, Face, Left-arm) gets a full parse with a score; Background is not a region."""
+    r = client.post("/predict", json=payloads["/predict"]["body"])
+    assert r.status_code == 200
+    (pred,) = r.get_json()["results"]
+    assert isinstance(pred, dict) and 0 <= pred["score"] <= 1
+    ms = masks_of(pred)
+    assert ms and set(ms) <= {"Hair", "Face", "Left-arm"}
+    assert np.sum(list(ms.values()), axis=0).max() <= 1
+
+
+def test_unknown_names_get_no_prediction_not_an_empty_one(client, payloads):
+    body = copy.deepcopy(payloads["/predict"]["body"])
+    for a, b in [("Hair", "Fur"), ("Face", "Snout"), ("Left-arm", "Paw")]:
+        body["label_config"] = body["label_config"].replace(f'"{a}"', f'"{b}"')
+    j = client.post("/predict", json=body).get_json()
+    assert j["results"] == [[]]
+
+
+def _region(name, mask):
+    h, w = mask.shape
+    return {"from_name": "mask", "to_name": "image", "type": "brushlabels", "original_width": w,
+            "original_height": h, "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [name]}}
+
+
+def test_overlapping_regions_resolve_later_wins():
+    setup = parse_label_config('<View><Image name="image" value="$image"/>'
+                               '<KeyPointLabels name="kp" toName="image" smart="true"><Label value="Hair"/>'
+                               '<Label value="UpperClothes"/></KeyPointLabels><BrushLabels name="mask" toName="image">'
+                               '<Label value="Background"/><Label value="Hair"/><Label value="UpperClothes"/>'
+                               '</BrushLabels></View>')
+    h, w = 40, 30
+    hair1 = np.zeros((h, w), bool); hair1[0:20] = True
+    coat = np.zeros((h, w), bool); coat[10:40] = True
+    hair2 = np.zeros((h, w), bool); hair2[15:18, 0:5] = True  # a duplicate Hair region, accepted later
+    out, stats = resolve_brush_regions([_region("Hair", hair1), _region("UpperClothes", coat),
+                                        _region("Hair", hair2)], setup)
+    assert stats == {"regions_in": 3, "regions": 2, "overlap_pixels": 10 * w}
+    ms = {r["value"]["brushlabels"][0]: rle_to_mask(r["value"]["rle"], h, w) for r in out}
+    assert set(ms) == {"Hair", "UpperClothes"}
+    assert not (ms["Hair"] & ms["UpperClothes"]).any()
+    assert ms["Hair"][:10].all() and ms["UpperClothes"][20:].all()
+    assert ms["UpperClothes"][10:15].all()  # the later UpperClothes wins over the first Hair
+    assert ms["Hair"][15:18, 0:5].all()  # the later Hair wins over UpperClothes
+
+
+def test_webhook_stores_one_clean_parse(tmp_path, parts_checkpoint, payloads):
+    from tests.test_fit import webhook_body
+    m = IHPModel(Settings(model_dir=str(tmp_path / "md"), checkpoint=parts_checkpoint, train_every=1000))
+    m.load()
+    c = create_app(m, load=False).test_client()
+    body, lab = webhook_body("ANNOTATION_CREATED", 7, 1, 1)
+    extra = copy.deepcopy(body["annotation"]["result"][0])  # the first label once more, on top
+    body["annotation"]["result"].insert(len(body["annotation"]["result"]) - 1, extra)
+    r = c.post("/webhook", json=body).get_json()
+    assert r["stored"] and r["regions_in"] == 4 and r["regions"] == 3 and "warning" in r
+    m.store.decode_pending()
+    (s,) = m.store.samples(7)
+    assert np.array_equal(s["labels"], np.where(lab == 0, 255, lab))  # 255: no region (fit: background)
