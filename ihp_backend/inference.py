@@ -293,6 +293,18 @@ class Parser:
         state["windows"] = draw_clicks(maps, clicks)
         return dev
 
+    def _filled(self, sub: torch.Tensor, slots: np.ndarray, logits: torch.Tensor, fill: dict[int, int]):
+        """Log-probabilities over ``slots`` without the unclaimed channel plus the ``fill``
+        classes, which share the unclaimed channel's probability (see ``parse``); the label
+        values of the new channels are ``fill``'s values."""
+        lp = torch.log_softmax(sub, dim=0)
+        u = int(np.nonzero(slots == self.unclaimed)[0][0])
+        chans = sorted(fill)
+        lp_fill = torch.log_softmax(logits[torch.as_tensor(chans, device=logits.device)], dim=0) + lp[u]
+        keep = [i for i in range(len(slots)) if i != u]
+        values = np.concatenate([slots[keep], np.asarray([fill[c] for c in chans])])
+        return torch.cat([lp[keep], lp_fill]), values
+
     def _forward_locked(self, x: torch.Tensor) -> torch.Tensor:
         _, dev = self._staging(tuple(x.shape))
         if x is not dev:
@@ -306,16 +318,20 @@ class Parser:
         return out
 
     def parse(self, image: np.ndarray, clicks, allowed_slots=None,
-              prev_mask: np.ndarray | None = None) -> ParseResult:
+              prev_mask: np.ndarray | None = None, fill: dict[int, int] | None = None) -> ParseResult:
         """Parse ``image`` (H, W, 3 uint8) given clicks (y, x, slot) in its pixel coordinates.
 
         ``allowed_slots`` restricts the argmax to these output channels (the slots the label
         config uses, the unclaimed channel, or vocabulary channels for a zero-click parse);
         labels are channel indices and masks are mutually exclusive. ``prev_mask`` is the
-        previous answer's ``network_labels`` (or any slot map, resized to the network size). With ``refine`` the class probabilities are refined along the
-        colour edges of the network-size photo (``refined_argmax``), else the logits are
-        upsampled to the original size before the argmax. Then every click claims the pixels
-        of its colour within ``click_radius`` network pixels (``paint_clicks``).
+        previous answer's ``network_labels`` (or any slot map, resized to the network size).
+        ``fill`` ({vocabulary channel: label value}) shares the unclaimed channel's probability
+        among those known classes by the vocabulary head's softmax over them,
+        ``p(c) = p_slots(unclaimed) * p_vocab(c | fill)``: parts nobody clicked are parsed by
+        meaning instead of left unlabelled. With ``refine`` the class probabilities are refined
+        along the colour edges of the network-size photo (``refined_argmax``), else the logits
+        are upsampled to the original size before the argmax. Then every click claims the
+        pixels of its colour within ``click_radius`` network pixels (``paint_clicks``).
         """
         timings: dict = {}
         logits = self.logits(image, clicks, prev_mask, timings)
@@ -324,6 +340,8 @@ class Parser:
             sorted(set(int(s) for s in allowed_slots)))
         with torch.inference_mode():
             sub = logits[torch.as_tensor(slots, device=logits.device)]
+            if fill and self.unclaimed is not None and self.unclaimed in slots:
+                sub, slots = self._filled(sub, slots, logits, fill)
             # scores at stride 4 (cheap); labels at the image size
             best, arg_small = torch.softmax(sub, dim=0).max(dim=0)
             hw = network_size(image.shape[:2], self.max_side)

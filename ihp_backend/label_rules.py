@@ -41,6 +41,23 @@ def zero_click_channels(binding: Binding, vocab_start: int, brush_labels) -> dic
     return out
 
 
+def fill_channels(binding: Binding, vocab_start: int, brush_labels, label_to_slot: dict[str, int],
+                  click_slots) -> tuple[dict[int, int], dict[int, str]]:
+    """For a parse that fills parts nobody clicked by meaning (``IHP_FILL_KNOWN``): ({vocabulary
+    channel: label value} for ``Parser.parse(fill=...)``, {label value: brush label}). The
+    config's known part labels that have no click take part; vocabulary background counts as
+    slot 0 (background)."""
+    zc = zero_click_channels(binding, vocab_start, brush_labels)
+    clicked = {int(s) for s in np.asarray(click_slots).reshape(-1)}
+    fill, names = {}, {}
+    for lab, ch in zc.items():
+        if binding.is_background(lab):
+            fill[ch] = 0
+        elif label_to_slot.get(lab) not in clicked:
+            fill[ch], names[ch] = ch, lab
+    return (fill, names) if names else ({}, {})
+
+
 def slot_names(label_to_slot: dict[str, int], labels, brush_labels) -> dict[int, str]:
     """Slot -> BrushLabels name (the brush control's spelling wins)."""
     out = {}

@@ -23,7 +23,7 @@ from .checkpoint import BindingError
 from .history import ClickHistory, MemoryHistory, is_transient, project_key
 from .images import FetchSettings, ImageFetcher, ImageFetchError
 from .inference import Parser
-from .label_rules import allowed_slots, answered_labels, slot_names, zero_click_channels
+from .label_rules import allowed_slots, answered_labels, fill_channels, slot_names, zero_click_channels
 from .locks import is_locked
 from .ls_format import (ClickError, LabelConfigError, LabelSetup, brush_results, keypoints_to_clicks,
                         parse_label_config, resolve_brush_regions, validate_results)
@@ -320,12 +320,14 @@ class IHPModel:
             state = click_state(clicks)
             with self._prev_lock:
                 prev = previous_input(self._prev.get(key, []), state)
-            res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=prev)
+            fill, fill_names = fill_channels(parser.binding, parser.vocab_start, setup.brush_labels,
+                                             label_to_slot, arr[:, 2]) if self.settings.fill_known else ({}, {})
+            res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=prev, fill=fill)
             for stage, sec in res.timings.items():
                 self._add_time(stage, sec)
             if res.network_labels is not None:
                 self._remember_prev(key, state, prev, res.network_labels)
-            slot_to_label = slot_names(label_to_slot, setup.labels, setup.brush_labels)
+            slot_to_label = {**slot_names(label_to_slot, setup.labels, setup.brush_labels), **fill_names}
         t0 = time.perf_counter()
         slot_to_label = answered_labels(slot_to_label, parser.binding, self.settings.return_background)
         results = brush_results(res.labels, slot_to_label, setup, res.confidence)

@@ -79,6 +79,7 @@ class Settings:
     train_every: int = 10
     return_background: bool = False  # answer a Background brush region too (IHP_RETURN_BACKGROUND)
     zero_click: bool = True  # batch predictions parse known label names with no click (IHP_ZERO_CLICK)
+    fill_known: bool = False  # clicks answer unclicked known parts too, by meaning (IHP_FILL_KNOWN)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -105,4 +106,5 @@ class Settings:
             train_every=_int("IHP_TRAIN_EVERY", 10),
             return_background=bool(_int("IHP_RETURN_BACKGROUND", 0)),
             zero_click=bool(_int("IHP_ZERO_CLICK", 1)),
+            fill_known=bool(_int("IHP_FILL_KNOWN", 0)),
         )

@@ -144,8 +144,30 @@ LOADERS = {"lip": lip, "cihp": cihp, "ppp": pascal_person_part, "pascal-person-p
            "helen": helen, "ccp": ccp}
 
 
-def open_dataset(kind: str, root: str, split: str, merge: str | None = None) -> ParsingDataset:
+def folder(root: str, split: str | None = None) -> ParsingDataset:
+    """A small folder data set: ``images/<id>.jpg``, ``labels/<id>.png``, ``classes.txt`` (line k
+    names class k); every photo, or the ids of ``<split>.txt`` when it exists (the layout of
+    ``../shared/data/crossdomain/*``)."""
+    with open(os.path.join(root, "classes.txt")) as f:
+        classes = [ln.strip() for ln in f if ln.strip()]
+    lst = os.path.join(root, f"{split}.txt") if split else ""
+    ids = _read_ids(lst) if lst and os.path.exists(lst) else sorted(
+        os.path.splitext(n)[0] for n in os.listdir(os.path.join(root, "images")) if n.endswith(".jpg"))
+    flips = LIP_FLIP if all(n in classes for n in ("Left-arm", "Right-arm")) else []
+    return ParsingDataset(os.path.basename(os.path.normpath(root)),
+                          _items(ids, os.path.join(root, "images"), os.path.join(root, "labels")), classes, flips)
+
+
+def open_dataset(kind: str, root: str, split: str, merge: str | None = None,
+                 parts: str = "data/ccp_parts") -> ParsingDataset:
+    """``kind``: lip | cihp | ppp | helen | ccp | folder | ls, or ``ccp-parts:<space>`` for a
+    label space derived from pose (``model_training.pose_labels``; ``parts`` is its output)."""
     kind = kind.lower()
+    if kind.startswith("ccp-parts:"):
+        from .pose_labels import ccp_parts
+        return ccp_parts(root, parts, split, kind.split(":", 1)[1])
+    if kind == "folder":
+        return folder(root, split)
     if kind in ("ls", "lsx", "label-studio"):
         from .ls_export import export_dataset
         return export_dataset(root, split=split)

@@ -32,6 +32,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from ihp_backend.label_rules import allowed_slots, fill_channels, zero_click_channels
 from ihp_backend.settings import PRECISIONS
 
 from . import click_simulation as cs
@@ -43,34 +44,50 @@ STANDARDS = {"lip": 0.85, "cihp": 0.80, "ppp": 0.80, "pascal-person-part": 0.80,
 
 # ---------------------------------------------------------------------------------- predictors
 class CorePredictor:
-    """The network through the serving core (``ihp_backend.inference.Parser``)."""
+    """The network through the serving core (``ihp_backend.inference.Parser``) and the serving
+    label rules (``ihp_backend.label_rules``): the channels that may win are chosen exactly as
+    the backend chooses them. ``zero_click``: with no click, the vocabulary head parses the
+    known class names (the backend's batch prediction); ``fill_known``: parts nobody clicked
+    are filled by meaning (``IHP_FILL_KNOWN``)."""
 
-    def __init__(self, parser, class_names: list[str], ignore_clicks: bool = False, name: str | None = None):
+    def __init__(self, parser, class_names: list[str], ignore_clicks: bool = False, name: str | None = None,
+                 zero_click: bool = False, fill_known: bool = False):
         self.parser = parser
         self.class_names = class_names
         self.slot_of = parser.binding.bind(class_names)
         self.slot_lut = np.array([self.slot_of[n] for n in class_names])  # class index -> slot
-        self.class_lut = np.zeros(parser.num_slots, np.int64)  # slot -> class index
+        # output channel -> class index; the unclaimed channel and unknown channels: background
+        self.class_lut = np.zeros(parser.net.cfg.out_channels, np.int64)
         self.class_lut[self.slot_lut] = np.arange(len(class_names))
+        self.zero = zero_click_channels(parser.binding, parser.vocab_start, class_names)
+        for n, ch in self.zero.items():
+            if n in class_names:
+                self.class_lut[ch] = class_names.index(n)
         self.ignore_clicks = ignore_clicks
+        self.zero_click, self.fill_known = zero_click and bool(self.zero), fill_known and bool(self.zero)
         self.name = name or (parser.model_version + (" (no clicks)" if ignore_clicks else ""))
 
     def __call__(self, image: np.ndarray, clicks: np.ndarray, prev: np.ndarray | None = None) -> np.ndarray:
         """``prev``: the previous prediction (class indices), fed to models with the
         previous-prediction input exactly as the backend feeds its cached last answer."""
-        slots = self.slot_lut[clicks[:, 2].astype(np.int64)] if len(clicks) else []
+        slots = self.slot_lut[clicks[:, 2].astype(np.int64)] if len(clicks) else np.zeros(0, np.int64)
         c = np.column_stack([clicks[:, :2], slots]) if len(clicks) else np.zeros((0, 3))
+        fill = None
         if self.ignore_clicks:
             c = np.zeros((0, 3))
             allowed = sorted(self.slot_of.values())
-        elif self.parser.binding.kind == "fixed":
-            allowed = sorted(self.slot_of.values())
+        elif self.zero_click and not len(c):
+            allowed = sorted(self.zero.values())
         else:
-            allowed = sorted({int(self.slot_lut[0])} | set(int(s) for s in slots))
+            allowed = allowed_slots(self.parser.binding, self.slot_of, slots, self.class_names,
+                                    self.parser.unclaimed)
+            if self.fill_known:
+                fill, _ = fill_channels(self.parser.binding, self.parser.vocab_start, self.class_names,
+                                        self.slot_of, slots)
         prev_slots = None
         if prev is not None and self.parser.use_prev_mask and not self.ignore_clicks:
             prev_slots = self.slot_lut[prev]
-        res = self.parser.parse(image, c, allowed_slots=allowed, prev_mask=prev_slots)
+        res = self.parser.parse(image, c, allowed_slots=allowed, prev_mask=prev_slots, fill=fill)
         return self.class_lut[res.labels]
 
 
@@ -139,9 +156,11 @@ class HTTPPredictor:
                              "keypointlabels": [self.class_names[int(c)]]}} for y, x, c in clicks]
         if len(result) == 1:  # a single keypoint appends: clear first so the set is exact
             self._post([], w, h)
-        r = self._post(result, w, h)
+        # no click: a batch prediction (no context), the backend's zero-click parse if any
+        r = self._post(result, w, h) if result else self._post(None, w, h)
         out = np.zeros((h, w), np.int64)
-        for res in r["results"][0]["result"]:
+        pred = r["results"][0]
+        for res in (pred.get("result", []) if isinstance(pred, dict) else []):
             name = res["value"]["brushlabels"][0]
             out[rle_to_mask(res["value"]["rle"], h, w)] = self.class_names.index(name)
         return out
@@ -149,7 +168,7 @@ class HTTPPredictor:
     def _post(self, result, w, h):
         body = {"tasks": [{"id": self._task, "data": {"image": self._image_uri}}],
                 "project": f"ihp-eval-{self.run}", "label_config": self.config,
-                "params": {"context": {"result": result}}}
+                "params": {"context": None if result is None else {"result": result}}}
         r = self.session.post(self.url + "/predict", json=body, timeout=self.timeout)
         if r.status_code != 200:
             raise RuntimeError(f"backend answered {r.status_code}: {r.text[:300]}")
@@ -306,6 +325,50 @@ def evaluate(predictor, samples, class_names: list[str], cfg: EvalConfig, progre
         seconds=time.time() - t0)
 
 
+def evaluate_progressive(predictor, samples, class_names: list[str], max_parts: int = 8, seed: int = 0,
+                         n_candidates: int = cs.N_CANDIDATES, progress: bool = True) -> dict:
+    """Progressive protocol (beside the paper's): the parts present are clicked one at a time
+    in a random order, one central click each (on the part's largest component). After the
+    j-th click the data-set mIoU is taken over background and the parts clicked so far, with
+    the pixels of parts not clicked yet counted as background, so any label on them is an
+    error. Also the clicked part's own IoU after the first click (mean over images)."""
+    n = len(class_names)
+    conf = np.zeros((max_parts, n, n), np.int64)
+    images = np.zeros(max_parts, np.int64)
+    first_iou = []
+    it = tqdm(samples, desc=f"progressive {predictor.name}", disable=not progress, dynamic_ncols=True)
+    for idx, (image, gt) in enumerate(it):
+        gt = gt.astype(np.int64)
+        rng = np.random.default_rng((seed, idx, 7))
+        parts = [int(c) for c in np.unique(gt) if 0 < c < n]
+        order = [parts[i] for i in rng.permutation(len(parts))][:max_parts]
+        clicks, prev = [], None
+        for j, cls in enumerate(order):
+            comp = cs.components(gt, cls)[0]
+            clicks.append((*cs.central_click(comp, rng, n_candidates), cls))
+            pred = predictor(image, np.array(clicks, np.float64), prev)
+            prev = pred
+            clicked = set(order[:j + 1])
+            gt_j = np.where(np.isin(gt, list(clicked)) | (gt >= n), gt, 0)
+            conf[j] += confusion(gt_j, pred, n)
+            images[j] += 1
+            if j == 0:
+                inter = np.logical_and(pred == cls, gt == cls).sum()
+                union = np.logical_or(pred == cls, gt == cls).sum()
+                first_iou.append(inter / max(1, union))
+    curve = []
+    for j in range(max_parts):
+        if images[j] == 0:
+            break
+        cm = conf[j]
+        present = [c for c in range(n) if cm[c].sum() + cm[:, c].sum() > 0]
+        iou = iou_per_class(cm)
+        curve.append(float(np.mean([iou[c] for c in present])))
+    return {"name": predictor.name, "protocol": "progressive", "miou_after_part": [round(v, 4) for v in curve],
+            "images_with_part": images[:len(curve)].tolist(),
+            "first_click_part_iou": round(float(np.mean(first_iou)), 4) if first_iou else None}
+
+
 # ------------------------------------------------------------------------------------- reports
 def markdown_table(results: list[EvalResult], standard: float) -> str:
     lines = [f"| model | images | mIoU@0 | mIoU@5 | mIoU@20 | Add. (to {standard:.0%}) | Avg. clicks/class "
@@ -359,7 +422,9 @@ def plot(results: list[EvalResult], standard: float, out_dir: str) -> list[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="data set root")
-    ap.add_argument("--kind", default="ccp", help="lip | cihp | ppp | helen | ccp | ls")
+    ap.add_argument("--kind", default="ccp",
+                    help="lip | cihp | ppp | helen | ccp | folder | ls | ccp-parts:<lip20|cihp20|ppp|ccp12>")
+    ap.add_argument("--parts", default="data/ccp_parts", help="model_training.pose_labels output (ccp-parts)")
     ap.add_argument("--split", default="val")
     ap.add_argument("--merge", default=None, help="merge table name or path (CCP default: ccp12)")
     ap.add_argument("--checkpoint", action="append", default=[], help="checkpoint(s) to evaluate")
@@ -384,6 +449,14 @@ def main(argv=None):
                     help="the forward's compute type (the backend's IHP_PRECISION; auto: on a CPU "
                          "with native bfloat16, whichever of the two is faster, timed at load; "
                          "else float32)")
+    ap.add_argument("--protocol", default="paper", choices=["paper", "progressive"],
+                    help="paper: central clicks on every part, then corrections; progressive: parts "
+                         "clicked one at a time, mIoU over the parts clicked so far")
+    ap.add_argument("--zero-click", action="store_true",
+                    help="start from the parse with no click (the vocabulary head; needs --rgb-only "
+                         "to start with no clicks), as the backend's batch prediction")
+    ap.add_argument("--fill-known", action="store_true",
+                    help="parts nobody clicked are filled by meaning (the backend's IHP_FILL_KNOWN=1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--include", action="append", default=[],
@@ -393,7 +466,7 @@ def main(argv=None):
     import torch
     if a.threads:
         torch.set_num_threads(a.threads)
-    ds = open_dataset(a.kind, a.data, a.split, a.merge)
+    ds = open_dataset(a.kind, a.data, a.split, a.merge, parts=a.parts)
     standard = a.standard if a.standard is not None else STANDARDS.get(a.kind.lower(), 0.85)
     cfg = EvalConfig(standard=standard, max_corrections=a.max_corrections, min_area=a.min_area,
                      background_click=a.background_click, rgb_only=a.rgb_only, seed=a.seed)
@@ -403,7 +476,8 @@ def main(argv=None):
     for ck in a.checkpoint:
         parser = Parser.from_file(ck, max_side=a.max_side, flip=a.flip, refine=not a.no_refine,
                                     click_radius=a.click_radius, precision=a.precision)
-        predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}"))
+        predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}",
+                                        zero_click=a.zero_click, fill_known=a.fill_known))
         if "no-clicks" in a.baseline:
             predictors.append(CorePredictor(parser, ds.classes, ignore_clicks=True))
     for url in a.backend_url:
@@ -413,6 +487,12 @@ def main(argv=None):
     if not predictors and not a.include:
         ap.error("give at least one --checkpoint, --backend-url, --baseline or --include")
     os.makedirs(a.out, exist_ok=True)
+    if a.protocol == "progressive":
+        out = [evaluate_progressive(p, (ds.load(i) for i in range(n)), ds.classes, seed=a.seed) for p in predictors]
+        with open(os.path.join(a.out, "progressive.json"), "w") as f:
+            json.dump({"data": f"{a.kind}:{a.split}", "merge": a.merge, "results": out}, f, indent=1)
+        print(json.dumps(out))
+        return
     results = []
     for p in predictors:
         samples = (ds.load(i) for i in range(n))

@@ -140,9 +140,9 @@ def test_core_predictor_feeds_prev_mask_models_in_slot_space(monkeypatch, tmp_pa
         parser = Parser.from_file(path)
         seen, real = [], parser.parse
 
-        def spy(image, clicks, allowed_slots=None, prev_mask=None):
+        def spy(image, clicks, allowed_slots=None, prev_mask=None, **kw):
             seen.append(prev_mask)
-            return real(image, clicks, allowed_slots=allowed_slots, prev_mask=prev_mask)
+            return real(image, clicks, allowed_slots=allowed_slots, prev_mask=prev_mask, **kw)
 
         monkeypatch.setattr(parser, "parse", spy)
         core = CorePredictor(parser, CLASSES)
