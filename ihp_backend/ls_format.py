@@ -240,16 +240,33 @@ def rle_to_mask(rle, height: int, width: int) -> np.ndarray:
     return flat.reshape(height, width, 4)[:, :, 3] > 0
 
 
+def region_id(label: str) -> str:
+    """The id of a label's region in every answer: stable, so that accepting a new suggestion in
+    Label Studio replaces the accepted region of that label (its frontend keeps the id of an
+    area that exists) instead of stacking a second one."""
+    key = "".join(ch if ch.isalnum() else "_" for ch in label.lower())
+    return f"ihp_{key}"[:64]
+
+
 def brush_results(labels: np.ndarray, slot_to_label: dict[int, str], setup: LabelSetup,
-                  confidence: np.ndarray | None = None) -> list[dict]:
-    """One BrushLabels result per predicted slot that the BrushLabels control has."""
+                  confidence: np.ndarray | None = None, emptied=()) -> list[dict]:
+    """One BrushLabels result per predicted slot that the BrushLabels control has, each with
+    ``region_id``; ``emptied`` labels (answered before on this task, absent now) come as empty
+    regions, so an accepted region of theirs is replaced by nothing."""
     h, w = labels.shape
     allowed = set(setup.brush_labels)
     out = []
     rles = label_map_to_rles(labels, keep=lambda s: slot_to_label.get(s) in allowed) if labels.size else {}
+    answered = {slot_to_label[int(s)] for s in rles}
+    empty = [lab for lab in dict.fromkeys(emptied) if lab in allowed and lab not in answered]
+    if empty:
+        blank = mask_to_rle(np.zeros((h, w), bool))
+        slot_to_label = {**slot_to_label, **{-1 - i: lab for i, lab in enumerate(empty)}}
+        rles = {**rles, **{-1 - i: blank for i in range(len(empty))}}
     for slot in rles:
         name = slot_to_label[int(slot)]
         res = {
+            "id": region_id(name),
             "from_name": setup.brush_from,
             "to_name": setup.to_name,
             "type": "brushlabels",
@@ -259,7 +276,7 @@ def brush_results(labels: np.ndarray, slot_to_label: dict[int, str], setup: Labe
             "value": {"format": "rle", "rle": rles[slot], "brushlabels": [name]},
         }
         if confidence is not None:
-            res["score"] = float(confidence[int(slot)])
+            res["score"] = float(confidence[int(slot)]) if slot >= 0 else 0.0
         out.append(res)
     return out
 

@@ -307,6 +307,7 @@ class IHPModel:
         sx, sy = (w / size[0], h / size[1]) if size else (1.0, 1.0)
         arr = np.array([(c.y * sy, c.x * sx, label_to_slot[c.label]) for c in clicks
                         if c.label in label_to_slot], np.float64).reshape(-1, 3)
+        emptied: list[str] = []
         if context is None and parser.binding.kind != "fixed":
             # zero-click parse: the vocabulary head over the config's known brush labels
             slot_to_label = {ch: lab for lab, ch in known.items()}
@@ -325,12 +326,15 @@ class IHPModel:
             res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=prev, fill=fill)
             for stage, sec in res.timings.items():
                 self._add_time(stage, sec)
-            if res.network_labels is not None:
-                self._remember_prev(key, state, prev, res.network_labels)
+            with self._prev_lock:
+                emptied = [lab for st, _, _ in self._prev.get(key, []) for *_, lab in st]
+            self._remember_prev(key, state, prev, res.network_labels)
             slot_to_label = {**slot_names(label_to_slot, setup.labels, setup.brush_labels), **fill_names}
         t0 = time.perf_counter()
         slot_to_label = answered_labels(slot_to_label, parser.binding, self.settings.return_background)
-        results = brush_results(res.labels, slot_to_label, setup, res.confidence)
+        if not self.settings.return_background:
+            emptied = [lab for lab in emptied if not parser.binding.is_background(lab)]
+        results = brush_results(res.labels, slot_to_label, setup, res.confidence, emptied)
         validate_results(results, setup)
         self._add_time("rle", time.perf_counter() - t0)
         return {"result": results, "score": res.score, "model_version": parser.model_version}
@@ -338,9 +342,10 @@ class IHPModel:
     def _empty(self, parser: Parser) -> dict:
         return {"result": [], "score": 0.0, "model_version": parser.model_version}
 
-    def _remember_prev(self, key, state: tuple, prev_input, labels: np.ndarray) -> None:
-        """Push this click set's answer (network-size labels) on the task's stack; see
-        ``previous_input`` for how an undo finds its earlier state."""
+    def _remember_prev(self, key, state: tuple, prev_input, labels: np.ndarray | None) -> None:
+        """Push this click set and its answer (network-size labels; None for a network without
+        the previous-prediction input) on the task's stack; see ``previous_input`` for how an
+        undo finds its earlier state."""
         with self._prev_lock:
             stack = [e for e in self._prev.get(key, []) if e[0] != state][-(MAX_STATES - 1):]
             stack.append((state, prev_input, labels))

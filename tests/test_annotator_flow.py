@@ -12,7 +12,7 @@ import torch
 from ihp_backend._wsgi import create_app
 from ihp_backend.checkpoint import Binding, make_checkpoint, save_checkpoint
 from ihp_backend.clicks import IMAGENET_MEAN, IMAGENET_STD
-from ihp_backend.ls_format import mask_to_rle, parse_label_config, resolve_brush_regions, rle_to_mask
+from ihp_backend.ls_format import mask_to_rle, parse_label_config, region_id, resolve_brush_regions, rle_to_mask
 from ihp_backend.model import IHPModel
 from ihp_backend.network import NetConfig, build_network
 from ihp_backend.settings import Settings
@@ -43,8 +43,10 @@ def client(tmp_path, parts_checkpoint, image_server):
     return create_app(m, load=False).test_client()
 
 
-def masks_of(pred, h=240, w=320) -> dict[str, np.ndarray]:
-    return {r["value"]["brushlabels"][0]: rle_to_mask(r["value"]["rle"], h, w) for r in pred["result"]}
+def masks_of(pred, h=240, w=320, empty=False) -> dict[str, np.ndarray]:
+    """label -> mask of an answer's regions (non-empty ones unless ``empty``)."""
+    out = {r["value"]["brushlabels"][0]: rle_to_mask(r["value"]["rle"], h, w) for r in pred["result"]}
+    return out if empty else {k: v for k, v in out.items() if v.any()}
 
 
 def test_undo_gives_exactly_the_masks_before_the_click(client, payloads):
@@ -56,6 +58,13 @@ def test_undo_gives_exactly_the_masks_before_the_click(client, payloads):
     undone = client.post("/predict", json=click_body(payloads, 45, 80, "Left-arm", positive=False)).get_json()["results"][0]
     a, b, u = masks_of(after_a), masks_of(after_b), masks_of(undone)
     assert set(u) == set(a) and all((u[k] == a[k]).all() for k in a)
+    # every region has its label's stable id (accepting again replaces, never stacks), and the
+    # undone label comes back empty so that its accepted region is replaced by nothing
+    for pred in (after_a, after_b, undone):
+        ids = [r["id"] for r in pred["result"]]
+        assert ids == [region_id(r["value"]["brushlabels"][0]) for r in pred["result"]] and len(set(ids)) == len(ids)
+    emptied = {k for k, v in masks_of(undone, empty=True).items() if not v.any()}
+    assert emptied == {"Left-arm"} - set(a)
     assert set(b) != set(a) or any((b[k] != a[k]).any() for k in a)  # B did change the answer
     # and clicking B again gives B's masks again
     again = client.post("/predict", json=click_body(payloads, 45, 80, "Left-arm")).get_json()["results"][0]
