@@ -150,6 +150,37 @@ def upsampled_argmax(logits: torch.Tensor, out_hw: tuple[int, int], values=None)
     return out
 
 
+def zoom_box(clicks: np.ndarray, hw: tuple[int, int], margin: float = 0.5, min_side: float = 0.25,
+             max_area: float = 0.5) -> tuple[int, int, int, int] | None:
+    """The region to look closer at (FocalClick / RITM zoom-in): the clicks' bounding box grown by
+    ``margin`` of its longer side on every side and to at least ``min_side`` of the image's
+    longer side, as (y0, y1, x0, x1); None when it would cover more than ``max_area`` of the
+    image (nothing to gain) or there are fewer than two clicks."""
+    c = np.asarray(clicks, np.float64).reshape(-1, 3)
+    if len(c) < 2:
+        return None
+    h, w = hw
+    y0, x0 = c[:, 0].min(), c[:, 1].min()
+    y1, x1 = c[:, 0].max() + 1, c[:, 1].max() + 1
+    side = max(y1 - y0, x1 - x0)
+    grow = margin * side
+    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+    half_h = max((y1 - y0) / 2 + grow, min_side * max(h, w) / 2)
+    half_w = max((x1 - x0) / 2 + grow, min_side * max(h, w) / 2)
+    box = (int(max(0, cy - half_h)), int(min(h, cy + half_h + 1)), int(max(0, cx - half_w)), int(min(w, cx + half_w + 1)))
+    if (box[1] - box[0]) * (box[3] - box[2]) > max_area * h * w:
+        return None
+    return box
+
+
+def paste(labels: np.ndarray, box: tuple[int, int, int, int], hw: tuple[int, int], fill_value: int = 0) -> np.ndarray:
+    """A crop's labels put back at ``box`` (y0, y1, x0, x1) of an (H, W) map of ``fill_value``."""
+    out = np.full(hw, fill_value, labels.dtype)
+    y0, y1, x0, x1 = box
+    out[y0:y1, x0:x1] = labels
+    return out
+
+
 @dataclass
 class ParseResult:
     labels: np.ndarray  # (H, W) output channel per pixel (uint8 when they fit), at the image size
@@ -318,7 +349,8 @@ class Parser:
         return out
 
     def parse(self, image: np.ndarray, clicks, allowed_slots=None,
-              prev_mask: np.ndarray | None = None, fill: dict[int, int] | None = None) -> ParseResult:
+              prev_mask: np.ndarray | None = None, fill: dict[int, int] | None = None,
+              zoom: bool = False) -> ParseResult:
         """Parse ``image`` (H, W, 3 uint8) given clicks (y, x, slot) in its pixel coordinates.
 
         ``allowed_slots`` restricts the argmax to these output channels (the slots the label
@@ -332,7 +364,19 @@ class Parser:
         along the colour edges of the network-size photo (``refined_argmax``), else the logits
         are upsampled to the original size before the argmax. Then every click claims the
         pixels of its colour within ``click_radius`` network pixels (``paint_clicks``).
+        ``zoom`` runs the network on ``zoom_box`` of the clicks only, at the network's resolution,
+        and pastes the labels back (small or distant people; outside the box: background).
         """
+        box = zoom_box(clicks, image.shape[:2]) if zoom else None
+        if box is not None:
+            # look closer where the clicks are: the crop at the network's resolution, pasted back
+            # (no previous-prediction input: it lives on the whole photo's grid)
+            y0, y1, x0, x1 = box
+            c = np.asarray(clicks, np.float64).reshape(-1, 3) - np.array([y0, x0, 0.0])
+            res = self.parse(np.ascontiguousarray(image[y0:y1, x0:x1]), c, allowed_slots, None, fill)
+            res.labels = paste(res.labels, box, image.shape[:2], 0)
+            res.network_labels = None
+            return res
         timings: dict = {}
         logits = self.logits(image, clicks, prev_mask, timings)
         t0 = time.perf_counter()

@@ -323,7 +323,8 @@ class IHPModel:
                 prev = previous_input(self._prev.get(key, []), state)
             fill, fill_names = fill_channels(parser.binding, parser.vocab_start, setup.brush_labels,
                                              label_to_slot, arr[:, 2]) if self.settings.fill_known else ({}, {})
-            res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=prev, fill=fill)
+            res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=prev, fill=fill,
+                               zoom=self.settings.zoom)
             for stage, sec in res.timings.items():
                 self._add_time(stage, sec)
             with self._prev_lock:

@@ -80,6 +80,7 @@ class Settings:
     return_background: bool = False  # answer a Background brush region too (IHP_RETURN_BACKGROUND)
     zero_click: bool = True  # batch predictions parse known label names with no click (IHP_ZERO_CLICK)
     fill_known: bool = False  # clicks answer unclicked known parts too, by meaning (IHP_FILL_KNOWN)
+    zoom: bool = False  # run the network on the region around the clicks only (IHP_ZOOM)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -107,4 +108,5 @@ class Settings:
             return_background=bool(_int("IHP_RETURN_BACKGROUND", 0)),
             zero_click=bool(_int("IHP_ZERO_CLICK", 1)),
             fill_known=bool(_int("IHP_FILL_KNOWN", 0)),
+            zoom=bool(_int("IHP_ZOOM", 0)),
         )

@@ -51,7 +51,7 @@ class CorePredictor:
     are filled by meaning (``IHP_FILL_KNOWN``)."""
 
     def __init__(self, parser, class_names: list[str], ignore_clicks: bool = False, name: str | None = None,
-                 zero_click: bool = False, fill_known: bool = False):
+                 zero_click: bool = False, fill_known: bool = False, zoom: bool = False):
         self.parser = parser
         self.class_names = class_names
         self.slot_of = parser.binding.bind(class_names)
@@ -63,7 +63,7 @@ class CorePredictor:
         for n, ch in self.zero.items():
             if n in class_names:
                 self.class_lut[ch] = class_names.index(n)
-        self.ignore_clicks = ignore_clicks
+        self.ignore_clicks, self.zoom = ignore_clicks, zoom
         self.zero_click, self.fill_known = zero_click and bool(self.zero), fill_known and bool(self.zero)
         self.name = name or (parser.model_version + (" (no clicks)" if ignore_clicks else ""))
 
@@ -87,7 +87,8 @@ class CorePredictor:
         prev_slots = None
         if prev is not None and self.parser.use_prev_mask and not self.ignore_clicks:
             prev_slots = self.slot_lut[prev]
-        res = self.parser.parse(image, c, allowed_slots=allowed, prev_mask=prev_slots, fill=fill)
+        res = self.parser.parse(image, c, allowed_slots=allowed, prev_mask=prev_slots, fill=fill,
+                                zoom=self.zoom and not self.ignore_clicks)
         return self.class_lut[res.labels]
 
 
@@ -457,6 +458,8 @@ def main(argv=None):
                          "to start with no clicks), as the backend's batch prediction")
     ap.add_argument("--fill-known", action="store_true",
                     help="parts nobody clicked are filled by meaning (the backend's IHP_FILL_KNOWN=1)")
+    ap.add_argument("--zoom", action="store_true",
+                    help="look closer around the clicks (the backend's IHP_ZOOM=1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--include", action="append", default=[],
@@ -477,7 +480,7 @@ def main(argv=None):
         parser = Parser.from_file(ck, max_side=a.max_side, flip=a.flip, refine=not a.no_refine,
                                     click_radius=a.click_radius, precision=a.precision)
         predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}",
-                                        zero_click=a.zero_click, fill_known=a.fill_known))
+                                        zero_click=a.zero_click, fill_known=a.fill_known, zoom=a.zoom))
         if "no-clicks" in a.baseline:
             predictors.append(CorePredictor(parser, ds.classes, ignore_clicks=True))
     for url in a.backend_url:

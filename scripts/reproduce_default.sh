@@ -45,12 +45,16 @@
 # 15. repeats that stage from s25450: 750 steps, seed 17, the same evaluation-like clicks
 #    (runs/stage17k0, released as ihp-ccp-mnv3-s26200), and averages it with s25450 (BatchNorm
 #    recalibrated): the default, runs/default.pt,
-# 16. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
+# 16. derives body-part labels from MediaPipe keypoints (model_training.pose_labels, its own tool
+#    venv data/mediapipe-venv), trains the body-part / unclaimed stage from that model
+#    (model_training/configs/parts_unclaimed.yaml, 1000 steps) and releases it: the default,
+#    ihp-ccp-parts-mnv3-s27400 (runs/parts_unclaimed/release.pt),
+# 17. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
 #    the random-walker floor. About twenty-five hours on a 2-core CPU: run it in the background.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-VERSION=${VERSION:-ihp-ccp-mnv3-s26200-avg}
+VERSION=${VERSION:-ihp-ccp-mnv3-s26200-avg}  # the CCP-only model the parts stage starts from
 export IHP_TORCH_THREADS=${IHP_TORCH_THREADS:-2}
 CONFIG=model_training/configs/ccp_cpu.yaml
 
@@ -94,6 +98,14 @@ stage stage16s ihp-ccp-mnv3-s25450 runs/soup2.pt 300 --set seed=16 --set lr=0.00
 stage stage17k0 ihp-ccp-mnv3-s26200 runs/stage16s/release.pt 750 --set seed=17 --set lr=0.0006 "${AT576[@]}" "${LOVASZ[@]}" "${K0CLICKS[@]}"
 .venv/bin/python -m model_training.release --checkpoint runs/stage16s/release.pt runs/stage17k0/release.pt \
     --version "$VERSION" --recalibrate-bn 16 --out runs/default.pt
+# the body-part / unclaimed stage (its config's init_from names the embedded CCP-only default;
+# point it at runs/default.pt)
+.venv/bin/python -m model_training.pose_labels --data ../shared/data/ccp --out data/ccp_parts --setup-tool-venv
+.venv/bin/python -m model_training.train --config model_training/configs/parts_unclaimed.yaml \
+    --set init_from=runs/default.pt
+.venv/bin/python -m model_training.release --checkpoint runs/parts_unclaimed/last.pt \
+    --version ihp-ccp-parts-mnv3-s27400 --recalibrate-bn 16 --out runs/parts_unclaimed/release.pt
+bash scripts/evaluate_default.sh runs/parts_unclaimed/release.pt
 .venv/bin/python -m model_training.evaluate --data ../shared/data/ccp --kind ccp --split val --merge ccp12 \
     --checkpoint runs/default.pt --baseline random-walker --max-corrections 20 --standard 0.85 --precision float32 \
     --out runs/eval_default

@@ -142,3 +142,36 @@ def test_webhook_stores_one_clean_parse(tmp_path, parts_checkpoint, payloads):
     m.store.decode_pending()
     (s,) = m.store.samples(7)
     assert np.array_equal(s["labels"], np.where(lab == 0, 255, lab))  # 255: no region (fit: background)
+
+
+def test_zoom_box_and_paste_back():
+    from ihp_backend.inference import paste, zoom_box
+    clicks = np.array([[400, 300, 1], [440, 330, 2]], float)
+    box = zoom_box(clicks, (1000, 800))
+    y0, y1, x0, x1 = box
+    assert y0 <= 400 and y1 > 440 and x0 <= 300 and x1 > 330  # every click inside
+    assert (y1 - y0) >= 0.25 * 1000 - 1 and (x1 - x0) >= 0.25 * 1000 - 1  # at least a quarter of the long side
+    assert zoom_box(clicks[:1], (1000, 800)) is None  # one click: no zoom
+    assert zoom_box(np.array([[5, 5, 1], [990, 790, 2]]), (1000, 800)) is None  # the whole photo
+    crop = np.arange((y1 - y0) * (x1 - x0)).reshape(y1 - y0, x1 - x0) % 7 + 1
+    full = paste(crop.astype(np.uint8), box, (1000, 800))
+    assert (full[y0:y1, x0:x1] == crop).all() and full.sum() == crop.sum()
+
+
+def test_zoomed_parse_of_a_small_person_is_the_crop_parse_pasted_back(parts_checkpoint):
+    """A small person in a large photo: with zoom the network parses the region around the
+    clicks at its own resolution; the answer equals parsing that crop, placed back."""
+    from ihp_backend.inference import Parser, zoom_box
+    from tests.conftest import person_image
+    img, _ = person_image()
+    canvas = np.full((960, 1280, 3), 120, np.uint8)
+    canvas[600:840, 800:1120] = img
+    clicks = np.array([[650, 960, 1], [720, 960, 2], [800, 940, 3]], float)
+    p = Parser.from_file(parts_checkpoint)
+    zoomed = p.parse(canvas, clicks, allowed_slots=[0, 1, 2, 3], zoom=True)
+    y0, y1, x0, x1 = zoom_box(clicks, canvas.shape[:2])
+    crop = p.parse(np.ascontiguousarray(canvas[y0:y1, x0:x1]), clicks - [y0, x0, 0], allowed_slots=[0, 1, 2, 3])
+    assert (zoomed.labels[y0:y1, x0:x1] == crop.labels).all()
+    outside = np.ones(canvas.shape[:2], bool)
+    outside[y0:y1, x0:x1] = False
+    assert (zoomed.labels[outside] == 0).all()
