@@ -17,7 +17,7 @@ from .checkpoint import Binding, binding_of, network_of, read_checkpoint
 from .clicks import draw_clicks, network_input, normalise_rgb, scale_clicks
 from .network import fold_batchnorm
 from .refine import label_lut, paint_clicks, refined_argmax
-from .settings import PRECISIONS
+from .options import PRECISIONS
 
 
 def pick_device(requested: str | None = None) -> torch.device:

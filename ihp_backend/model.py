@@ -28,7 +28,7 @@ from .locks import is_locked
 from .ls_format import (ClickError, LabelConfigError, LabelSetup, brush_results, keypoints_to_clicks,
                         parse_label_config, resolve_brush_regions, validate_results)
 from .registry import Registry
-from .settings import Settings, default_torch_threads
+from .settings import Settings
 
 log = logging.getLogger("ihp_backend")
 
@@ -233,10 +233,7 @@ class IHPModel:
 
     def _parser_options(self) -> dict:
         """How every network of this backend runs (default and per-project models alike)."""
-        st = self.settings
-        return dict(device=st.device, max_side=st.max_side, flip=st.flip, refine=st.refine,
-                    click_radius=st.click_radius, precision=st.precision,
-                    threads=st.torch_threads or default_torch_threads())
+        return self.settings.parser_options().parser_kwargs()
 
     def _load_project(self, p: str, info: dict) -> None:
         try:

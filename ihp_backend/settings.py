@@ -46,7 +46,7 @@ def default_torch_threads(workers: int | None = None) -> int:
     return max(1, _int("IHP_TORCH_THREADS", 0) or cpu_cores() // (workers or default_workers()))
 
 
-PRECISIONS = ("auto", "float32", "bfloat16")  # IHP_PRECISION: the forward's compute type
+from .options import PRECISIONS, ParserOptions  # noqa: F401 (PRECISIONS: re-exported)
 
 
 def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -81,6 +81,12 @@ class Settings:
     zero_click: bool = True  # batch predictions parse known label names with no click (IHP_ZERO_CLICK)
     fill_known: bool = False  # clicks answer unclicked known parts too, by meaning (IHP_FILL_KNOWN)
     zoom: bool = False  # run the network on the region around the clicks only (IHP_ZOOM)
+
+    def parser_options(self) -> ParserOptions:
+        """How every network of this backend runs (the evaluator builds the same object)."""
+        return ParserOptions(device=self.device, max_side=self.max_side, flip=self.flip, refine=self.refine,
+                             click_radius=self.click_radius, precision=self.precision,
+                             threads=self.torch_threads or default_torch_threads())
 
     @classmethod
     def from_env(cls) -> "Settings":

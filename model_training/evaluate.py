@@ -33,7 +33,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from ihp_backend.label_rules import allowed_slots, fill_channels, zero_click_channels
-from ihp_backend.settings import PRECISIONS
+from ihp_backend.options import PRECISIONS, ParserOptions
 
 from . import click_simulation as cs
 from .datasets import open_dataset
@@ -477,8 +477,9 @@ def main(argv=None):
     predictors = []
     from ihp_backend.inference import Parser
     for ck in a.checkpoint:
-        parser = Parser.from_file(ck, max_side=a.max_side, flip=a.flip, refine=not a.no_refine,
-                                    click_radius=a.click_radius, precision=a.precision)
+        opts = ParserOptions(max_side=a.max_side, flip=a.flip, refine=not a.no_refine,
+                             click_radius=a.click_radius, precision=a.precision, threads=a.threads)
+        parser = Parser.from_file(ck, **opts.parser_kwargs())
         predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}",
                                         zero_click=a.zero_click, fill_known=a.fill_known, zoom=a.zoom))
         if "no-clicks" in a.baseline:

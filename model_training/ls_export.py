@@ -20,7 +20,7 @@ from PIL import Image
 
 from ihp_backend.ls_format import annotation_to_label_map, parse_label_config
 
-from .datasets import ParsingDataset, _items, _read_ids
+from .parsing_dataset import ParsingDataset, _items, _read_ids
 
 
 def resolve_image(url: str, images_dir: str | None) -> str:
@@ -94,7 +94,7 @@ def export_dataset(root: str, split: str = "train") -> ParsingDataset:
     ids = _read_ids(os.path.join(root, f"{split}_id.txt"))
     items = _items(ids, os.path.join(root, "TrainVal_images", f"{split}_images"),
                    os.path.join(root, "TrainVal_parsing_annotations", f"{split}_segmentations"))
-    from .datasets import LIP_FLIP
+    from .parsing_dataset import LIP_FLIP
     return ParsingDataset("ls", items, classes, LIP_FLIP)
 
 

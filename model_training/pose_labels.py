@@ -36,7 +36,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from .datasets import LIP_CLASSES, LIP_FLIP, PPP_CLASSES, ParsingDataset, load_merge, merge_lut
+from .parsing_dataset import LIP_CLASSES, LIP_FLIP, PPP_CLASSES, ParsingDataset, load_merge, merge_lut
 
 # the body regions (0 = not a person pixel)
 REGIONS = ["none", "head", "torso", "left-upper-arm", "left-lower-arm", "right-upper-arm",
@@ -250,7 +250,7 @@ def _ids(root: str) -> list[str]:
 def ccp_parts(root: str, parts_root: str, split: str, space: str) -> ParsingDataset:
     """A derived label space of CCP as a data set (``open_dataset("ccp-parts:<space>", ...)``):
     images from ``root``, labels from ``parts_root/<space>/``."""
-    from .datasets import _items, _read_ids
+    from .parsing_dataset import _items, _read_ids
     if space not in LABEL_SPACES:
         raise ValueError(f"unknown label space {space!r}; choose one of {LABEL_SPACES}")
     ids = _read_ids(os.path.join(root, f"{split}.txt"))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Paired recipe ablations for the default model, sized for a 2-core CPU (resumable):
-#   INIT=ihp_backend/models/default.pt STEPS=200 bash scripts/ablate_default.sh [variant ...]
+#   INIT=ihp_backend/models/default.pt STEPS=200 bash experiments/ablate_default.sh [variant ...]
 # Every variant continues training from the same weights (INIT) for STEPS steps with the same
 # seed, lr (LR, poly decay) and data order; only its --set overrides differ from `base` (the
 # recipe as it is, model_training/configs/ccp_cpu.yaml; base-seed2 repeats it with another seed

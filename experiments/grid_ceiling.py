@@ -2,7 +2,7 @@
 class planes, area-downsampled to the decoder's grid (stride 4 of the serving size by default),
 bilinearly upsampled back to the photo and arg-maxed. A perfect network at that grid scores this.
 
-    .venv/bin/python bench/grid_ceiling.py --data ../shared/data/ccp --kind ccp --split val \
+    .venv/bin/python experiments/grid_ceiling.py --data ../shared/data/ccp --kind ccp --split val \
         --merge ccp12 --sides 416 544 576 --strides 4 2 --every 2
 
 Prints one line per (side, stride): data-set mIoU and per-class IoU.

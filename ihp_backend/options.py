@@ -1,0 +1,22 @@
+"""How a network is run: one ``ParserOptions``, built by the server from its settings and by the
+evaluator from its flags, so that the evaluation measures what is served."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+PRECISIONS = ("auto", "float32", "bfloat16")  # the forward's compute type (IHP_PRECISION)
+
+
+@dataclass(frozen=True)
+class ParserOptions:
+    device: str | None = None  # IHP_DEVICE
+    max_side: int | None = None  # IHP_MAX_SIDE (None: the checkpoint's input_size)
+    flip: bool = False  # IHP_FLIP
+    refine: bool = True  # IHP_REFINE
+    click_radius: float = 10.0  # IHP_CLICK_RADIUS
+    precision: str = "auto"  # IHP_PRECISION
+    threads: int | None = None  # IHP_TORCH_THREADS
+
+    def parser_kwargs(self) -> dict:
+        """Keyword arguments of ``ihp_backend.inference.Parser``."""
+        return asdict(self)
