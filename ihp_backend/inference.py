@@ -196,7 +196,7 @@ class Parser:
 
     def __init__(self, ckpt: dict, device: str | None = None, max_side: int | None = None,
                  threads: int | None = None, flip: bool = False, refine: bool = True,
-                 click_radius: float = 10.0, precision: str | None = "auto"):
+                 click_radius: float = 10.0, precision: str | None = "auto", unclaimed_bias: float = 0.0):
         self.ckpt = ckpt
         self.binding: Binding = binding_of(ckpt)
         self.net = fold_batchnorm(network_of(ckpt).eval())
@@ -208,6 +208,7 @@ class Parser:
         self.num_slots = self.net.cfg.num_slots
         self.unclaimed = self.net.cfg.unclaimed_channel  # "a part no click names" (None: no such output)
         self.vocab_start = self.net.cfg.vocab_start  # first vocabulary channel
+        self.unclaimed_bias = float(unclaimed_bias)  # < 0: fewer pixels left unlabelled
         self.use_prev_mask = self.net.cfg.prev_mask
         self.model_version = ckpt.get("model_version", "unknown")
         self.flip = bool(flip)  # test-time flip: mean of the logits of the input and its mirror
@@ -384,6 +385,9 @@ class Parser:
             sorted(set(int(s) for s in allowed_slots)))
         with torch.inference_mode():
             sub = logits[torch.as_tensor(slots, device=logits.device)]
+            if self.unclaimed_bias and self.unclaimed is not None and self.unclaimed in slots:
+                sub = sub.clone()
+                sub[int(np.nonzero(slots == self.unclaimed)[0][0])] += self.unclaimed_bias
             if fill and self.unclaimed is not None and self.unclaimed in slots:
                 sub, slots = self._filled(sub, slots, logits, fill)
             # scores at stride 4 (cheap); labels at the image size

@@ -16,6 +16,7 @@ class ParserOptions:
     click_radius: float = 10.0  # IHP_CLICK_RADIUS
     precision: str = "auto"  # IHP_PRECISION
     threads: int | None = None  # IHP_TORCH_THREADS
+    unclaimed_bias: float = 0.0  # IHP_UNCLAIMED_BIAS: added to the unclaimed channel's logit
 
     def parser_kwargs(self) -> dict:
         """Keyword arguments of ``ihp_backend.inference.Parser``."""

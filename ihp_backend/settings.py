@@ -81,12 +81,14 @@ class Settings:
     zero_click: bool = True  # batch predictions parse known label names with no click (IHP_ZERO_CLICK)
     fill_known: bool = False  # clicks answer unclicked known parts too, by meaning (IHP_FILL_KNOWN)
     zoom: bool = False  # run the network on the region around the clicks only (IHP_ZOOM)
+    unclaimed_bias: float = 0.0  # added to the unclaimed logit (IHP_UNCLAIMED_BIAS)
 
     def parser_options(self) -> ParserOptions:
         """How every network of this backend runs (the evaluator builds the same object)."""
         return ParserOptions(device=self.device, max_side=self.max_side, flip=self.flip, refine=self.refine,
                              click_radius=self.click_radius, precision=self.precision,
-                             threads=self.torch_threads or default_torch_threads())
+                             threads=self.torch_threads or default_torch_threads(),
+                             unclaimed_bias=self.unclaimed_bias)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -115,4 +117,5 @@ class Settings:
             zero_click=bool(_int("IHP_ZERO_CLICK", 1)),
             fill_known=bool(_int("IHP_FILL_KNOWN", 0)),
             zoom=bool(_int("IHP_ZOOM", 0)),
+            unclaimed_bias=_float("IHP_UNCLAIMED_BIAS", 0.0),
         )

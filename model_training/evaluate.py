@@ -458,6 +458,8 @@ def main(argv=None):
                          "to start with no clicks), as the backend's batch prediction")
     ap.add_argument("--fill-known", action="store_true",
                     help="parts nobody clicked are filled by meaning (the backend's IHP_FILL_KNOWN=1)")
+    ap.add_argument("--unclaimed-bias", type=float, default=0.0,
+                    help="added to the unclaimed channel's logit (the backend's IHP_UNCLAIMED_BIAS)")
     ap.add_argument("--zoom", action="store_true",
                     help="look closer around the clicks (the backend's IHP_ZOOM=1)")
     ap.add_argument("--seed", type=int, default=0)
@@ -478,7 +480,8 @@ def main(argv=None):
     from ihp_backend.inference import Parser
     for ck in a.checkpoint:
         opts = ParserOptions(max_side=a.max_side, flip=a.flip, refine=not a.no_refine,
-                             click_radius=a.click_radius, precision=a.precision, threads=a.threads)
+                             click_radius=a.click_radius, precision=a.precision, threads=a.threads,
+                             unclaimed_bias=a.unclaimed_bias)
         parser = Parser.from_file(ck, **opts.parser_kwargs())
         predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}",
                                         zero_click=a.zero_click, fill_known=a.fill_known, zoom=a.zoom))
