@@ -7,7 +7,7 @@ import os
 import sys
 
 
-def _paper(path: str, k=(0, 5, 20)) -> dict | None:
+def _paper(path: str, k=(0, 5, 10, 20)) -> dict | None:
     p = os.path.join(path, "summary.json")
     if not os.path.exists(p):
         return None
@@ -28,15 +28,16 @@ def table(out: str) -> str:
             ("real LIP samples (2, `crossdomain/lip`)", "crossdomain_lip"),
             ("real CIHP samples (5, several people)", "crossdomain_cihp"),
             ("real PASCAL-Person-Part samples (4)", "crossdomain_pascal_person_part")]
-    lines = ["| photos, labels | images | mIoU@0 | mIoU@5 | mIoU@20 | Add. | Avg. clicks/class |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| photos, labels | images | mIoU@0 | mIoU@5 | mIoU@10 | mIoU@20 | Add. | Avg. clicks/class |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, sub in rows:
         r = _paper(os.path.join(out, sub))
         if r is None:
             continue
         add = "not reached" if r["add"] is None else str(r["add"])
         avg = "-" if r["avg"] is None else f"{r['avg']:.2f}"
-        lines.append(f"| {name} | {r['images']} | {_pct(r['k0'])} | {_pct(r['k5'])} | {_pct(r['k20'])} | {add} | {avg} |")
+        lines.append(f"| {name} | {r['images']} | {_pct(r['k0'])} | {_pct(r['k5'])} | {_pct(r['k10'])} | "
+                     f"{_pct(r['k20'])} | {add} | {avg} |")
     prog = os.path.join(out, "ccp12_progressive", "progressive.json")
     if os.path.exists(prog):
         r = json.load(open(prog))["results"][0]

@@ -284,7 +284,8 @@ def evaluate(predictor, samples, class_names: list[str], cfg: EvalConfig, progre
         if cfg.rgb_only:
             clicks = []
         else:
-            clicks = cs.central_clicks(gt, rng, 0, max(1, cfg.min_area), cfg.n_candidates)
+            # no click on ignored pixels (255: e.g. the torso skin LIP-20 has no class for)
+            clicks = cs.central_clicks(np.where(gt < n, gt, 0), rng, 0, max(1, cfg.min_area), cfg.n_candidates)
             if cfg.background_click:
                 bg = cs.background_click(gt, rng)
                 if bg:

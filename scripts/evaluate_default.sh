@@ -11,9 +11,9 @@ CK=${1:-ihp_backend/models/default.pt}
 OUT=${OUT:-runs/eval_default}
 EV=(.venv/bin/python -m model_training.evaluate --checkpoint "$CK" --precision float32)
 CCP=(--data ../shared/data/ccp --split val)
-"${EV[@]}" "${CCP[@]}" --kind ccp --merge ccp12 --max-corrections 20 --standard 0.85 --out "$OUT/ccp12"
+"${EV[@]}" "${CCP[@]}" --kind ccp --merge ccp12 --max-corrections 10 --standard 0.85 --out "$OUT/ccp12"
 "${EV[@]}" "${CCP[@]}" --kind ccp --merge ccp12 --protocol progressive --out "$OUT/ccp12_progressive"
-"${EV[@]}" "${CCP[@]}" --kind ccp-parts:lip20 --max-corrections 20 --standard 0.85 --out "$OUT/lip20"
+"${EV[@]}" "${CCP[@]}" --kind ccp-parts:lip20 --max-corrections 10 --standard 0.85 --out "$OUT/lip20"
 "${EV[@]}" "${CCP[@]}" --kind ccp-parts:lip20 --rgb-only --zero-click --fill-known --max-corrections 5 \
     --standard 0.85 --out "$OUT/lip20_zero_click"
 for s in lip cihp pascal_person_part; do

@@ -158,6 +158,13 @@ def chrome():
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
+def click_to_grow(stack, project):
+    """The click-to-grow flow starts from an empty annotation: the project's "Use predictions to
+    prelabel tasks" off (with it on, the zero-click parse of the known LIP names prefills the
+    task and the person Ctrl-clicks on its regions; README)."""
+    api(stack, "PATCH", f"/api/projects/{project['id']}", json={"show_collab_predictions": False})
+
+
 def test_browser_click_shows_brush_suggestion(stack, project, ccp_val):
     """A person in Chromium: log in, open a task, Auto-Annotation on, pick the smart KeyPoint tool
     and the "Hair" label, click on the hair; the backend's brush masks appear as suggestions."""
@@ -165,6 +172,7 @@ def test_browser_click_shows_brush_suggestion(stack, project, ccp_val):
     from selenium.webdriver.common.by import By
     from model_training import click_simulation as cs
     task = project["tasks"][2]  # uploaded; not touched by the API tests
+    click_to_grow(stack, project)
     _, gt = ccp_val.load(project["ccp_index"][task.id])
     hair = ccp_val.classes.index("hair")
     y, x = next((y, x) for y, x, c in cs.central_clicks(gt.astype(np.int64), np.random.default_rng(0))
@@ -250,6 +258,12 @@ def test_browser_annotator_flow_click_accept_click_submit(stack, project, ccp_va
     from selenium.webdriver.common.keys import Keys
     from model_training import click_simulation as cs
     task = project["tasks"][1]
+    # the interactive API test clicked on this task: start from an empty click history
+    # ({"result": []} is what Label Studio sends after Submit)
+    requests.post(stack["backend"] + "/predict", timeout=30, json={
+        "tasks": [{"id": task.id, "data": task.data}], "project": f"{project['id']}.1", "label_config": LIP_CONFIG,
+        "params": {"context": {"result": []}}}).raise_for_status()
+    click_to_grow(stack, project)
     _, gt = ccp_val.load(project["ccp_index"][task.id])
     gt = gt.astype(np.int64)
     h, w = gt.shape
