@@ -317,7 +317,12 @@ class IHPModel:
             key = (project_key(project), str(task["id"]))
             state = click_state(clicks)
             with self._prev_lock:
-                prev = previous_input(self._prev.get(key, []), state)
+                stack = self._prev.get(key, [])
+                if len(state) == 1 and all(st != state for st, _, _ in stack):
+                    # a first click: whatever this worker remembers of the task is stale (the
+                    # history was cleared, perhaps through another worker)
+                    stack = self._prev[key] = []
+                prev = previous_input(stack, state)
             fill, fill_names = fill_channels(parser.binding, parser.vocab_start, setup.brush_labels,
                                              label_to_slot, arr[:, 2]) if self.settings.fill_known else ({}, {})
             res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=prev, fill=fill,

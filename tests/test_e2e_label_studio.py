@@ -235,7 +235,8 @@ def _suggested_masks(d, h, w):
         const a = window.Htx.annotationStore.selected;
         return Array.from(a.suggestions.values()).filter(r => r.type === 'brushregion')
             .map(r => [r.labelName, r.rle ? Array.from(r.rle) : null]);""")
-    return {name: rle_to_mask(rle, h, w) for name, rle in rows if rle}
+    masks = {name: rle_to_mask(rle, h, w) for name, rle in rows if rle}
+    return {name: m for name, m in masks.items() if m.any()}  # emptied regions show nothing
 
 
 def _regions(d):
