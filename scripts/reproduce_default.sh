@@ -47,8 +47,8 @@
 #    recalibrated): the default, runs/default.pt,
 # 16. derives body-part labels from MediaPipe keypoints (model_training.pose_labels, its own tool
 #    venv data/mediapipe-venv), trains the body-part / unclaimed stage from that model
-#    (model_training/configs/parts_unclaimed.yaml, 1000 steps) and releases it: the default,
-#    ihp-ccp-parts-mnv3-s27400 (runs/parts_unclaimed/release.pt),
+#    (model_training/configs/parts_unclaimed.yaml, a 1000-step schedule stopped at 850) and releases it: the default,
+#    ihp-ccp-parts-mnv3-s27050 (runs/parts_unclaimed/release.pt),
 # 17. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
 #    the random-walker floor. About twenty-five hours on a 2-core CPU: run it in the background.
 set -euo pipefail
@@ -104,7 +104,7 @@ stage stage17k0 ihp-ccp-mnv3-s26200 runs/stage16s/release.pt 750 --set seed=17 -
 .venv/bin/python -m model_training.train --config model_training/configs/parts_unclaimed.yaml \
     --set init_from=runs/default.pt
 .venv/bin/python -m model_training.release --checkpoint runs/parts_unclaimed/last.pt \
-    --version ihp-ccp-parts-mnv3-s27400 --recalibrate-bn 16 --out runs/parts_unclaimed/release.pt
+    --version ihp-ccp-parts-mnv3-s27050 --recalibrate-bn 16 --out runs/parts_unclaimed/release.pt
 bash scripts/evaluate_default.sh runs/parts_unclaimed/release.pt
 .venv/bin/python -m model_training.evaluate --data ../shared/data/ccp --kind ccp --split val --merge ccp12 \
     --checkpoint runs/default.pt --baseline random-walker --max-corrections 20 --standard 0.85 --precision float32 \
