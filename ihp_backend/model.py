@@ -73,6 +73,11 @@ def click_state(clicks) -> tuple:
     return tuple((round(c.x, 3), round(c.y, 3), c.label) for c in clicks)
 
 
+def neighbours(a: tuple, b: tuple) -> bool:
+    """Two click sets one annotator step apart: a click added, removed, or replaced."""
+    return len(set(a) ^ set(b)) <= 2
+
+
 def previous_input(stack: list[tuple], state: tuple):
     """The previous-prediction input for click set ``state``, from the task's stack of
     ``(state, previous input used, answer)``: the input an earlier visit of the same click set
@@ -318,9 +323,9 @@ class IHPModel:
             state = click_state(clicks)
             with self._prev_lock:
                 stack = self._prev.get(key, [])
-                if len(state) == 1 and all(st != state for st, _, _ in stack):
-                    # a first click: whatever this worker remembers of the task is stale (the
-                    # history was cleared, perhaps through another worker)
+                if stack and all(st != state for st, _, _ in stack) and not neighbours(stack[-1][0], state):
+                    # this worker's memory of the task is stale (the history was cleared or
+                    # changed through another worker): start afresh
                     stack = self._prev[key] = []
                 prev = previous_input(stack, state)
             fill, fill_names = fill_channels(parser.binding, parser.vocab_start, setup.brush_labels,
@@ -329,8 +334,8 @@ class IHPModel:
                                zoom=self.settings.zoom)
             for stage, sec in res.timings.items():
                 self._add_time(stage, sec)
-            with self._prev_lock:
-                emptied = [lab for st, _, _ in self._prev.get(key, []) for *_, lab in st]
+            with self._prev_lock:  # labels of the last answer (an undo empties its label)
+                emptied = [lab for st, _, _ in stack[-1:] for *_, lab in st]
             self._remember_prev(key, state, prev, res.network_labels)
             slot_to_label = {**slot_names(label_to_slot, setup.labels, setup.brush_labels), **fill_names}
         t0 = time.perf_counter()
