@@ -158,6 +158,22 @@ def chrome():
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
+def open_task_with_auto_annotation(d, ls, project, task):
+    """Log in as a person does, open the task, switch Auto-Annotation on; returns the canvas."""
+    from selenium.webdriver.common.by import By
+    d.get(ls.url + "/user/login")
+    wait_for(lambda: d.find_elements(By.NAME, "email"), 30, "the login form")
+    d.find_element(By.NAME, "email").send_keys(runner.USER)
+    d.find_element(By.NAME, "password").send_keys(runner.PASSWORD)
+    d.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
+    wait_for(lambda: "/user/login" not in d.current_url, 30, "login")
+    d.get(f"{ls.url}/projects/{project['id']}/data?task={task.id}")
+    stage = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".konvajs-content"), 60, "the image canvas")[0]
+    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".lsf-dynamic-preannotations label"), 30,
+             "the Auto-Annotation toggle")[0].click()
+    return stage
+
+
 def click_to_grow(stack, project):
     """The click-to-grow flow starts from an empty annotation: the project's "Use predictions to
     prelabel tasks" off (with it on, the zero-click parse of the known LIP names prefills the
@@ -182,16 +198,7 @@ def test_browser_click_shows_brush_suggestion(stack, project, ccp_val):
     os.makedirs(ARTIFACTS, exist_ok=True)
     shot = os.path.join(ARTIFACTS, "label_studio_browser.png")
     try:
-        d.get(ls.url + "/user/login")
-        wait_for(lambda: d.find_elements(By.NAME, "email"), 30, "the login form")
-        d.find_element(By.NAME, "email").send_keys(runner.USER)
-        d.find_element(By.NAME, "password").send_keys(runner.PASSWORD)
-        d.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
-        wait_for(lambda: "/user/login" not in d.current_url, 30, "login")
-        d.get(f"{ls.url}/projects/{project['id']}/data?task={task.id}")
-        stage = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".konvajs-content"), 60, "the image canvas")[0]
-        wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".lsf-dynamic-preannotations label"), 30,
-                 "the Auto-Annotation toggle")[0].click()
+        stage = open_task_with_auto_annotation(d, ls, project, task)
         keypoint_labels = d.find_elements(By.CSS_SELECTOR, ".lsf-labels")[0]  # KeyPointLabels come first
         label = [e for e in keypoint_labels.find_elements(By.CSS_SELECTOR, ".lsf-label")
                  if e.text.split("\n")[0].strip() == "Hair"][0]
@@ -282,16 +289,7 @@ def test_browser_annotator_flow_click_accept_click_submit(stack, project, ccp_va
     d = chrome()
     timings = []
     try:
-        d.get(ls.url + "/user/login")
-        wait_for(lambda: d.find_elements(By.NAME, "email"), 30, "the login form")
-        d.find_element(By.NAME, "email").send_keys(runner.USER)
-        d.find_element(By.NAME, "password").send_keys(runner.PASSWORD)
-        d.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
-        wait_for(lambda: "/user/login" not in d.current_url, 30, "login")
-        d.get(f"{ls.url}/projects/{project['id']}/data?task={task.id}")
-        stage = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".konvajs-content"), 60, "the image canvas")[0]
-        wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".lsf-dynamic-preannotations label"), 30,
-                 "the Auto-Annotation toggle")[0].click()
+        stage = open_task_with_auto_annotation(d, ls, project, task)
 
         def pick(name):
             labels = d.find_elements(By.CSS_SELECTOR, ".lsf-labels")[0]  # KeyPointLabels come first
