@@ -1,11 +1,12 @@
 """Training samples: augmentation (after CE2P), simulated clicks and slot binding."""
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageFilter
 
 from . import click_simulation as cs
 from .datasets import ParsingDataset
@@ -35,6 +36,16 @@ class SampleConfig:
     p_partial: float = 0.0
     unclaimed: int | None = None  # the unclaimed output channel (None: the network has none)
     p_no_clicks: float = 0.0  # share of samples with no click at all (the zero-click parse)
+    # crowds, small people, partial bodies and camera noise (issue 31); all off by default
+    p_composite: float = 0.0  # share of samples that get 1..max_pasted other people pasted in
+    max_pasted: int = 2
+    pasted_height: tuple[float, float] = (0.3, 0.8)  # pasted person's height / canvas height
+    p_partial_body: float = 0.0  # share of samples cut to an upper or lower part of the body
+    p_rotate: float = 0.0
+    max_rotate: float = 15.0  # degrees
+    p_blur: float = 0.0
+    p_jpeg: float = 0.0
+    jpeg_quality: tuple[int, int] = (25, 90)
 
 
 def scale_pair(image: np.ndarray, labels: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray]:
@@ -75,15 +86,88 @@ def photometric(image: np.ndarray, strength: float, rng) -> np.ndarray:
     return np.asarray(im)
 
 
+def person_box(labels: np.ndarray, background: int = 0) -> tuple[int, int, int, int] | None:
+    """(top, left, bottom, right) of the labelled person (any label but background / IGNORE)."""
+    ys, xs = np.nonzero((labels != background) & (labels != IGNORE))
+    if not len(ys):
+        return None
+    return int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
+
+
+def paste_person(canvas: np.ndarray, canvas_labels: np.ndarray, image: np.ndarray,
+                 labels: np.ndarray, height: int, top: int, left: int, background: int = 0):
+    """Paste the person of (image, labels), scaled to ``height`` pixels, with its top-left
+    corner at (top, left) of the canvas (parts may fall outside). The pasted person's pixels
+    overwrite image and labels (it stands in front); returns new arrays."""
+    box = person_box(labels, background)
+    canvas, canvas_labels = canvas.copy(), canvas_labels.copy()
+    if box is None or height < 2:
+        return canvas, canvas_labels
+    t, l, b, r = box
+    img, lab = scale_pair(image[t:b, l:r], labels[t:b, l:r], height / (b - t))
+    H, W = canvas_labels.shape
+    h, w = lab.shape
+    y0, x0, y1, x1 = max(0, top), max(0, left), min(H, top + h), min(W, left + w)
+    if y1 <= y0 or x1 <= x0:
+        return canvas, canvas_labels
+    sub_lab = lab[y0 - top:y1 - top, x0 - left:x1 - left]
+    person = (sub_lab != background) & (sub_lab != IGNORE)
+    canvas[y0:y1, x0:x1][person] = img[y0 - top:y1 - top, x0 - left:x1 - left][person]
+    canvas_labels[y0:y1, x0:x1][person] = sub_lab[person]
+    return canvas, canvas_labels
+
+
+def cut_partial_body(image: np.ndarray, labels: np.ndarray, rng, background: int = 0):
+    """Keep the upper (2/3 of draws) or lower part of the person's box: upper bodies, legs cut
+    off, the way photos frame people."""
+    box = person_box(labels, background)
+    if box is None:
+        return image, labels
+    t, _, b, _ = box
+    f = float(rng.uniform(0.4, 0.75))
+    if rng.random() < 2 / 3:
+        cut = t + int(f * (b - t))
+        return image[:cut], labels[:cut]
+    cut = b - int(f * (b - t))
+    return image[cut:], labels[cut:]
+
+
+def rotate_pair(image: np.ndarray, labels: np.ndarray, degrees: float):
+    """Rotate about the centre, same size; uncovered corners: black image, IGNORE labels."""
+    img = Image.fromarray(image).rotate(degrees, resample=Image.BILINEAR, fillcolor=(0, 0, 0))
+    lab = Image.fromarray(labels).rotate(degrees, resample=Image.NEAREST, fillcolor=IGNORE)
+    return np.asarray(img), np.asarray(lab)
+
+
+def camera_noise(image: np.ndarray, cfg: SampleConfig, rng) -> np.ndarray:
+    """Gaussian blur and JPEG re-encoding, each with its probability."""
+    if rng.random() >= cfg.p_blur and rng.random() >= cfg.p_jpeg:
+        return image
+    im = Image.fromarray(image)
+    if rng.random() < cfg.p_blur:
+        im = im.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.0))))
+    if rng.random() < cfg.p_jpeg:
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=int(rng.integers(*cfg.jpeg_quality)))
+        im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return np.asarray(im)
+
+
 def augment(image, labels, cfg: SampleConfig, flip_lut, rng, prescaled: float = 1.0):
     """Random scale (relative to ``base_scale``; ``prescaled`` = factor already applied),
-    crop, flip with left/right swap, photometric jitter."""
+    partial-body cut, rotation, crop, flip with left/right swap, photometric jitter, blur and
+    JPEG noise."""
+    if cfg.p_partial_body and rng.random() < cfg.p_partial_body:
+        image, labels = cut_partial_body(image, labels, rng, cfg.background)
     s = cfg.base_scale * float(rng.uniform(*cfg.scale_range)) / prescaled
     image, labels = scale_pair(image, labels, s)
+    if cfg.p_rotate and rng.random() < cfg.p_rotate:
+        image, labels = rotate_pair(image, labels, float(rng.uniform(-cfg.max_rotate, cfg.max_rotate)))
     image, labels = random_crop(image, labels, cfg.crop, rng)
     if cfg.flip and rng.random() < 0.5:
         image, labels = hflip(image, labels, flip_lut)
-    return photometric(np.ascontiguousarray(image), cfg.jitter, rng), np.ascontiguousarray(labels)
+    image = photometric(np.ascontiguousarray(image), cfg.jitter, rng)
+    return camera_noise(image, cfg, rng), np.ascontiguousarray(labels)
 
 
 def simulate_clicks(labels: np.ndarray, cfg: SampleConfig, rng) -> list[tuple[int, int, int]]:
@@ -221,11 +305,32 @@ class ClickSampleDataset(torch.utils.data.Dataset):
             self.cache[key] = (image, labels, pre)
         return image, labels, pre
 
+    def _crowd(self, image, labels, i, space, rng):
+        """Paste 1..max_pasted other photos' people (same label space) into this one, each at a
+        random height and place: crowds, people far from the camera, occlusion."""
+        H, W = labels.shape
+        for _ in range(int(rng.integers(1, self.cfg.max_pasted + 1))):
+            j = int(rng.integers(len(self.ds)))
+            if j == i:
+                continue
+            img, lab, _ = self._load(j, space)
+            h = int(H * rng.uniform(*self.cfg.pasted_height))
+            box = person_box(lab, self.cfg.background)
+            if box is None:
+                continue
+            w = int(h * (box[3] - box[1]) / max(1, box[2] - box[0]))
+            top = int(rng.integers(-h // 4, max(1 - h // 4, H - h + h // 4)))
+            left = int(rng.integers(-w // 4, max(1 - w // 4, W - w + w // 4)))
+            image, labels = paste_person(image, labels, img, lab, h, top, left, self.cfg.background)
+        return image, labels
+
     def __getitem__(self, i):
         rng = np.random.default_rng((self.seed, self.epoch, i))
         space = int(rng.choice(len(self.spaces), p=self.space_p)) if len(self.spaces) > 1 else 0
         image, labels, pre = self._load(i, space)
         cfg = self.cfg
+        if cfg.p_composite and rng.random() < cfg.p_composite:
+            image, labels = self._crowd(image, labels, i, space, rng)
         image, labels = augment(image, labels, cfg, self.flip_luts[space], rng, prescaled=pre)
         vocab_target = used = None
         if self.vocab_luts is not None:

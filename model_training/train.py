@@ -84,7 +84,7 @@ def load_config(path: str | None, overrides: list[str]) -> dict:
 
 def sample_config(cfg: dict, num_slots: int, unclaimed: int | None = None) -> SampleConfig:
     s = dict(cfg["sample"])
-    for k in ("crop", "scale_range", "bg_range"):
+    for k in ("crop", "scale_range", "bg_range", "pasted_height", "jpeg_quality"):
         if k in s:
             s[k] = tuple(s[k])
     s["num_slots"] = num_slots
@@ -308,6 +308,9 @@ def train(cfg: dict, dataset=None, init_state: dict | None = None, binding: Bind
         save_checkpoint({**ck, "training": {**meta, "optimizer": opt.state_dict()}}, last)
         if step >= total:
             save_checkpoint(ck, os.path.join(out, "final.pt"))
+        if cfg.get("keep_every") and step % int(cfg["keep_every"]) == 0:
+            # snapshots along the trajectory, for release's weight averaging
+            save_checkpoint(ck, os.path.join(out, f"step_{step:06d}.pt"))
 
     epoch = step * cfg["batch_size"] * world // max(1, len(sds))
     model.train()
