@@ -12,6 +12,15 @@
    image with 20 labels; p50 / p95 per request;
 4. RLE encoding of all classes of a 1024x1024 parse;
 5. peak RSS per worker; throughput with 4 concurrent clients.
+
+    .venv/bin/python bench/latency.py --case 12mp [--tasks 5] [--baseline-root DIR]
+
+is the phone-photo case (issue 29) instead: a CCP photo upscaled 5x (2750 x 4150, 11.4 MP),
+12 labels, ten single clicks per task the way Label Studio sends them, one gunicorn worker;
+per click index p50 of the request and of every Server-Timing stage, the JSON size per click
+(also at CCP size), the first click on a new photo (fetch + decode + parse) and peak RSS. With
+``--baseline-root`` (e.g. a ``git worktree`` of an older commit) a second backend from that tree
+answers the same clicks, task by task in turn, so A and B are measured back to back.
 Not a test: absolute numbers drift on shared machines; compare the ratios of one run.
 """
 from __future__ import annotations
@@ -145,13 +154,13 @@ def children(pid):
         return []
 
 
-def start_backend(checkpoint: str, env_extra: dict, workers: int = 2, threads: int = 2):
+def start_backend(checkpoint: str, env_extra: dict, workers: int = 2, threads: int = 2, root: str = ROOT):
     """gunicorn on a free 127.0.0.1 port; returns (process, url) once every worker has the model."""
     port = free_port()
     env = dict(os.environ, IHP_CHECKPOINT=checkpoint, IHP_BIND=f"127.0.0.1:{port}", IHP_WORKERS=str(workers),
                IHP_THREADS=str(threads), IHP_ACCESS_LOG="", **env_extra)
     proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "gunicorn"), "ihp_backend._wsgi:app"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     seen = set()
@@ -218,10 +227,107 @@ def http_sequence(url, image_ref, w, h, labels, n_clicks, task, project="bench.1
     return out
 
 
+PHONE_LABELS = ["Hair", "Face", "UpperClothes", "Coat", "Pants", "Skirt", "Left-arm", "Right-arm",
+                "Left-leg", "Right-leg", "Left-shoe", "Right-shoe"]
+
+
+def phone_photo(photo: np.ndarray, factor: int = 5) -> np.ndarray:
+    """The CCP photo upscaled ``factor`` times (bicubic): a phone-size photo of the same scene."""
+    h, w = photo.shape[:2]
+    return np.asarray(Image.fromarray(photo).resize((w * factor, h * factor), Image.BICUBIC))
+
+
+def phone_sequence(url, ref, w, h, task, n_clicks, project="bench.12mp"):
+    """Ten single-click requests on one task: [(seconds, stages, response bytes)] per click."""
+    cl = clicks_for(h, w, n_clicks, PHONE_LABELS, task)
+    cfg = LIP_CONFIG
+    s = requests.Session()
+    out = []
+    for y, x, lab in cl:
+        t = time.perf_counter()
+        r = s.post(url + "/predict", json=click_body(task, ref, cfg, w, h, 100 * x / w, 100 * y / h, lab, project),
+                   timeout=120)
+        dt = time.perf_counter() - t
+        r.raise_for_status()
+        out.append((dt, server_timing(r.headers.get("Server-Timing", "")), len(r.content)))
+    return out
+
+
+def phone_case(a):
+    """Issue 29's measurement; prints a table per backend and one JSON line."""
+    photo = ccp_photo()
+    big = phone_photo(photo)
+    tmp = tempfile.mkdtemp()
+    Image.fromarray(photo).save(os.path.join(tmp, "photo.jpg"), quality=95)
+    Image.fromarray(big).save(os.path.join(tmp, "phone.jpg"), quality=92)
+    roots = {"this tree": ROOT}
+    if a.baseline_root:
+        roots["baseline"] = os.path.abspath(a.baseline_root)
+    backends = {}
+    try:
+        for name, root in roots.items():
+            backends[name] = start_backend(a.checkpoint, {"MODEL_DIR": os.path.join(tmp, "md_" + name[:4]),
+                                                          "IHP_LOCAL_ROOT": tmp, "IHP_TORCH_THREADS": str(a.threads),
+                                                          "IHP_PRECISION": a.precision}, workers=1, root=root)
+        h, w = big.shape[:2]
+        per = {n: {"clicks": [], "first": [], "ccp": []} for n in backends}
+        for t in range(a.tasks):
+            for name, (_, url) in backends.items():
+                # a new photo each task (a copy under a new name): the first click fetches and decodes
+                ref = f"phone_{t}.jpg"
+                if not os.path.exists(os.path.join(tmp, ref)):
+                    os.link(os.path.join(tmp, "phone.jpg"), os.path.join(tmp, ref))
+                seq = phone_sequence(url, f"/data/local-files/?d={ref}", w, h, 1000 + t, a.clicks)
+                per[name]["first"].append(seq[0])
+                per[name]["clicks"].append(seq[1:])
+                per[name]["ccp"].extend(phone_sequence(url, "/data/local-files/?d=photo.jpg", photo.shape[1],
+                                                       photo.shape[0], 2000 + t, a.clicks))
+        out = {"photo": f"{w}x{h}", "megapixels": round(w * h / 1e6, 1), "tasks": a.tasks, "clicks_per_task": a.clicks}
+        for name, (proc, _) in backends.items():
+            r = per[name]
+            later = [c for seq in r["clicks"] for c in seq]
+            stages = sorted({k for c in later for k in c[1]})
+            by_index = {i + 2: round(pct([seq[i][0] for seq in r["clicks"]], 50), 1) for i in range(a.clicks - 1)}
+            ccp_later = [c for i, c in enumerate(r["ccp"]) if i % a.clicks]
+            res = {
+                "clicks_2_to_n_ms_p50": round(pct([c[0] for c in later], 50), 1),
+                "clicks_2_to_n_ms_p95": round(pct([c[0] for c in later], 95), 1),
+                "ms_p50_by_click": by_index,
+                "stages_ms_p50": {k: round(pct([c[1].get(k, 0.0) for c in later], 50), 1) for k in stages},
+                "first_click_ms_p50": round(pct([f[0] for f in r["first"]], 50), 1),
+                "first_click_stages_ms_p50": {k: round(pct([f[1].get(k, 0.0) for f in r["first"]], 50), 1)
+                                              for k in sorted({k for f in r["first"] for k in f[1]})},
+                "json_kb_per_click_p50": round(float(np.median([c[2] for c in later])) / 1024, 1),
+                "json_kb_per_click_max": round(max(c[2] for c in later) / 1024, 1),
+                "ccp_clicks_2_to_n_ms_p50": round(pct([c[0] for c in ccp_later], 50), 1),
+                "ccp_json_kb_per_click_p50": round(float(np.median([c[2] for c in ccp_later])) / 1024, 1),
+                "peak_rss_mb_per_worker": [round(m, 1) for m in (status_mb(p) for p in children(proc.pid)) if m],
+            }
+            out[name] = res
+            print(f"## {name} ({roots[name]})\n| click | p50 ms |\n|---|---|", file=sys.stderr)
+            for i, v in by_index.items():
+                print(f"| {i} | {v} |", file=sys.stderr)
+            print(f"clicks 2-{a.clicks}: p50 {res['clicks_2_to_n_ms_p50']} ms, p95 {res['clicks_2_to_n_ms_p95']} ms; "
+                  f"stages p50 {res['stages_ms_p50']}; first click {res['first_click_ms_p50']} ms "
+                  f"{res['first_click_stages_ms_p50']}; JSON {res['json_kb_per_click_p50']} KB per click "
+                  f"(max {res['json_kb_per_click_max']}); CCP photo clicks 2-{a.clicks} p50 "
+                  f"{res['ccp_clicks_2_to_n_ms_p50']} ms, JSON {res['ccp_json_kb_per_click_p50']} KB; "
+                  f"peak RSS {res['peak_rss_mb_per_worker']} MB", file=sys.stderr)
+        print(json.dumps(out))
+    finally:
+        for proc, _ in backends.values():
+            proc.terminate()
+            proc.wait(20)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", choices=("ccp", "12mp"), default="ccp",
+                    help="ccp: the CCP-size measurements; 12mp: the phone-photo case (one worker)")
+    ap.add_argument("--tasks", type=int, default=5, help="12mp: tasks (photos) per backend")
+    ap.add_argument("--baseline-root", help="12mp: a second source tree to serve the same clicks (A/B)")
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    ap.add_argument("--clicks", type=int, default=12)
+    ap.add_argument("--clicks", type=int, default=None, help="clicks per task (default 12; 12mp: 10)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workers", type=int, default=None,
                     help="gunicorn workers (default: the backend's, IHP_WORKERS or cores / 4)")
@@ -230,6 +336,11 @@ def main():
     ap.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="the forward's compute type, in process and in the backend (IHP_PRECISION)")
     a = ap.parse_args()
+    if a.case == "12mp":  # the issue's setting: one worker with all cores, ten clicks per task
+        a.workers, a.clicks = 1, a.clicks or 10
+        a.threads = a.threads or default_torch_threads(1)
+        return phone_case(a)
+    a.clicks = a.clicks or 12
     a.workers = a.workers or default_workers()
     a.threads = a.threads or default_torch_threads(a.workers)
     torch.set_num_threads(a.threads)  # the in-process numbers use what one worker uses

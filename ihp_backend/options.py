@@ -13,6 +13,7 @@ class ParserOptions:
     max_side: int | None = None  # IHP_MAX_SIDE (None: the checkpoint's input_size)
     flip: bool = False  # IHP_FLIP
     refine: bool = True  # IHP_REFINE
+    full_res_edges: bool = True  # IHP_FULL_RES_EDGES: the boundary band decided at the photo's size
     click_radius: float = 10.0  # IHP_CLICK_RADIUS
     precision: str = "auto"  # IHP_PRECISION
     threads: int | None = None  # IHP_TORCH_THREADS

@@ -64,6 +64,7 @@ class Settings:
     max_side: int | None = None
     flip: bool = False
     refine: bool = True
+    full_res_edges: bool = True
     click_radius: float = 10.0
     precision: str = "auto"
     torch_threads: int | None = None
@@ -86,6 +87,7 @@ class Settings:
     def parser_options(self) -> ParserOptions:
         """How every network of this backend runs (the evaluator builds the same object)."""
         return ParserOptions(device=self.device, max_side=self.max_side, flip=self.flip, refine=self.refine,
+                             full_res_edges=self.full_res_edges,
                              click_radius=self.click_radius, precision=self.precision,
                              threads=self.torch_threads or default_torch_threads(),
                              unclaimed_bias=self.unclaimed_bias)
@@ -100,6 +102,7 @@ class Settings:
             max_side=_int("IHP_MAX_SIDE", 0) or None,
             flip=bool(_int("IHP_FLIP", 0)),
             refine=bool(_int("IHP_REFINE", 1)),
+            full_res_edges=bool(_int("IHP_FULL_RES_EDGES", 1)),
             click_radius=_float("IHP_CLICK_RADIUS", 10.0),
             precision=_choice("IHP_PRECISION", "auto", PRECISIONS),
             torch_threads=_int("IHP_TORCH_THREADS", 0) or None,

@@ -236,6 +236,19 @@ class EvalConfig:
     seed: int = 0
     n_candidates: int = cs.N_CANDIDATES
     edge_width: int = 5
+    upscale: int = 1  # photos enlarged this many times (bicubic; labels nearest) after the clicks
+
+
+def upscaled(image: np.ndarray, gt: np.ndarray, clicks: np.ndarray, factor: int):
+    """A phone-size version of a sample: the photo enlarged ``factor`` times (bicubic), the labels
+    by pixel repetition (nearest), and the clicks (chosen on the original) moved to the same
+    points (pixel centres aligned)."""
+    from PIL import Image
+    h, w = gt.shape
+    big = np.asarray(Image.fromarray(image).resize((w * factor, h * factor), Image.BICUBIC))
+    c = np.array(clicks, np.float64).reshape(-1, 3)
+    c[:, :2] = (c[:, :2] + 0.5) * factor - 0.5
+    return big, np.repeat(np.repeat(gt, factor, 0), factor, 1), c
 
 
 @dataclass
@@ -290,6 +303,9 @@ def evaluate(predictor, samples, class_names: list[str], cfg: EvalConfig, progre
                 bg = cs.background_click(gt, rng)
                 if bg:
                     clicks.append(bg)
+        if cfg.upscale > 1:
+            image, gt, clicks = upscaled(image, gt, clicks, cfg.upscale)
+            clicks = [tuple(c) for c in clicks]
         init_total += len(clicks)
         present_total += len(np.unique(gt[gt < n]))
         gt_edges = edges(gt)
@@ -442,6 +458,8 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     ap.add_argument("--max-side", type=int, default=None, help="serving resolution override")
     ap.add_argument("--flip", action="store_true", help="test-time flip (the backend's IHP_FLIP=1)")
+    ap.add_argument("--network-res-edges", action="store_true",
+                    help="refined labels enlarged from the network size (the backend's IHP_FULL_RES_EDGES=0)")
     ap.add_argument("--no-refine", action="store_true",
                     help="plain upsampled argmax, no colour-guided refinement (the backend's IHP_REFINE=0)")
     ap.add_argument("--click-radius", type=float, default=10.0,
@@ -463,6 +481,9 @@ def main(argv=None):
                     help="added to the unclaimed channel's logit (the backend's IHP_UNCLAIMED_BIAS)")
     ap.add_argument("--zoom", action="store_true",
                     help="look closer around the clicks (the backend's IHP_ZOOM=1)")
+    ap.add_argument("--upscale", type=int, default=1,
+                    help="enlarge every photo N times (bicubic; labels nearest; the same clicks): "
+                         "phone-size photos with known labels, for full-resolution boundary F1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--include", action="append", default=[],
@@ -475,13 +496,14 @@ def main(argv=None):
     ds = open_dataset(a.kind, a.data, a.split, a.merge, parts=a.parts)
     standard = a.standard if a.standard is not None else STANDARDS.get(a.kind.lower(), 0.85)
     cfg = EvalConfig(standard=standard, max_corrections=a.max_corrections, min_area=a.min_area,
-                     background_click=a.background_click, rgb_only=a.rgb_only, seed=a.seed)
+                     background_click=a.background_click, rgb_only=a.rgb_only, seed=a.seed,
+                     upscale=a.upscale)
     n = len(ds) if a.limit is None else min(a.limit, len(ds))
     predictors = []
     from ihp_backend.inference import Parser
     for ck in a.checkpoint:
         opts = ParserOptions(max_side=a.max_side, flip=a.flip, refine=not a.no_refine,
-                             click_radius=a.click_radius, precision=a.precision, threads=a.threads,
+                             full_res_edges=not a.network_res_edges, click_radius=a.click_radius, precision=a.precision, threads=a.threads,
                              unclaimed_bias=a.unclaimed_bias)
         parser = Parser.from_file(ck, **opts.parser_kwargs())
         predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}",

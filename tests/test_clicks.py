@@ -254,3 +254,33 @@ def test_cpu_forward_flushes_denormals_and_restores_the_thread(tiny_checkpoint):
     assert seen["tiny_survives_in_forward"] is False
     assert seen["tiny_survives_after"] is True
     assert seen["labels"].shape == (64, 48)
+
+
+def test_parser_redraws_previous_prediction_planes_exactly(tmp_path):
+    """For a network with the previous-prediction input, the in-place redraw updates only the
+    pixels whose previous label changed; any sequence of previous masks (none, a mask, another,
+    values outside the slots, none again, a new image) gives the logits of a fresh input."""
+    from ihp_backend.checkpoint import Binding, make_checkpoint, save_checkpoint
+    from ihp_backend.clicks import IMAGENET_MEAN, IMAGENET_STD
+    from ihp_backend.inference import Parser, network_size
+    from ihp_backend.network import NetConfig, build_network
+
+    torch.manual_seed(0)
+    net = build_network(NetConfig(num_slots=24, aspp_channels=32, decoder_channels=32, low_level_channels=16,
+                                  prev_mask=True, unclaimed=True))
+    path = str(tmp_path / "prev.pt")
+    save_checkpoint(make_checkpoint(net, Binding("shuffled", 24, ["background", "part"]), 64,
+                                    IMAGENET_MEAN, IMAGENET_STD, "tiny-prev", {}), path)
+    parser = Parser.from_file(path, threads=1, max_side=64, precision="float32")
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 255, (90, 70, 3), dtype=np.uint8) for _ in range(2)]
+    hw = network_size(images[0].shape[:2], 64)
+    masks = [None, rng.integers(0, 5, hw), rng.integers(0, 5, hw).astype(np.uint8), np.full(hw, 24, np.uint8),
+             rng.integers(-1, 30, hw), rng.integers(0, 256, hw).astype(np.uint8), None]
+    clicks = np.array([[10, 10, 1], [50, 30, 2]], float)
+    cases = [(img, m) for img in images for m in masks] + [(images[0], masks[2])]
+    got = [parser.logits(img, clicks, m) for img, m in cases]
+    for (img, m), g in zip(cases, got):
+        small, rgb = parser._network_image(img, hw)
+        x = network_input(small, scale_clicks(clicks, img.shape[:2], hw), 24, m, True, rgb=rgb)
+        assert torch.allclose(g, parser.forward(x[None])[0], atol=1e-5)

@@ -1,5 +1,6 @@
 """The colour-guided refinement of the coarse class probabilities (ihp_backend/refine.py)."""
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,3 +103,53 @@ def test_parser_click_disks_follow_the_setting(tiny_checkpoint):
     # a click whose slot the label config does not use paints nothing
     none = on.parse(img, clicks[:1], allowed_slots=[0, 2]).labels
     assert set(np.unique(none)) <= {0, 2}
+
+
+def test_nearest_resize_is_the_centre_mapping_where_refine_band_relies_on_it():
+    """PIL's nearest loop (uint8) may pick a neighbouring cell at near-ties; only inside
+    boundary cells (which ``refine_band`` decides again) can that change a label."""
+    from ihp_backend.refine import boundary_cells, nearest_resize
+    rng = np.random.default_rng(3)
+    for (h, w), (H, W) in [((7, 5), (50, 36)), ((96, 64), (691, 461)), ((10, 10), (10, 10))]:
+        lab = (rng.random((h, w)) < 0.1).astype(np.uint8) * rng.integers(1, 5, (h, w)).astype(np.uint8)
+        ys = np.minimum(((np.arange(H) + 0.5) * h / H).astype(np.int64), h - 1)
+        xs = np.minimum(((np.arange(W) + 0.5) * w / W).astype(np.int64), w - 1)
+        want = lab[ys][:, xs]
+        steady = ~boundary_cells(lab)[ys][:, xs]
+        assert (nearest_resize(lab, (H, W))[steady] == want[steady]).all()
+        assert (nearest_resize(lab.astype(np.int64), (H, W)) == want).all()
+
+
+def test_full_res_edges_follow_the_photo_and_touch_only_the_band():
+    """A photo whose sharp red/blue edge falls inside network pixels: enlarged network-size
+    labels are blocky (off by up to half a cell); the band decided at full size follows the
+    edge to within a pixel, and pixels away from the edge are as before."""
+    H, W, s = 400, 320, 8  # full size, network size = full / s
+    yy, xx = np.mgrid[:H, :W]
+    edge = xx + 0.37 * yy > 190.3  # a slanted edge, not on the cell grid
+    full = np.where(edge[..., None], [30, 60, 220], [220, 40, 30]).astype(np.uint8)
+    small = np.asarray(Image.fromarray(full).resize((W // s, H // s), Image.BILINEAR))
+    # stride-4 logits (of the network size) that know the side only roughly
+    hl, wl = H // s // 4, W // s // 4
+    ly, lx = np.mgrid[:hl, :wl]
+    side = (lx + 0.5) * 4 * s + 0.37 * (ly + 0.5) * 4 * s - 190.3
+    logits = torch.from_numpy(np.stack([-side, side]).astype(np.float32) / 40)
+    coarse = refined_argmax(logits, small, (H, W))
+    fine = refined_argmax(logits, small, (H, W), full_image=full)
+    truth = edge.astype(np.uint8)
+    assert (fine != truth).sum() < 0.3 * (coarse != truth).sum()
+    far = np.abs(xx + 0.37 * yy - 190.3) > 4 * s
+    assert (fine[far] == coarse[far]).all()
+    assert (np.abs(np.diff(fine.astype(int), axis=1)).sum(1) <= 1).all()  # one clean edge per row
+
+
+
+def test_box_mean_is_the_clipped_window_mean():
+    from ihp_backend.refine import box_mean
+    x = torch.rand(2, 3, 9, 7, generator=torch.Generator().manual_seed(4))
+    r = 2
+    want = torch.empty_like(x)
+    for i in range(9):
+        for j in range(7):
+            want[..., i, j] = x[..., max(0, i - r):i + r + 1, max(0, j - r):j + r + 1].mean((-2, -1))
+    assert torch.allclose(box_mean(x, r), want, atol=1e-6)
