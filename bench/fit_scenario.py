@@ -30,9 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.latency import click_body, config_for, start_backend, timed_post  # noqa: E402
-from ihp_backend.checkpoint import read_checkpoint  # noqa: E402
-from ihp_backend.inference import Parser  # noqa: E402
-from ihp_backend.ls_format import mask_to_rle  # noqa: E402
+from ihp_backend.core.checkpoint import read_checkpoint  # noqa: E402
+from ihp_backend.core.inference import Parser  # noqa: E402
+from ihp_backend.core.ls_format import mask_to_rle  # noqa: E402
 from ihp_backend.settings import DEFAULT_CHECKPOINT  # noqa: E402
 from model_training.datasets import ccp  # noqa: E402
 from model_training.evaluate import CorePredictor, EvalConfig, evaluate  # noqa: E402

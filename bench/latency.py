@@ -43,10 +43,10 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ihp_backend.clicks import network_input, scale_clicks  # noqa: E402
-from ihp_backend.inference import Parser, network_size, resize_image  # noqa: E402
-from ihp_backend.ls_format import brush_results, label_map_to_rles, parse_label_config  # noqa: E402
-from ihp_backend.options import PRECISIONS  # noqa: E402
+from ihp_backend.core.clicks import network_input, scale_clicks  # noqa: E402
+from ihp_backend.core.inference import Parser, network_size, resize_image  # noqa: E402
+from ihp_backend.core.ls_format import brush_results, label_map_to_rles, parse_label_config  # noqa: E402
+from ihp_backend.core.options import PRECISIONS  # noqa: E402
 from ihp_backend.settings import DEFAULT_CHECKPOINT, default_torch_threads, default_workers  # noqa: E402
 
 CCP = os.path.join(os.path.dirname(ROOT), "shared", "data", "ccp")

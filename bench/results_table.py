@@ -23,6 +23,7 @@ def _pct(v) -> str:
 
 def table(out: str) -> str:
     rows = [("CCP val, 12 classes, central clicks on every part", "ccp12"),
+            ("CCP val, 12 classes, three people side by side in one photo", "ccp12_three_people"),
             ("CCP val, pose-derived LIP-20 labels", "lip20"),
             ("CCP val, LIP-20, **no click** (zero-click parse, then corrections)", "lip20_zero_click"),
             ("real LIP samples (2, `crossdomain/lip`)", "crossdomain_lip"),

@@ -38,7 +38,7 @@ mkdir -p "$OUT"
 for v in "${VARIANTS[@]}"; do
   [ -n "${SETS[$v]+x}" ] || { echo "unknown variant $v (known: ${!SETS[*]})" >&2; exit 2; }
   # shellcheck disable=SC2086
-  $PY -m model_training.train --config model_training/configs/ccp_cpu.yaml --set init_from="$INIT" \
+  $PY -m model_training.train --threads "$IHP_TORCH_THREADS" --config model_training/configs/ccp_cpu.yaml --set init_from="$INIT" \
       --set steps="$STEPS" --set lr="$LR" --set save_every=50 ${SETS[$v]} --out "$OUT/$v"
   [ -f "$OUT/$v/release.pt" ] || $PY -m model_training.release --checkpoint "$OUT/$v/last.pt" \
       --version "abl-$v" --recalibrate-bn 16 --out "$OUT/$v/release.pt"

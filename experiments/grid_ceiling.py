@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ihp_backend.inference import network_size  # noqa: E402
+from ihp_backend.core.inference import network_size  # noqa: E402
 from model_training.datasets import open_dataset  # noqa: E402
 from model_training.evaluate import confusion, iou_per_class, miou  # noqa: E402
 

@@ -16,17 +16,11 @@ from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from .model import IHPModel, ModelNotReady, RequestError
+from .settings import Settings
 
-logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
+logging.basicConfig(level=Settings.from_env().log_level,
                     format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
 log = logging.getLogger("ihp_backend")
-
-MAX_BODY = int(os.environ.get("IHP_MAX_BODY_BYTES", str(20 * 1024 * 1024)))
-
-
-def _auth_settings() -> tuple[str, str, str]:
-    return (os.environ.get("IHP_BASIC_AUTH_USER", ""), os.environ.get("IHP_BASIC_AUTH_PASS", ""),
-            os.environ.get("IHP_AUTH_TOKEN", ""))
 
 
 def _authorized(user: str, password: str, token: str) -> bool:
@@ -77,9 +71,10 @@ class _App(Flask):
 
 def create_app(model: IHPModel | None = None, load: bool = True) -> Flask:
     app = _App(__name__)
-    user, password, token = _auth_settings()
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     model = model or IHPModel()
+    s = model.settings
+    user, password, token = s.basic_auth_user, s.basic_auth_pass, s.auth_token
+    app.config["MAX_CONTENT_LENGTH"] = s.max_body_bytes
     app.config["IHP_MODEL"] = model
     if load and not model.model_loaded:
         model.load_in_background()

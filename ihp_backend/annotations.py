@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .history import init_db, project_key
-from .ls_format import annotation_to_label_map, parse_label_config
+from .core.ls_format import annotation_to_label_map, parse_label_config
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (

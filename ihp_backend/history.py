@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 
-from .ls_format import Click
+from .core.ls_format import Click
 
 DEFAULT_TTL = 24 * 3600
 

@@ -12,23 +12,23 @@ import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict
 from functools import lru_cache
 
 import numpy as np
 import torch
 
 from .annotations import AnnotationStore
-from .checkpoint import BindingError
+from .core.checkpoint import BindingError
 from .history import ClickHistory, MemoryHistory, is_transient, project_key
 from .images import FetchSettings, ImageFetcher, ImageFetchError
-from .inference import Parser
-from .label_rules import allowed_slots, answered_labels, fill_channels, slot_names, zero_click_channels
+from .core.inference import Parser
+from .core.label_rules import allowed_slots, answered_labels, fill_channels, slot_names, zero_click_channels
 from .locks import is_locked
-from .ls_format import (ClickError, LabelConfigError, LabelSetup, brush_results, keypoints_to_clicks,
+from .core.ls_format import (ClickError, LabelConfigError, LabelSetup, brush_results, keypoints_to_clicks,
                         parse_label_config, resolve_brush_regions, validate_results)
 from .registry import Registry
 from .settings import Settings
+from .shared_state import MemoryPredictions, RedisHistory, RedisPredictions, SharedStateUnavailable, resolved
 
 log = logging.getLogger("ihp_backend")
 
@@ -65,9 +65,6 @@ def _image_url(task: dict, key: str):
     return url
 
 
-MAX_STATES = 32  # click sets remembered per task (for undo), each a network-size label map
-
-
 def click_state(clicks) -> tuple:
     """A task's click set as a hashable key (order kept: the history's order)."""
     return tuple((round(c.x, 3), round(c.y, 3), c.label) for c in clicks)
@@ -84,8 +81,8 @@ def previous_input(stack: list[tuple], state: tuple):
     used (an undo, Alt-click, returns to exactly the earlier masks), else the newest answer."""
     for st, used, _ in reversed(stack):
         if st == state:
-            return used
-    return stack[-1][2] if stack else None
+            return resolved(used)
+    return resolved(stack[-1][2]) if stack else None
 
 
 class IHPModel:
@@ -96,20 +93,23 @@ class IHPModel:
         s = self.settings
         self.state_error: str | None = None
         self._memory_history = MemoryHistory(ttl=s.history_ttl)
-        try:
-            os.makedirs(s.model_dir, exist_ok=True)
-            self.history = ClickHistory(os.path.join(s.model_dir, "state.db"), ttl=s.history_ttl)
-        except (OSError, sqlite3.Error) as e:
-            self._storage_failed(e)
-            self.history = self._memory_history
+        if s.redis_url:  # shared by every worker of every replica
+            self.history = RedisHistory(s.redis_url, ttl=s.history_ttl)
+            self.predictions = RedisPredictions(s.redis_url, ttl=s.history_ttl)
+        else:
+            self.predictions = MemoryPredictions()
+            try:
+                os.makedirs(s.model_dir, exist_ok=True)
+                self.history = ClickHistory(os.path.join(s.model_dir, "state.db"), ttl=s.history_ttl)
+            except (OSError, sqlite3.Error) as e:
+                self._storage_failed(e)
+                self.history = self._memory_history
         self.fetcher = ImageFetcher(FetchSettings(
             ls_url=s.ls_url, api_key=s.api_key, allowed_hosts=s.allowed_hosts, local_root=s.local_root,
             max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels))
         self.parser: Parser | None = None
         self.load_error: str | None = None
         self._loaded = threading.Event()
-        self._prev: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._prev_lock = threading.Lock()
         self.projects: dict[str, dict] = {}
         try:
             self.store: AnnotationStore | None = AnnotationStore(os.path.join(s.model_dir, "annotations.db"))
@@ -175,6 +175,9 @@ class IHPModel:
     # -- Label Studio API ---------------------------------------------------------------------
     def setup(self, project, label_config: str | None, hostname: str = "", access_token: str = "") -> dict:
         """Remember a project's config and LS connection (LS waits only 3 s: no model work)."""
+        for name, v in (("hostname", hostname), ("access_token", access_token)):
+            if not isinstance(v, str):
+                raise RequestError(f"'{name}' must be a string")
         if label_config:
             try:
                 _setup_of(label_config)
@@ -202,7 +205,10 @@ class IHPModel:
         if context is not None and not isinstance(context, dict):
             raise RequestError("'params.context' must be an object or null")
         self._request.timings = {}
-        return [self._predict_task(t, context, setup, project) for t in tasks]
+        try:
+            return [self._predict_task(t, context, setup, project) for t in tasks]
+        except SharedStateUnavailable as e:
+            raise RequestError(f"{e}; retry the click", status=503) from None
 
     def last_timings(self) -> dict[str, float]:
         """Seconds per stage of this thread's last ``predict`` (summed over its tasks): history,
@@ -321,22 +327,23 @@ class IHPModel:
                                     parser.unclaimed)
             key = (project_key(project), str(task["id"]))
             state = click_state(clicks)
-            with self._prev_lock:
-                stack = self._prev.get(key, [])
-                if stack and all(st != state for st, _, _ in stack) and not neighbours(stack[-1][0], state):
-                    # this worker's memory of the task is stale (the history was cleared or
-                    # changed through another worker): start afresh
-                    stack = self._prev[key] = []
-                prev = previous_input(stack, state)
+            stack = self.predictions.stack(key)
+            if stack and all(st != state for st, _, _ in stack) and not neighbours(stack[-1][0], state):
+                # this worker's memory of the task is stale (the history was cleared or changed
+                # through another worker): start afresh
+                self.predictions.drop(key)
+                stack = []
+            prev = previous_input(stack, state)
             fill, fill_names = fill_channels(parser.binding, parser.vocab_start, setup.brush_labels,
                                              label_to_slot, arr[:, 2]) if self.settings.fill_known else ({}, {})
             res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=prev, fill=fill,
                                zoom=self.settings.zoom)
             for stage, sec in res.timings.items():
                 self._add_time(stage, sec)
-            with self._prev_lock:  # labels of the last answer (an undo empties its label)
-                emptied = [lab for st, _, _ in stack[-1:] for *_, lab in st]
-            self._remember_prev(key, state, prev, res.network_labels)
+            emptied = [lab for st, _, _ in stack[-1:] for *_, lab in st]  # (an undo empties its label)
+            # push this click set and its answer (network-size labels; None for a network
+            # without the previous-prediction input); ``previous_input`` finds it on an undo
+            self.predictions.push(key, (state, prev, res.network_labels))
             slot_to_label = {**slot_names(label_to_slot, setup.labels, setup.brush_labels), **fill_names}
         t0 = time.perf_counter()
         slot_to_label = answered_labels(slot_to_label, parser.binding, self.settings.return_background)
@@ -350,21 +357,8 @@ class IHPModel:
     def _empty(self, parser: Parser) -> dict:
         return {"result": [], "score": 0.0, "model_version": parser.model_version}
 
-    def _remember_prev(self, key, state: tuple, prev_input, labels: np.ndarray | None) -> None:
-        """Push this click set and its answer (network-size labels; None for a network without
-        the previous-prediction input) on the task's stack; see ``previous_input`` for how an
-        undo finds its earlier state."""
-        with self._prev_lock:
-            stack = [e for e in self._prev.get(key, []) if e[0] != state][-(MAX_STATES - 1):]
-            stack.append((state, prev_input, labels))
-            self._prev[key] = stack
-            self._prev.move_to_end(key)
-            while len(self._prev) > 64:
-                self._prev.popitem(last=False)
-
     def _forget_prev(self, project, task):
-        with self._prev_lock:
-            self._prev.pop((project_key(project), str(task)), None)
+        self.predictions.drop((project_key(project), str(task)))
 
     def _storage_failed(self, e: Exception) -> None:
         self.state_error = (f"MODEL_DIR {self.settings.model_dir!r} cannot be written ({type(e).__name__}: {e}); "
@@ -391,8 +385,11 @@ class IHPModel:
         task = data.get("task") if isinstance(data.get("task"), dict) else {}
         task_id = task.get("id", ann.get("task"))
         if event in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED") and task_id is not None:
-            self.history.clear(project, task_id)
-            self._forget_prev(project, task_id)
+            try:
+                self.history.clear(project, task_id)
+                self._forget_prev(project, task_id)
+            except SharedStateUnavailable as e:  # Label Studio retries a failed webhook
+                raise RequestError(f"{e}; send the webhook again", status=503) from None
         if event in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
             return self._store_annotation(event, project, project_obj, ann, task, task_id)
         if event == "ANNOTATION_DELETED":
@@ -490,7 +487,7 @@ class IHPModel:
             return "running"
         log_path = os.path.join(self.registry.project_dir(p), "job.log")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        cmd = [sys.executable, "-m", "model_training.finetune", "--model-dir", os.path.abspath(self.settings.model_dir),
+        cmd = [sys.executable, "-m", "ihp_backend.fit_job", "--model-dir", os.path.abspath(self.settings.model_dir),
                "--project", p, "--default-checkpoint", os.path.abspath(self.settings.checkpoint),
                "--every", str(self.settings.train_every)]
         with open(log_path, "ab") as logf:

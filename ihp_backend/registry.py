@@ -16,7 +16,7 @@ import re
 import tempfile
 import time
 
-from .checkpoint import save_checkpoint
+from .core.checkpoint import save_checkpoint
 
 
 def _atomic_json(path: str, data: dict) -> None:

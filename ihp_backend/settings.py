@@ -1,4 +1,6 @@
-"""Settings from the environment (documented in the README's Configuration table)."""
+"""Every setting of the backend, its gunicorn launcher and the fit job, read from the environment
+in one place (``Settings.from_env``; documented in the README's Configuration table). This
+module imports no torch: gunicorn.conf.py reads it before any worker starts."""
 from __future__ import annotations
 
 import os
@@ -46,7 +48,7 @@ def default_torch_threads(workers: int | None = None) -> int:
     return max(1, _int("IHP_TORCH_THREADS", 0) or cpu_cores() // (workers or default_workers()))
 
 
-from .options import PRECISIONS, ParserOptions  # noqa: F401 (PRECISIONS: re-exported)
+from .core.options import PRECISIONS, ParserOptions  # noqa: F401 (PRECISIONS: re-exported)
 
 
 def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -83,6 +85,24 @@ class Settings:
     fill_known: bool = False  # clicks answer unclicked known parts too, by meaning (IHP_FILL_KNOWN)
     zoom: bool = False  # run the network on the region around the clicks only (IHP_ZOOM)
     unclaimed_bias: float = 0.0  # added to the unclaimed logit (IHP_UNCLAIMED_BIAS)
+    redis_url: str = ""  # IHP_REDIS_URL: click history and previous predictions in Redis
+    # HTTP side (_wsgi)
+    max_body_bytes: int = 20 * 1024 * 1024  # IHP_MAX_BODY_BYTES
+    basic_auth_user: str = ""  # IHP_BASIC_AUTH_USER
+    basic_auth_pass: str = field(default="", repr=False)  # IHP_BASIC_AUTH_PASS
+    auth_token: str = field(default="", repr=False)  # IHP_AUTH_TOKEN
+    log_level: str = "INFO"  # LOG_LEVEL
+    # gunicorn (gunicorn.conf.py)
+    bind: str = "127.0.0.1:9090"  # IHP_BIND
+    http_threads: int = 4  # IHP_THREADS: request threads per worker
+    timeout: int = 120  # IHP_TIMEOUT
+    access_log: str | None = "-"  # IHP_ACCESS_LOG ("" turns it off)
+    max_requests: int = 5000  # IHP_MAX_REQUESTS: a worker is replaced after this many
+    malloc_arenas: int = 2  # IHP_MALLOC_ARENAS
+    # the fit job (ihp_backend.fit_job)
+    fit_steps: int = 250  # IHP_FIT_STEPS
+    fit_holdout: float = 0.2  # IHP_FIT_HOLDOUT
+    fit_threads: int = 1  # IHP_FIT_THREADS
 
     def parser_options(self) -> ParserOptions:
         """How every network of this backend runs (the evaluator builds the same object)."""
@@ -119,6 +139,21 @@ class Settings:
             return_background=bool(_int("IHP_RETURN_BACKGROUND", 0)),
             zero_click=bool(_int("IHP_ZERO_CLICK", 1)),
             fill_known=bool(_int("IHP_FILL_KNOWN", 0)),
+            redis_url=os.environ.get("IHP_REDIS_URL", "").strip(),
+            max_body_bytes=_int("IHP_MAX_BODY_BYTES", 20 * 1024 * 1024),
+            basic_auth_user=os.environ.get("IHP_BASIC_AUTH_USER", ""),
+            basic_auth_pass=os.environ.get("IHP_BASIC_AUTH_PASS", ""),
+            auth_token=os.environ.get("IHP_AUTH_TOKEN", ""),
+            log_level=os.environ.get("LOG_LEVEL", "INFO"),
+            bind=os.environ.get("IHP_BIND", "127.0.0.1:9090"),
+            http_threads=_int("IHP_THREADS", 4),
+            timeout=_int("IHP_TIMEOUT", 120),
+            access_log=os.environ.get("IHP_ACCESS_LOG", "-") or None,
+            max_requests=_int("IHP_MAX_REQUESTS", 5000),
+            malloc_arenas=_int("IHP_MALLOC_ARENAS", 2),
+            fit_steps=_int("IHP_FIT_STEPS", 250),
+            fit_holdout=_float("IHP_FIT_HOLDOUT", 0.2),
+            fit_threads=_int("IHP_FIT_THREADS", 1),
             zoom=bool(_int("IHP_ZOOM", 0)),
             unclaimed_bias=_float("IHP_UNCLAIMED_BIAS", 0.0),
         )

@@ -32,8 +32,8 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from ihp_backend.label_rules import allowed_slots, fill_channels, zero_click_channels
-from ihp_backend.options import PRECISIONS, ParserOptions
+from ihp_backend.core.label_rules import allowed_slots, fill_channels, zero_click_channels
+from ihp_backend.core.options import PRECISIONS, ParserOptions
 
 from . import click_simulation as cs
 from .datasets import open_dataset
@@ -44,8 +44,8 @@ STANDARDS = {"lip": 0.85, "cihp": 0.80, "ppp": 0.80, "pascal-person-part": 0.80,
 
 # ---------------------------------------------------------------------------------- predictors
 class CorePredictor:
-    """The network through the serving core (``ihp_backend.inference.Parser``) and the serving
-    label rules (``ihp_backend.label_rules``): the channels that may win are chosen exactly as
+    """The network through the serving core (``ihp_backend.core.inference.Parser``) and the serving
+    label rules (``ihp_backend.core.label_rules``): the channels that may win are chosen exactly as
     the backend chooses them. ``zero_click``: with no click, the vocabulary head parses the
     known class names (the backend's batch prediction); ``fill_known``: parts nobody clicked
     are filled by meaning (``IHP_FILL_KNOWN``)."""
@@ -143,7 +143,7 @@ class HTTPPredictor:
         self.run = uuid.uuid4().int % 10 ** 9
 
     def __call__(self, image: np.ndarray, clicks: np.ndarray, prev: np.ndarray | None = None) -> np.ndarray:
-        from ihp_backend.ls_format import rle_to_mask
+        from ihp_backend.core.ls_format import rle_to_mask
         h, w = image.shape[:2]
         if self._image_id is not id(image):
             buf = io.BytesIO()
@@ -237,6 +237,26 @@ class EvalConfig:
     n_candidates: int = cs.N_CANDIDATES
     edge_width: int = 5
     upscale: int = 1  # photos enlarged this many times (bicubic; labels nearest) after the clicks
+
+
+def side_by_side(samples, n: int):
+    """Photos of ``n`` people in one: each group of ``n`` consecutive samples placed side by side
+    (resized to the first one's height; labels nearest), a crowd whose people are each ``1/n``
+    of the network's width. Incomplete last groups are dropped."""
+    from PIL import Image
+    group = []
+    for image, gt in samples:
+        group.append((image, gt))
+        if len(group) < n:
+            continue
+        h = group[0][1].shape[0]
+        ims, gts = [], []
+        for im, g in group:
+            w = max(1, round(g.shape[1] * h / g.shape[0]))
+            ims.append(np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR)))
+            gts.append(np.asarray(Image.fromarray(g.astype(np.uint8)).resize((w, h), Image.NEAREST)))
+        yield np.concatenate(ims, 1), np.concatenate(gts, 1)
+        group = []
 
 
 def upscaled(image: np.ndarray, gt: np.ndarray, clicks: np.ndarray, factor: int):
@@ -484,6 +504,8 @@ def main(argv=None):
     ap.add_argument("--upscale", type=int, default=1,
                     help="enlarge every photo N times (bicubic; labels nearest; the same clicks): "
                          "phone-size photos with known labels, for full-resolution boundary F1")
+    ap.add_argument("--side-by-side", type=int, default=1, metavar="N",
+                    help="photos of N people: N consecutive samples side by side in one image")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--include", action="append", default=[],
@@ -500,7 +522,7 @@ def main(argv=None):
                      upscale=a.upscale)
     n = len(ds) if a.limit is None else min(a.limit, len(ds))
     predictors = []
-    from ihp_backend.inference import Parser
+    from ihp_backend.core.inference import Parser
     for ck in a.checkpoint:
         opts = ParserOptions(max_side=a.max_side, flip=a.flip, refine=not a.no_refine,
                              full_res_edges=not a.network_res_edges, click_radius=a.click_radius, precision=a.precision, threads=a.threads,
@@ -526,6 +548,8 @@ def main(argv=None):
     results = []
     for p in predictors:
         samples = (ds.load(i) for i in range(n))
+        if a.side_by_side > 1:
+            samples = side_by_side(samples, a.side_by_side)
         results.append(evaluate(p, samples, ds.classes, cfg))
     for path in a.include:
         with open(path) as f:

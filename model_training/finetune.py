@@ -1,42 +1,28 @@
-"""``fit``: fine-tune the serving model on one project's accepted annotations, then gate it.
+"""``fit``'s training step as a library: fine-tune a model on one project's accepted annotations
+and gate it (no storage, no locks: the server's fit job, ``ihp_backend.fit_job``, reads the
+samples, calls ``fine_tune`` and records the version).
 
-Started by the backend as a separate process (never inside a request):
-
-    python -m model_training.finetune --model-dir MODEL_DIR --project 3
-
-One job per project at a time (an exclusive lock file); requests that arrive during a run are
-picked up by the same job when it finishes. A run:
-
-1. decodes newly stored annotations (``ihp_backend.annotations``);
-2. splits the project's samples into train and a held-out slice (every task whose id hashes
-   into the last ``holdout`` fraction; never trained on);
-3. fine-tunes from the project's serving model (or the embedded default) with the project's
-   own class-aware binding: ``fixed`` channels for its labels (the paper's class-aware model),
-   mapped onto the slots the label-agnostic parent gave them, with the paper's click
-   simulation and losses;
-4. evaluates parent and candidate on the held-out slice with the NoC harness;
-5. promotes the candidate only if it is not worse (mean data-set mIoU over k = 0..K
-   corrections, ties allowed); every version is kept with its metrics.
+1. the project's samples come split into train and a held-out slice (``in_holdout``: every task
+   whose id hashes into the last ``holdout`` fraction; never trained on);
+2. fine-tunes from the parent with the project's own class-aware binding: ``fixed`` channels for
+   its labels (the paper's class-aware model), mapped onto the slots the label-agnostic parent
+   gave them, with the paper's click simulation and losses;
+3. evaluates parent and candidate on the held-out slice with the NoC harness;
+4. the gate (``promote``): the candidate is promoted only if it is not worse (mean data-set mIoU
+   over k = 0..K corrections, ties allowed).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 import tempfile
-import time
-import traceback
 
 import numpy as np
 import torch
 
-from ihp_backend.annotations import AnnotationStore
-from ihp_backend.checkpoint import Binding, read_checkpoint, save_checkpoint
-from ihp_backend.inference import Parser
-from ihp_backend.ls_format import parse_label_config
-from ihp_backend.registry import Registry
+from ihp_backend.core.checkpoint import Binding, read_checkpoint
+from ihp_backend.core.inference import Parser
 
 from .datasets import LIP_FLIP, ParsingDataset
 from .evaluate import CorePredictor, EvalConfig, evaluate
@@ -98,109 +84,46 @@ def promote(parent_result, candidate_result) -> bool:
     return score(candidate_result) >= score(parent_result) - 1e-9
 
 
-def run_once(model_dir: str, project: str, default_checkpoint: str, steps: int, holdout: float,
-             max_corrections: int, standard: float, status, overrides: dict | None = None) -> dict:
-    store = AnnotationStore(os.path.join(model_dir, "annotations.db"))
-    reg = Registry(model_dir)
-    store.decode_pending(project)
-    cfg_xml = store.project_config(project)
-    if not cfg_xml:
-        return {"status": "skipped", "reason": "no label config stored for the project"}
-    labels = list(parse_label_config(cfg_xml).labels)
-    samples = store.samples(project)
-    train_s = [s for s in samples if not in_holdout(s["task"], holdout)]
-    held = [s for s in samples if in_holdout(s["task"], holdout)]
-    if len(train_s) < 2 or not held:
-        return {"status": "skipped", "reason": f"need >= 2 training and >= 1 held-out samples, have "
-                                                f"{len(train_s)} and {len(held)}", "samples": len(samples)}
-    parent_path = reg.serving_path(project) or default_checkpoint
-    parent = read_checkpoint(parent_path)
+def fine_tune(parent: dict, labels: list[str], train_samples: list[dict], held_samples: list[dict],
+              version: str, workdir: str, steps: int, max_corrections: int = 5, standard: float = 0.85,
+              status=lambda st: None, overrides: dict | None = None) -> tuple[dict, dict, bool]:
+    """Fine-tune ``parent`` (a checkpoint dict) on a project's samples (``{"task", "image",
+    "labels", "classes"}``, labels in the config's class indices) with the project's class-aware
+    binding, then evaluate parent and candidate on ``held_samples`` with the NoC harness.
+    Returns (candidate checkpoint, metrics, promoted by the gate). No storage: the caller (the
+    server's fit job) reads the samples and records the version."""
     binding, slot_of = project_binding(parent, labels)
-    ds = ArrayDataset([s["image"] for s in train_s], [to_slots(s, slot_of) for s in train_s], binding.class_names,
-                      LIP_FLIP)
+    ds = ArrayDataset([s["image"] for s in train_samples], [to_slots(s, slot_of) for s in train_samples],
+                      binding.class_names, LIP_FLIP)
     cfg = load_config(None, [])
     cfg.update(json.loads(json.dumps(DEFAULT_RECIPE)))
     cfg["net"] = dict(parent["net"])
     cfg["steps"] = steps
     cfg.update(overrides or {})
     cfg["input_size"] = parent["input_size"]
-    cfg["data"] = {"kind": "label-studio-project", "root": project, "split": "train", "merge": None}
-    version = reg.new_version_name(project)
+    cfg["data"] = {"kind": "label-studio-project", "root": "project", "split": "train", "merge": None}
     cfg["model_version"] = version
-    with tempfile.TemporaryDirectory(dir=model_dir) as tmp:
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         cfg["out"] = tmp
-        status({"phase": "training", "step": 0, "steps": steps, "version": version, "samples": len(train_s),
-                "held_out": len(held)})
+        status({"phase": "training", "step": 0, "steps": steps, "version": version,
+                "samples": len(train_samples), "held_out": len(held_samples)})
         train(cfg, dataset=ds, init_state=parent["state_dict"], binding=binding,
               on_step=lambda st, tot, rec: status({"phase": "training", "step": st, "steps": tot,
                                                     "version": version, "loss": rec["loss"]}) if st % 5 == 0 else None)
         cand = read_checkpoint(os.path.join(tmp, "last.pt"))
     cand["training"] = {k: v for k, v in cand["training"].items() if k not in ("optimizer", "config")}
-    cand["training"].update(parent_version=parent.get("model_version"), samples=len(train_s), held_out=len(held))
+    cand["training"].update(parent_version=parent.get("model_version"), samples=len(train_samples),
+                            held_out=len(held_samples))
     status({"phase": "evaluating", "version": version})
     classes = [n for n in binding.class_names if n]
-    gts = []
-    for s in held:
-        sl = to_slots(s, slot_of)
-        idx = np.zeros(256, np.int64)
-        for i, n in enumerate(classes):
-            idx[binding.class_names.index(n)] = i
-        gts.append((s["image"], idx[sl]))
+    idx = np.zeros(256, np.int64)
+    for i, n in enumerate(classes):
+        idx[binding.class_names.index(n)] = i
+    gts = [(s["image"], idx[to_slots(s, slot_of)]) for s in held_samples]
     ecfg = EvalConfig(standard=standard, max_corrections=max_corrections, min_area=16)
     r_parent = evaluate(CorePredictor(Parser(parent), classes), gts, classes, ecfg, progress=False)
     r_cand = evaluate(CorePredictor(Parser(cand), classes), gts, classes, ecfg, progress=False)
     metrics = {"parent": r_parent.summary(), "candidate": r_cand.summary(),
                "gate": {"metric": "mean mIoU over k=0..K", "parent": score(r_parent), "candidate": score(r_cand)}}
-    promoted = promote(r_parent, r_cand)
     cand["training"]["metrics"] = metrics
-    reg.add_version(project, version, cand, metrics, promote=promoted)
-    return {"status": "done", "version": version, "promoted": promoted, "metrics": metrics["gate"],
-            "parent": parent.get("model_version")}
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--project", required=True)
-    ap.add_argument("--default-checkpoint", default=None)
-    ap.add_argument("--steps", type=int, default=int(os.environ.get("IHP_FIT_STEPS", "250")))
-    ap.add_argument("--holdout", type=float, default=float(os.environ.get("IHP_FIT_HOLDOUT", "0.2")))
-    ap.add_argument("--every", type=int, default=int(os.environ.get("IHP_TRAIN_EVERY", "10")))
-    ap.add_argument("--max-corrections", type=int, default=5)
-    ap.add_argument("--standard", type=float, default=0.85)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("IHP_FIT_THREADS", "1")))
-    a = ap.parse_args(argv)
-    from ihp_backend.settings import DEFAULT_CHECKPOINT
-    torch.set_num_threads(a.threads)
-    reg = Registry(a.model_dir)
-    store = AnnotationStore(os.path.join(a.model_dir, "annotations.db"))
-    lock_path = os.path.join(reg.project_dir(a.project), "train.lock")
-    from ihp_backend.locks import project_lock
-    while True:
-        with project_lock(lock_path) as got:
-            if not got:
-                print(json.dumps({"status": "busy", "project": a.project}))
-                return
-            while True:
-                ticket = store.pending(a.project, a.every)
-                if ticket is None:
-                    break
-                t0 = time.time()
-                try:
-                    res = run_once(a.model_dir, a.project, a.default_checkpoint or DEFAULT_CHECKPOINT, a.steps,
-                                   a.holdout, a.max_corrections, a.standard,
-                                   lambda st: reg.write_job(a.project, {**st, "pid": os.getpid(), "started": t0}))
-                except Exception as e:  # recorded for /health; the request stays pending for a retry
-                    reg.write_job(a.project, {"phase": "failed", "error": f"{type(e).__name__}: {e}",
-                                              "trace": traceback.format_exc()[-2000:], "finished": time.time()})
-                    raise
-                res["seconds"] = round(time.time() - t0, 1)
-                store.consume(a.project, ticket)
-                reg.write_job(a.project, {"phase": "idle", "last": res, "finished": time.time()})
-                print(json.dumps(res), flush=True)
-        # an event may have arrived between the last check and the unlock: look once more
-        if store.pending(a.project, a.every) is None:
-            return
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return cand, metrics, promote(r_parent, r_cand)

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import numpy as np
 from PIL import Image
 
-from ihp_backend.ls_format import annotation_to_label_map, parse_label_config
+from ihp_backend.core.ls_format import annotation_to_label_map, parse_label_config
 
 from .parsing_dataset import ParsingDataset, _items, _read_ids
 

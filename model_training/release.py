@@ -13,12 +13,12 @@ import argparse
 import json
 import os
 
-from ihp_backend.checkpoint import read_checkpoint, save_checkpoint
+from ihp_backend.core.checkpoint import read_checkpoint, save_checkpoint
 
 
 def recalibrated_state(ck: dict, batches: int, seed: int = 1234) -> dict:
     """The checkpoint's weights with BatchNorm statistics re-estimated on its training data."""
-    from ihp_backend.checkpoint import network_of
+    from ihp_backend.core.checkpoint import network_of
 
     from .train import click_dataset, recalibrate_bn
     cfg = ck["training"]["config"]

@@ -251,7 +251,7 @@ def slot_permutation(classes_present, cfg: SampleConfig, rng, num_classes: int) 
 def vocabulary_lut(classes: list[str], vocabulary) -> tuple[np.ndarray, np.ndarray]:
     """(class index -> vocabulary channel lookup of 256 entries, IGNORE for names the vocabulary
     does not know; bool mask of the vocabulary channels this label space uses)."""
-    from ihp_backend.vocabulary import lookup
+    from ihp_backend.core.vocabulary import lookup
     known = lookup(classes, vocabulary)
     lut = np.full(256, IGNORE, np.uint8)
     used = np.zeros(len(vocabulary), bool)

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from ihp_backend.checkpoint import Binding, make_checkpoint, read_checkpoint, save_checkpoint
-from ihp_backend.clicks import IMAGENET_MEAN, IMAGENET_STD, network_input
-from ihp_backend.network import NetConfig, build_network, load_backbone_weights, load_widening
+from ihp_backend.core.checkpoint import Binding, make_checkpoint, read_checkpoint, save_checkpoint
+from ihp_backend.core.clicks import IMAGENET_MEAN, IMAGENET_STD, network_input
+from ihp_backend.core.network import NetConfig, build_network, load_backbone_weights, load_widening
 
 from . import click_simulation as cs
 from .datasets import open_dataset
@@ -111,10 +111,10 @@ def click_dataset(cfg: dict, net_cfg: NetConfig, seed: int, ds=None) -> ClickSam
         ds, spaces = open_training_data(cfg["data"])
     vocabulary = None
     if net_cfg.vocab_size:
-        from ihp_backend.vocabulary import VOCABULARY
+        from ihp_backend.core.vocabulary import VOCABULARY
         if len(VOCABULARY) != net_cfg.vocab_size:
             raise SystemExit(f"net.vocab_size {net_cfg.vocab_size} != {len(VOCABULARY)} names in "
-                             f"ihp_backend.vocabulary")
+                             f"ihp_backend.core.vocabulary")
         vocabulary = VOCABULARY
     return ClickSampleDataset(ds, sample_config(cfg, net_cfg.num_slots, net_cfg.unclaimed_channel),
                               seed=seed, spaces=spaces, vocabulary=vocabulary)
@@ -387,9 +387,11 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (dotted), value parsed as YAML")
     ap.add_argument("--out", help="output directory (overrides the config's 'out')")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores)")
     a = ap.parse_args(argv)
     cfg = load_config(a.config, a.set + ([f"out={a.out}"] if a.out else []))
-    torch.set_num_threads(int(os.environ.get("IHP_TORCH_THREADS", torch.get_num_threads())))
+    if a.threads:
+        torch.set_num_threads(a.threads)
     train(cfg)
 
 

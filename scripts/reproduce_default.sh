@@ -55,7 +55,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 VERSION=${VERSION:-ihp-ccp-mnv3-s26200-avg}  # the CCP-only model the parts stage starts from
-export IHP_TORCH_THREADS=${IHP_TORCH_THREADS:-2}
+THREADS=${THREADS:-2}  # torch CPU threads of every training run
 CONFIG=model_training/configs/ccp_cpu.yaml
 
 # stage OUT VERSION INIT STEPS [--set ...]: a fresh poly schedule (lr 1e-3) from INIT's weights,
@@ -63,13 +63,13 @@ CONFIG=model_training/configs/ccp_cpu.yaml
 stage() {
     local out=$1 version=$2 init=$3 steps=$4
     shift 4
-    .venv/bin/python -m model_training.train --config "$CONFIG" --set init_from="$init" \
+    .venv/bin/python -m model_training.train --threads "$THREADS" --config "$CONFIG" --set init_from="$init" \
         --set steps="$steps" --set lr=0.001 "$@" --out "runs/$out"
     .venv/bin/python -m model_training.release --checkpoint "runs/$out/last.pt" --version "$version" \
         --recalibrate-bn 16 --out "runs/$out/release.pt"
 }
 
-.venv/bin/python -m model_training.train --config "$CONFIG"
+.venv/bin/python -m model_training.train --threads "$THREADS" --config "$CONFIG"
 stage ccp_cpu_cont ihp-ccp-mnv3-s5700 runs/ccp_cpu/last.pt 2400
 stage ccp_cpu_stage3 ihp-ccp-mnv3-s8100 runs/ccp_cpu_cont/release.pt 2400 --set seed=1
 stage ccp_cpu_stage4 ihp-ccp-mnv3-s11100 runs/ccp_cpu_stage3/release.pt 3000 --set seed=2 \
@@ -101,7 +101,7 @@ stage stage17k0 ihp-ccp-mnv3-s26200 runs/stage16s/release.pt 750 --set seed=17 -
 # the body-part / unclaimed stage (its config's init_from names the embedded CCP-only default;
 # point it at runs/default.pt)
 .venv/bin/python -m model_training.pose_labels --data ../shared/data/ccp --out data/ccp_parts --setup-tool-venv
-.venv/bin/python -m model_training.train --config model_training/configs/parts_unclaimed.yaml \
+.venv/bin/python -m model_training.train --threads "$THREADS" --config model_training/configs/parts_unclaimed.yaml \
     --set init_from=runs/default.pt
 .venv/bin/python -m model_training.release --checkpoint runs/parts_unclaimed/last.pt \
     --version ihp-ccp-parts-mnv3-s27050 --recalibrate-bn 16 --out runs/parts_unclaimed/release.pt

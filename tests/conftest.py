@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ihp_backend.checkpoint import Binding, make_checkpoint, save_checkpoint
-from ihp_backend.clicks import IMAGENET_MEAN, IMAGENET_STD
-from ihp_backend.network import NetConfig, build_network
+from ihp_backend.core.checkpoint import Binding, make_checkpoint, save_checkpoint
+from ihp_backend.core.clicks import IMAGENET_MEAN, IMAGENET_STD
+from ihp_backend.core.network import NetConfig, build_network
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")

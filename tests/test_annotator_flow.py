@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from ihp_backend._wsgi import create_app
-from ihp_backend.checkpoint import Binding, make_checkpoint, save_checkpoint
-from ihp_backend.clicks import IMAGENET_MEAN, IMAGENET_STD
-from ihp_backend.ls_format import mask_to_rle, parse_label_config, region_id, resolve_brush_regions, rle_to_mask
+from ihp_backend.core.checkpoint import Binding, make_checkpoint, save_checkpoint
+from ihp_backend.core.clicks import IMAGENET_MEAN, IMAGENET_STD
+from ihp_backend.core.ls_format import mask_to_rle, parse_label_config, region_id, resolve_brush_regions, rle_to_mask
 from ihp_backend.model import IHPModel
-from ihp_backend.network import NetConfig, build_network
+from ihp_backend.core.network import NetConfig, build_network
 from ihp_backend.settings import Settings
-from ihp_backend.vocabulary import VOCABULARY
+from ihp_backend.core.vocabulary import VOCABULARY
 from tests.test_http import click_body
 
 
@@ -145,7 +145,7 @@ def test_webhook_stores_one_clean_parse(tmp_path, parts_checkpoint, payloads):
 
 
 def test_zoom_box_and_paste_back():
-    from ihp_backend.inference import paste, zoom_box
+    from ihp_backend.core.inference import paste, zoom_box
     clicks = np.array([[400, 300, 1], [440, 330, 2]], float)
     box = zoom_box(clicks, (1000, 800))
     y0, y1, x0, x1 = box
@@ -161,7 +161,7 @@ def test_zoom_box_and_paste_back():
 def test_zoomed_parse_of_a_small_person_is_the_crop_parse_pasted_back(parts_checkpoint):
     """A small person in a large photo: with zoom the network parses the region around the
     clicks at its own resolution; the answer equals parsing that crop, placed back."""
-    from ihp_backend.inference import Parser, zoom_box
+    from ihp_backend.core.inference import Parser, zoom_box
     from tests.conftest import person_image
     img, _ = person_image()
     canvas = np.full((960, 1280, 3), 120, np.uint8)

@@ -1,7 +1,7 @@
 import pytest
 
-from ihp_backend.checkpoint import Binding, BindingError
-from ihp_backend.ls_format import parse_label_config
+from ihp_backend.core.checkpoint import Binding, BindingError
+from ihp_backend.core.ls_format import parse_label_config
 from tests.test_ls_format import LIP_CONFIG
 
 

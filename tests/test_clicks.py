@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ihp_backend.clicks import localization_maps, network_input, scale_clicks
+from ihp_backend.core.clicks import localization_maps, network_input, scale_clicks
 from tests.conftest import ROOT
 
 
@@ -68,7 +68,7 @@ def test_upsampled_argmax_equals_interpolate_then_argmax(c, h, w, hh, ww):
     """Serving interpolates only where the low-res labels change; the answer must not change."""
     import torch.nn.functional as F
 
-    from ihp_backend.inference import upsampled_argmax
+    from ihp_backend.core.inference import upsampled_argmax
     gen = torch.Generator().manual_seed(c * h)
     smooth = F.interpolate(torch.randn(1, c, max(2, h // 6), max(2, w // 6), generator=gen), (h, w),
                            mode="bilinear", align_corners=False)[0] * 5
@@ -81,7 +81,7 @@ def test_parser_redraws_input_in_place_exactly(tiny_checkpoint):
     """Serving redraws only the changed click windows of its kept input buffer; every click
     sequence (added, moved, removed clicks; another image; an outside forward in between) must
     give the logits of a freshly built input."""
-    from ihp_backend.inference import Parser, network_size
+    from ihp_backend.core.inference import Parser, network_size
 
     parser = Parser.from_file(tiny_checkpoint, threads=1, max_side=64)
     rng = np.random.default_rng(0)
@@ -102,7 +102,7 @@ def test_parser_redraws_input_in_place_exactly(tiny_checkpoint):
 def test_flip_parser_is_mirror_equivariant(tiny_checkpoint):
     """With test-time flip the logits of a mirrored photo with mirrored clicks are the mirror of
     the logits (up to float rounding), and the flip pass really changes the answer."""
-    from ihp_backend.inference import Parser
+    from ihp_backend.core.inference import Parser
 
     plain = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, precision="float32")
     flip = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, flip=True, precision="float32")
@@ -118,7 +118,7 @@ def test_flip_parser_is_mirror_equivariant(tiny_checkpoint):
 
 
 def test_cpu_has_native_bf16_reads_the_cpu_flags(tmp_path):
-    from ihp_backend.inference import cpu_has_native_bf16
+    from ihp_backend.core.inference import cpu_has_native_bf16
 
     def info(text):
         p = tmp_path / "cpuinfo"
@@ -133,7 +133,7 @@ def test_cpu_has_native_bf16_reads_the_cpu_flags(tmp_path):
 
 
 def test_pick_precision():
-    from ihp_backend.inference import cpu_has_native_bf16, pick_precision
+    from ihp_backend.core.inference import cpu_has_native_bf16, pick_precision
 
     cpu = torch.device("cpu")
     assert pick_precision("float32", cpu) == torch.float32
@@ -148,7 +148,7 @@ def test_auto_precision_keeps_the_faster_compute_type():
     """``auto`` times the forward in both compute types: a CPU flag alone mispredicted it on
     one of our machines (bfloat16 1.5x slower there). Here a net that is slow under autocast,
     then one that is slow without it."""
-    from ihp_backend.inference import faster_dtype
+    from ihp_backend.core.inference import faster_dtype
 
     class Slow(torch.nn.Module):
         def __init__(self, slow_in_bf16: bool):
@@ -172,7 +172,7 @@ def test_precision_probe_flushes_only_the_forwards():
     code = (
         "import warnings, torch\n"
         "warnings.simplefilter('error')\n"
-        "from ihp_backend.inference import faster_dtype\n"
+        "from ihp_backend.core.inference import faster_dtype\n"
         "faster_dtype(lambda x, features=False: x * 1.0, torch.zeros(1, 3, 8, 8), flush_denormals=True)\n"
         "import numpy as np\n"
         "assert np.finfo(np.float32).smallest_subnormal > 0\n"
@@ -182,7 +182,7 @@ def test_precision_probe_flushes_only_the_forwards():
 
 
 def test_auto_parser_runs_one_of_the_two_types(tiny_checkpoint):
-    from ihp_backend.inference import Parser
+    from ihp_backend.core.inference import Parser
 
     p = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, precision="auto")
     assert p.precision in ("float32", "bfloat16")
@@ -190,7 +190,7 @@ def test_auto_parser_runs_one_of_the_two_types(tiny_checkpoint):
 
 def test_bfloat16_parser_matches_float32(tiny_checkpoint):
     """bfloat16 autocast changes the logits by rounding only: same labels, float32 logits out."""
-    from ihp_backend.inference import Parser
+    from ihp_backend.core.inference import Parser
 
     rng = np.random.default_rng(2)
     img = rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)
@@ -222,7 +222,7 @@ def test_cpu_forward_flushes_denormals_and_restores_the_thread(tiny_checkpoint):
     request's own thread (the flag is per thread), and leaves the thread as it found it."""
     import threading
 
-    from ihp_backend.inference import Parser, denormals_flushed
+    from ihp_backend.core.inference import Parser, denormals_flushed
 
     def tiny_survives():
         return (torch.tensor([1e-39]) * 1.0).item() != 0.0
@@ -260,10 +260,10 @@ def test_parser_redraws_previous_prediction_planes_exactly(tmp_path):
     """For a network with the previous-prediction input, the in-place redraw updates only the
     pixels whose previous label changed; any sequence of previous masks (none, a mask, another,
     values outside the slots, none again, a new image) gives the logits of a fresh input."""
-    from ihp_backend.checkpoint import Binding, make_checkpoint, save_checkpoint
-    from ihp_backend.clicks import IMAGENET_MEAN, IMAGENET_STD
-    from ihp_backend.inference import Parser, network_size
-    from ihp_backend.network import NetConfig, build_network
+    from ihp_backend.core.checkpoint import Binding, make_checkpoint, save_checkpoint
+    from ihp_backend.core.clicks import IMAGENET_MEAN, IMAGENET_STD
+    from ihp_backend.core.inference import Parser, network_size
+    from ihp_backend.core.network import NetConfig, build_network
 
     torch.manual_seed(0)
     net = build_network(NetConfig(num_slots=24, aspp_channels=32, decoder_channels=32, low_level_channels=16,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ihp_backend.ls_format import mask_to_rle
+from ihp_backend.core.ls_format import mask_to_rle
 from model_training import datasets as D
 from model_training.ls_export import export_dataset, export_samples, export_to_lip_layout
 from tests.conftest import CCP, person_image

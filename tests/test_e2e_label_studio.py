@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 
-from ihp_backend.ls_format import mask_to_rle, rle_to_mask
+from ihp_backend.core.ls_format import mask_to_rle, rle_to_mask
 from ihp_backend.settings import DEFAULT_CHECKPOINT
 from tests import label_studio_runner as runner
 from tests.conftest import CCP, ROOT

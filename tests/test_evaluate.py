@@ -123,10 +123,10 @@ def test_correction_calls_receive_the_previous_prediction():
 
 def test_core_predictor_feeds_prev_mask_models_in_slot_space(monkeypatch, tmp_path):
     import torch
-    from ihp_backend.checkpoint import Binding, make_checkpoint, save_checkpoint
-    from ihp_backend.clicks import IMAGENET_MEAN, IMAGENET_STD
-    from ihp_backend.inference import Parser
-    from ihp_backend.network import NetConfig, build_network
+    from ihp_backend.core.checkpoint import Binding, make_checkpoint, save_checkpoint
+    from ihp_backend.core.clicks import IMAGENET_MEAN, IMAGENET_STD
+    from ihp_backend.core.inference import Parser
+    from ihp_backend.core.network import NetConfig, build_network
     from model_training.evaluate import CorePredictor
     img, lab = person_image()
     prev = lab.astype(np.int64)
@@ -153,3 +153,19 @@ def test_core_predictor_feeds_prev_mask_models_in_slot_space(monkeypatch, tmp_pa
             assert np.array_equal(seen[-1], lut[prev])
         else:
             assert seen[-1] is None  # no previous-prediction input: nothing to feed
+
+
+def test_side_by_side_and_upscaled_samples():
+    """The crowd and phone-size evaluation samples: people side by side at one height; photos
+    enlarged with the labels repeated and the clicks moved to the same points."""
+    from model_training.evaluate import side_by_side, upscaled
+    samples = [(np.full((10, 6 + i, 3), i, np.uint8), np.full((10, 6 + i), i, np.uint8)) for i in range(7)]
+    out = list(side_by_side(iter(samples), 3))
+    assert len(out) == 2 and out[0][0].shape == (10, 6 + 7 + 8, 3)
+    assert np.array_equal(np.unique(out[1][1]), [3, 4, 5]) and (out[1][1][:, :9] == 3).all()
+    img = np.arange(12, dtype=np.uint8).reshape(2, 2, 3) * 20
+    gt = np.array([[0, 1], [2, 3]], np.uint8)
+    big, big_gt, c = upscaled(img, gt, [(1, 0, 2)], 4)
+    assert big.shape == (8, 8, 3) and big_gt.shape == (8, 8)
+    y, x, k = c[0]
+    assert big_gt[int(round(y)), int(round(x))] == gt[1, 0] == k

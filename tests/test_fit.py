@@ -14,13 +14,14 @@ import requests
 
 from ihp_backend._wsgi import create_app
 from ihp_backend.annotations import AnnotationStore
-from ihp_backend.checkpoint import read_checkpoint
-from ihp_backend.ls_format import mask_to_rle
+from ihp_backend.core.checkpoint import read_checkpoint
+from ihp_backend.core.ls_format import mask_to_rle
 from ihp_backend.model import IHPModel
 from ihp_backend.registry import Registry
 from ihp_backend.settings import Settings
 from model_training.evaluate import EvalResult
-from model_training.finetune import project_binding, promote, run_once
+from ihp_backend.fit_job import run_once
+from model_training.finetune import project_binding, promote
 from tests.conftest import ROOT, person_image, png_bytes
 
 NAMES = ["Background", "Head", "Torso", "Legs"]

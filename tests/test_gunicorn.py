@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from ihp_backend.ls_format import rle_to_mask
+from ihp_backend.core.ls_format import rle_to_mask
 from ihp_backend.settings import DEFAULT_CHECKPOINT
 from tests.conftest import CCP, ROOT
 from tests.test_http import click_body
@@ -151,7 +151,7 @@ def test_embedded_default_model_parses_a_real_photo(tmp_path, payloads):
 
 def test_http_evaluation_matches_core_evaluation(live, tiny_checkpoint):
     """Black-box evaluation through /predict gives the same parse as the in-process core."""
-    from ihp_backend.inference import Parser
+    from ihp_backend.core.inference import Parser
     from model_training.evaluate import CorePredictor, EvalConfig, HTTPPredictor, evaluate
     from tests.conftest import person_image
     url, _ = live

@@ -3,7 +3,7 @@ import multiprocessing as mp
 import pytest
 
 from ihp_backend.history import ClickHistory, project_key, update_history
-from ihp_backend.ls_format import Click
+from ihp_backend.core.ls_format import Click
 
 R = 3.0
 

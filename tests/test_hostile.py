@@ -169,7 +169,9 @@ def test_optional_auth_protects_everything_but_health(tmp_path, tiny_checkpoint,
     monkeypatch.setenv("IHP_BASIC_AUTH_USER", "ls")
     monkeypatch.setenv("IHP_BASIC_AUTH_PASS", "s3cret-pass")
     monkeypatch.setenv("IHP_AUTH_TOKEN", "tok-123456")
-    m = IHPModel(Settings(model_dir=str(tmp_path / "md"), checkpoint=tiny_checkpoint))
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "md"))
+    monkeypatch.setenv("IHP_CHECKPOINT", tiny_checkpoint)
+    m = IHPModel(Settings.from_env())  # the auth settings come from the environment, as served
     m.load()
     c = create_app(m, load=False).test_client()
     assert c.get("/health").status_code == 200

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ihp_backend._wsgi import create_app
-from ihp_backend.ls_format import rle_to_mask
+from ihp_backend.core.ls_format import rle_to_mask
 from ihp_backend.model import IHPModel
 from ihp_backend.settings import Settings
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 
-from ihp_backend.ls_format import (ClickError, LabelConfigError, annotation_to_label_map, brush_results,
+from ihp_backend.core.ls_format import (ClickError, LabelConfigError, annotation_to_label_map, brush_results,
                                    keypoints_to_clicks, label_map_to_rles, mask_to_rle, parse_label_config, rle_to_mask,
                                    validate_results)
 

@@ -6,8 +6,8 @@ import torch
 import yaml
 from torchvision.models import mobilenet_v3_large, resnet50
 
-from ihp_backend.checkpoint import Binding, binding_of, make_checkpoint, network_of, read_checkpoint, save_checkpoint
-from ihp_backend.network import NetConfig, build_network, load_backbone_weights, load_widening
+from ihp_backend.core.checkpoint import Binding, binding_of, make_checkpoint, network_of, read_checkpoint, save_checkpoint
+from ihp_backend.core.network import NetConfig, build_network, load_backbone_weights, load_widening
 from tests.conftest import ROOT
 
 
@@ -71,7 +71,7 @@ def test_recipe_files_build(path):
 
 
 def test_folding_batchnorm_keeps_the_outputs():
-    from ihp_backend.network import fold_batchnorm
+    from ihp_backend.core.network import fold_batchnorm
     torch.manual_seed(0)
     net = build_network(NetConfig(num_slots=6))
     net.train()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ihp_backend.checkpoint import Binding
-from ihp_backend.vocabulary import VOCABULARY, lookup
+from ihp_backend.core.checkpoint import Binding
+from ihp_backend.core.vocabulary import VOCABULARY, lookup
 from model_training.datasets import LIP_CLASSES, PPP_CLASSES
 from model_training.pose_labels import CIHP_CLASSES, derive_labels
 

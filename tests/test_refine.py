@@ -1,12 +1,12 @@
-"""The colour-guided refinement of the coarse class probabilities (ihp_backend/refine.py)."""
+"""The colour-guided refinement of the coarse class probabilities (ihp_backend/core/refine.py)."""
 import numpy as np
 from PIL import Image
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ihp_backend.inference import upsampled_argmax
-from ihp_backend.refine import guided_coefficients, inverse_3x3, paint_clicks, refined_argmax
+from ihp_backend.core.inference import upsampled_argmax
+from ihp_backend.core.refine import guided_coefficients, inverse_3x3, paint_clicks, refined_argmax
 
 
 def test_inverse_3x3_matches_linalg():
@@ -88,7 +88,7 @@ def test_a_click_claims_the_pixels_of_its_colour_around_it():
 
 def test_parser_click_disks_follow_the_setting(tiny_checkpoint):
     """Every click's own pixel carries its label with click disks on, whatever the network says."""
-    from ihp_backend.inference import Parser
+    from ihp_backend.core.inference import Parser
 
     rng = np.random.default_rng(3)
     img = rng.integers(0, 255, (80, 60, 3), dtype=np.uint8)
@@ -108,7 +108,7 @@ def test_parser_click_disks_follow_the_setting(tiny_checkpoint):
 def test_nearest_resize_is_the_centre_mapping_where_refine_band_relies_on_it():
     """PIL's nearest loop (uint8) may pick a neighbouring cell at near-ties; only inside
     boundary cells (which ``refine_band`` decides again) can that change a label."""
-    from ihp_backend.refine import boundary_cells, nearest_resize
+    from ihp_backend.core.refine import boundary_cells, nearest_resize
     rng = np.random.default_rng(3)
     for (h, w), (H, W) in [((7, 5), (50, 36)), ((96, 64), (691, 461)), ((10, 10), (10, 10))]:
         lab = (rng.random((h, w)) < 0.1).astype(np.uint8) * rng.integers(1, 5, (h, w)).astype(np.uint8)
@@ -145,7 +145,7 @@ def test_full_res_edges_follow_the_photo_and_touch_only_the_band():
 
 
 def test_box_mean_is_the_clipped_window_mean():
-    from ihp_backend.refine import box_mean
+    from ihp_backend.core.refine import box_mean
     x = torch.rand(2, 3, 9, 7, generator=torch.Generator().manual_seed(4))
     r = 2
     want = torch.empty_like(x)

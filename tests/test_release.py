@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ihp_backend.checkpoint import Binding, make_checkpoint, read_checkpoint, save_checkpoint
+from ihp_backend.core.checkpoint import Binding, make_checkpoint, read_checkpoint, save_checkpoint
 from model_training.release import averaged_state, release
 
 
@@ -37,7 +37,7 @@ def test_averaged_state_refuses_mismatched_networks():
 
 
 def test_release_averages_several_checkpoints(tmp_path):
-    from ihp_backend.network import IHPNet, NetConfig
+    from ihp_backend.core.network import IHPNet, NetConfig
     cfg = NetConfig(num_slots=4, aspp_channels=16, decoder_channels=16, low_level_channels=8)
     paths = []
     for seed in (1, 2):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ihp_backend.checkpoint import read_checkpoint
-from ihp_backend.inference import Parser
+from ihp_backend.core.checkpoint import read_checkpoint
+from ihp_backend.core.inference import Parser
 from tests.conftest import CCP, ROOT
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(CCP), reason="../shared/data/ccp not present")

@@ -4,13 +4,13 @@ A checkpoint is a plain dict saved with ``torch.save`` and loaded with ``weights
 
     format            "ihp-checkpoint"
     format_version    1
-    state_dict        network weights (``ihp_backend.network.IHPNet``)
+    state_dict        network weights (``ihp_backend.core.network.IHPNet``)
     net               ``NetConfig.to_dict()``: backbone, num_slots, widths, prev_mask
     binding           "fixed" | "shuffled" (how label names bind to input/output slots)
     class_names       fixed: the name of every slot; shuffled: the training classes (info)
     background_names  names recognised as the background label (slot 0 when shuffled)
     vocabulary        (optional) the class names of the network's vocabulary head, in channel
-                      order (``ihp_backend.vocabulary``); absent in checkpoints without the head
+                      order (``ihp_backend.core.vocabulary``); absent in checkpoints without the head
     input_size        longest image side fed to the network (multiple of 16)
     mean, std         RGB normalisation
     model_version     a human-readable version string

@@ -1,6 +1,6 @@
 """The IHP network: DeepLabV3+ whose first convolution reads RGB plus click maps.
 
-One definition, used by serving (`ihp_backend.inference`) and training
+One definition, used by serving (`ihp_backend.core.inference`) and training
 (`model_training.train`). The backbones and the ASPP block come from torchvision;
 only the DeepLabV3+ decoder (low-level skip at stride 4) is written here, because
 torchvision ships DeepLabV3 without it.
@@ -13,7 +13,7 @@ Output: ``num_slots`` logits at the input resolution, and the stride-4 decoder
 features that the SP-loss (paper Eq. 2) is computed on. Optionally two more heads on the same
 1x1 classifier: an *unclaimed* channel (a person part that no click names: its pixels get no
 label, so a parse grows with the clicks) and a *vocabulary* head of ``vocab_size`` class-aware
-channels (``ihp_backend.vocabulary``: known label names parsed with no click). Channels:
+channels (``ihp_backend.core.vocabulary``: known label names parsed with no click). Channels:
 ``[slots | unclaimed | vocabulary]``.
 """
 from __future__ import annotations

@@ -20,5 +20,5 @@ class ParserOptions:
     unclaimed_bias: float = 0.0  # IHP_UNCLAIMED_BIAS: added to the unclaimed channel's logit
 
     def parser_kwargs(self) -> dict:
-        """Keyword arguments of ``ihp_backend.inference.Parser``."""
+        """Keyword arguments of ``ihp_backend.core.inference.Parser``."""
         return asdict(self)

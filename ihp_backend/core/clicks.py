@@ -1,7 +1,7 @@
 """Click encoding shared by serving and training: clicks -> localization maps (paper Eq. 1).
 
 A click is ``(y, x, slot)`` in pixel coordinates of the array it refers to; ``slot`` is the
-network channel of its class (see ``ihp_backend.checkpoint.Binding``).
+network channel of its class (see ``ihp_backend.core.checkpoint.Binding``).
 """
 from __future__ import annotations
 

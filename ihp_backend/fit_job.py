@@ -1,0 +1,103 @@
+"""The fit job: fine-tune a project's serving model on its accepted annotations, gate it, and
+record the version. Started by the backend as a separate process (never inside a request):
+
+    python -m ihp_backend.fit_job --model-dir MODEL_DIR --project 3
+
+One job per project at a time (an exclusive lock file); requests that arrive during a run are
+picked up by the same job when it finishes. A run decodes newly stored annotations
+(``annotations``), splits the samples into train and a held-out slice, trains and gates with
+``model_training.finetune.fine_tune``, and adds the version to the ``registry`` (promoted or
+not; every version is kept with its metrics). Server side: it owns the stores and imports
+training, never the other way round.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+from model_training.finetune import fine_tune, in_holdout
+
+from .annotations import AnnotationStore
+from .core.checkpoint import read_checkpoint
+from .core.ls_format import parse_label_config
+from .locks import project_lock
+from .registry import Registry
+from .settings import DEFAULT_CHECKPOINT, Settings
+
+
+def run_once(model_dir: str, project: str, default_checkpoint: str, steps: int, holdout: float,
+             max_corrections: int, standard: float, status, overrides: dict | None = None) -> dict:
+    store = AnnotationStore(os.path.join(model_dir, "annotations.db"))
+    reg = Registry(model_dir)
+    store.decode_pending(project)
+    cfg_xml = store.project_config(project)
+    if not cfg_xml:
+        return {"status": "skipped", "reason": "no label config stored for the project"}
+    labels = list(parse_label_config(cfg_xml).labels)
+    samples = store.samples(project)
+    train_s = [s for s in samples if not in_holdout(s["task"], holdout)]
+    held = [s for s in samples if in_holdout(s["task"], holdout)]
+    if len(train_s) < 2 or not held:
+        return {"status": "skipped", "reason": f"need >= 2 training and >= 1 held-out samples, have "
+                                                f"{len(train_s)} and {len(held)}", "samples": len(samples)}
+    parent = read_checkpoint(reg.serving_path(project) or default_checkpoint)
+    version = reg.new_version_name(project)
+    cand, metrics, promoted = fine_tune(parent, labels, train_s, held, version, model_dir, steps,
+                                        max_corrections, standard, status, overrides)
+    reg.add_version(project, version, cand, metrics, promote=promoted)
+    return {"status": "done", "version": version, "promoted": promoted, "metrics": metrics["gate"],
+            "parent": parent.get("model_version")}
+
+
+def main(argv=None):
+    s = Settings.from_env()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--project", required=True)
+    ap.add_argument("--default-checkpoint", default=None)
+    ap.add_argument("--steps", type=int, default=s.fit_steps, help="IHP_FIT_STEPS")
+    ap.add_argument("--holdout", type=float, default=s.fit_holdout, help="IHP_FIT_HOLDOUT")
+    ap.add_argument("--every", type=int, default=s.train_every, help="IHP_TRAIN_EVERY")
+    ap.add_argument("--max-corrections", type=int, default=5)
+    ap.add_argument("--standard", type=float, default=0.85)
+    ap.add_argument("--threads", type=int, default=s.fit_threads, help="IHP_FIT_THREADS")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    reg = Registry(a.model_dir)
+    store = AnnotationStore(os.path.join(a.model_dir, "annotations.db"))
+    lock_path = os.path.join(reg.project_dir(a.project), "train.lock")
+    while True:
+        with project_lock(lock_path) as got:
+            if not got:
+                print(json.dumps({"status": "busy", "project": a.project}))
+                return
+            while True:
+                ticket = store.pending(a.project, a.every)
+                if ticket is None:
+                    break
+                t0 = time.time()
+                try:
+                    res = run_once(a.model_dir, a.project, a.default_checkpoint or DEFAULT_CHECKPOINT, a.steps,
+                                   a.holdout, a.max_corrections, a.standard,
+                                   lambda st: reg.write_job(a.project, {**st, "pid": os.getpid(), "started": t0}))
+                except Exception as e:  # recorded for /health; the request stays pending for a retry
+                    reg.write_job(a.project, {"phase": "failed", "error": f"{type(e).__name__}: {e}",
+                                              "trace": traceback.format_exc()[-2000:], "finished": time.time()})
+                    raise
+                res["seconds"] = round(time.time() - t0, 1)
+                store.consume(a.project, ticket)
+                reg.write_job(a.project, {"phase": "idle", "last": res, "finished": time.time()})
+                print(json.dumps(res), flush=True)
+        # an event may have arrived between the last check and the unlock: look once more
+        if store.pending(a.project, a.every) is None:
+            return
+
+
+if __name__ == "__main__":
+    sys.exit(main())
