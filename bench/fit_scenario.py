@@ -29,10 +29,10 @@ import requests
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.latency import click_body, config_for, start_backend, timed_post  # noqa: E402
+from bench.latency import click_body, start_backend, timed_post  # noqa: E402
 from ihp_backend.core.checkpoint import read_checkpoint  # noqa: E402
 from ihp_backend.core.inference import Parser  # noqa: E402
-from ihp_backend.core.ls_format import mask_to_rle  # noqa: E402
+from ihp_backend.core.ls_format import interactive_label_config, mask_to_rle  # noqa: E402
 from ihp_backend.settings import DEFAULT_CHECKPOINT  # noqa: E402
 from model_training.datasets import ccp  # noqa: E402
 from model_training.evaluate import CorePredictor, EvalConfig, evaluate  # noqa: E402
@@ -46,7 +46,7 @@ LABELS = list(dict.fromkeys(FROM_CCP12.values()))
 
 
 def label_config() -> str:
-    return config_for(LABELS)
+    return interactive_label_config(LABELS)
 
 
 def project_gt(ds, gt12: np.ndarray) -> np.ndarray:

@@ -45,7 +45,7 @@ sys.path.insert(0, ROOT)
 
 from ihp_backend.core.clicks import network_input, scale_clicks  # noqa: E402
 from ihp_backend.core.inference import Parser, network_size, resize_image  # noqa: E402
-from ihp_backend.core.ls_format import brush_results, label_map_to_rles, parse_label_config  # noqa: E402
+from ihp_backend.core.ls_format import brush_results, interactive_label_config, label_map_to_rles, parse_label_config  # noqa: E402
 from ihp_backend.core.options import PRECISIONS  # noqa: E402
 from ihp_backend.settings import DEFAULT_CHECKPOINT, default_torch_threads, default_workers  # noqa: E402
 
@@ -175,13 +175,6 @@ def start_backend(checkpoint: str, env_extra: dict, workers: int = 2, threads: i
     return proc, url
 
 
-def config_for(labels) -> str:
-    """A label config with one smart KeyPointLabels and one BrushLabels over ``labels``."""
-    labs = "".join(f'<Label value="{n}"/>' for n in labels)
-    return (f'<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image" smart="true">'
-            f'{labs}</KeyPointLabels><BrushLabels name="mask" toName="image">{labs}</BrushLabels></View>')
-
-
 def click_body(task, image_ref, label_config, w, h, x_pct, y_pct, label, project) -> dict:
     """One interactive /predict body as Label Studio sends it: the newest keypoint only."""
     return {"tasks": [{"id": task, "data": {"image": image_ref}}], "project": project, "label_config": label_config,
@@ -215,7 +208,7 @@ def timed_post(session, url, body, stages: list | None = None) -> float:
 
 def http_sequence(url, image_ref, w, h, labels, n_clicks, task, project="bench.1", probe=None, stages=None):
     """Times of a sequence of single-click requests; ``probe`` (if any) runs after each."""
-    cfg = LIP_CONFIG if len(labels) == 20 and labels[0] == "Background" and "Hat" in labels else config_for(labels)
+    cfg = LIP_CONFIG if len(labels) == 20 and labels[0] == "Background" and "Hat" in labels else interactive_label_config(labels)
     cl = clicks_for(h, w, n_clicks, [lab for lab in labels if lab != "Background"], task)
     s = requests.Session()
     out = []

@@ -26,7 +26,7 @@ from .core.label_rules import allowed_slots, answered_labels, fill_channels, slo
 from .locks import is_locked
 from .core.ls_format import (ClickError, LabelConfigError, LabelSetup, brush_results, keypoints_to_clicks,
                         parse_label_config, resolve_brush_regions, validate_results)
-from .registry import Registry
+from .registry import Registry, valid_project_id
 from .settings import Settings
 from .shared_state import MemoryPredictions, RedisHistory, RedisPredictions, SharedStateUnavailable, resolved
 
@@ -235,7 +235,7 @@ class IHPModel:
             if due:
                 self._project_checked[p] = now
         if due:
-            info = self.registry.serving(p) if p.replace("-", "").replace("_", "").isalnum() else None
+            info = self.registry.serving(p) if valid_project_id(p) else None
             if info and (current is None or current.model_version != info["version"]):
                 with self._project_lock:
                     self._project_loading.add(p)

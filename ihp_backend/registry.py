@@ -13,21 +13,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 
-from .core.checkpoint import save_checkpoint
+from .core.checkpoint import save_checkpoint, write_atomically
 
 
 def _atomic_json(path: str, data: dict) -> None:
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+    write_atomically(path, write)
 
 
 def _read_json(path: str) -> dict | None:
@@ -38,13 +33,18 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
+def valid_project_id(project) -> bool:
+    """A project id the registry may name a directory after: 1-64 ASCII letters, digits, _ or -."""
+    return re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", str(project)) is not None
+
+
 class Registry:
     def __init__(self, model_dir: str):
         self.root = os.path.join(model_dir, "projects")
 
     def project_dir(self, project: str, create: bool = True) -> str:
         p = str(project)
-        if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", p):
+        if not valid_project_id(p):
             raise ValueError(f"invalid project id {p!r}")
         d = os.path.join(self.root, p)
         if create:

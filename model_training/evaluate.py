@@ -135,10 +135,8 @@ class HTTPPredictor:
         self.url, self.class_names, self.timeout = url.rstrip("/"), class_names, timeout
         self.session = requests.Session()
         self.name = f"http:{self.url}"
-        labels = "".join(f'<Label value="{n}"/>' for n in class_names)
-        self.config = (f'<View><Image name="image" value="$image"/>'
-                       f'<KeyPointLabels name="kp" toName="image" smart="true">{labels}</KeyPointLabels>'
-                       f'<BrushLabels name="mask" toName="image">{labels}</BrushLabels></View>')
+        from ihp_backend.core.ls_format import interactive_label_config
+        self.config = interactive_label_config(class_names)
         self._task, self._image_uri, self._image_id = None, None, None
         self.run = uuid.uuid4().int % 10 ** 9
 

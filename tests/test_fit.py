@@ -15,7 +15,7 @@ import requests
 from ihp_backend._wsgi import create_app
 from ihp_backend.annotations import AnnotationStore
 from ihp_backend.core.checkpoint import read_checkpoint
-from ihp_backend.core.ls_format import mask_to_rle
+from ihp_backend.core.ls_format import interactive_label_config, mask_to_rle
 from ihp_backend.model import IHPModel
 from ihp_backend.registry import Registry
 from ihp_backend.settings import Settings
@@ -25,9 +25,7 @@ from model_training.finetune import project_binding, promote
 from tests.conftest import ROOT, person_image, png_bytes
 
 NAMES = ["Background", "Head", "Torso", "Legs"]
-CONFIG = ('<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image" smart="true">'
-          + "".join(f'<Label value="{n}"/>' for n in NAMES) + '</KeyPointLabels><BrushLabels name="mask" toName="image">'
-          + "".join(f'<Label value="{n}"/>' for n in NAMES) + "</BrushLabels></View>")
+CONFIG = interactive_label_config(NAMES)
 
 
 def webhook_body(action, project, task, ann, seed=0, cancelled=False, labels_override=None):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from ihp_backend.core.ls_format import rle_to_mask
+from ihp_backend.core.ls_format import interactive_label_config, rle_to_mask
 from ihp_backend.settings import DEFAULT_CHECKPOINT
 from tests.conftest import CCP, ROOT
 from tests.test_http import click_body
@@ -121,9 +121,7 @@ def test_embedded_default_model_parses_a_real_photo(tmp_path, payloads):
         image, gt = ds.load(0)
         h, w = gt.shape
         names = ds.classes
-        labels = "".join(f'<Label value="{n}"/>' for n in names)
-        cfg = (f'<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image" smart="true">'
-               f'{labels}</KeyPointLabels><BrushLabels name="mask" toName="image">{labels}</BrushLabels></View>')
+        cfg = interactive_label_config(names)
         clicks = cs.central_clicks(gt.astype(np.int64), np.random.default_rng(0), min_area=100)
         body = {"tasks": [{"id": 1, "data": {"image": "/data/local-files/?d=p.jpg"}}], "project": "9.1",
                 "label_config": cfg, "params": {"context": None}}

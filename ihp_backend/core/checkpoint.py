@@ -120,19 +120,27 @@ def make_checkpoint(net: IHPNet, binding: Binding, input_size: int, mean, std,
     }
 
 
-def save_checkpoint(ckpt: dict, path: str) -> None:
-    """Write atomically (temp file + rename) so a crash never leaves a half checkpoint."""
+def write_atomically(path: str, write) -> None:
+    """``write(tmp_path)`` into a temporary file beside ``path``, flushed to disk, then renamed
+    over ``path``: a crash never leaves a half-written file (checkpoints, registry records)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(ckpt, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are meant to be shared
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_checkpoint(ckpt: dict, path: str) -> None:
+    """Write a checkpoint atomically (``write_atomically``)."""
+    write_atomically(path, lambda tmp: torch.save(ckpt, tmp))
 
 
 def read_checkpoint(path: str) -> dict:

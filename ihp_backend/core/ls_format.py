@@ -30,6 +30,16 @@ class LabelSetup:
     labels: tuple[str, ...] = field(default=())  # union, in config order (binding order)
 
 
+def interactive_label_config(labels) -> str:
+    """The smallest label config the backend serves: a photo, a smart KeyPointLabels for the
+    clicks and a BrushLabels for the masks, both over ``labels`` (evaluation, benchmarks and
+    tests build their configs here; the repo's ``label_config.xml`` is the one for people)."""
+    from xml.sax.saxutils import quoteattr
+    labs = "".join(f"<Label value={quoteattr(str(n))}/>" for n in labels)
+    return (f'<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image" smart="true">'
+            f'{labs}</KeyPointLabels><BrushLabels name="mask" toName="image">{labs}</BrushLabels></View>')
+
+
 def parse_label_config(xml: str) -> LabelSetup:
     """Find one KeyPointLabels and one BrushLabels control on the same Image.
 
