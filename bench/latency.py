@@ -287,6 +287,11 @@ def phone_case(a):
                 "clicks_2_to_n_ms_p95": round(pct([c[0] for c in later], 95), 1),
                 "ms_p50_by_click": by_index,
                 "stages_ms_p50": {k: round(pct([c[1].get(k, 0.0) for c in later], 50), 1) for k in stages},
+                # where the growth from the 2nd to the last click goes
+                "stages_ms_p50_2nd_click": {k: round(pct([seq[0][1].get(k, 0.0) for seq in r["clicks"]], 50), 1)
+                                            for k in stages},
+                "stages_ms_p50_last_click": {k: round(pct([seq[-1][1].get(k, 0.0) for seq in r["clicks"]], 50), 1)
+                                             for k in stages},
                 "first_click_ms_p50": round(pct([f[0] for f in r["first"]], 50), 1),
                 "first_click_stages_ms_p50": {k: round(pct([f[1].get(k, 0.0) for f in r["first"]], 50), 1)
                                               for k in sorted({k for f in r["first"] for k in f[1]})},
@@ -301,7 +306,8 @@ def phone_case(a):
             for i, v in by_index.items():
                 print(f"| {i} | {v} |", file=sys.stderr)
             print(f"clicks 2-{a.clicks}: p50 {res['clicks_2_to_n_ms_p50']} ms, p95 {res['clicks_2_to_n_ms_p95']} ms; "
-                  f"stages p50 {res['stages_ms_p50']}; first click {res['first_click_ms_p50']} ms "
+                  f"stages p50 {res['stages_ms_p50']} (2nd click {res['stages_ms_p50_2nd_click']}, "
+                  f"last {res['stages_ms_p50_last_click']}); first click {res['first_click_ms_p50']} ms "
                   f"{res['first_click_stages_ms_p50']}; JSON {res['json_kb_per_click_p50']} KB per click "
                   f"(max {res['json_kb_per_click_max']}); CCP photo clicks 2-{a.clicks} p50 "
                   f"{res['ccp_clicks_2_to_n_ms_p50']} ms, JSON {res['ccp_json_kb_per_click_p50']} KB; "

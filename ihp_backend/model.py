@@ -15,7 +15,6 @@ import time
 from functools import lru_cache
 
 import numpy as np
-import torch
 
 from .annotations import AnnotationStore
 from .core.checkpoint import BindingError
@@ -26,7 +25,8 @@ from .core.label_rules import allowed_slots, answered_labels, fill_channels, slo
 from .locks import is_locked
 from .core.ls_format import (ClickError, LabelConfigError, LabelSetup, brush_results, keypoints_to_clicks,
                         parse_label_config, resolve_brush_regions, validate_results)
-from .registry import Registry, valid_project_id
+from .registry import Registry
+from .model_pool import ModelNotReady, ModelPool  # noqa: F401 (ModelNotReady: used by _wsgi)
 from .settings import Settings
 from .shared_state import MemoryPredictions, RedisHistory, RedisPredictions, SharedStateUnavailable, resolved
 
@@ -39,10 +39,6 @@ class RequestError(ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
-
-
-class ModelNotReady(RuntimeError):
-    pass
 
 
 def _setup_of(label_config) -> LabelSetup:
@@ -107,9 +103,6 @@ class IHPModel:
         self.fetcher = ImageFetcher(FetchSettings(
             ls_url=s.ls_url, api_key=s.api_key, allowed_hosts=s.allowed_hosts, local_root=s.local_root,
             max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels))
-        self.parser: Parser | None = None
-        self.load_error: str | None = None
-        self._loaded = threading.Event()
         self.projects: dict[str, dict] = {}
         try:
             self.store: AnnotationStore | None = AnnotationStore(os.path.join(s.model_dir, "annotations.db"))
@@ -117,27 +110,15 @@ class IHPModel:
             self._storage_failed(e)
             self.store = None
         self.registry = Registry(s.model_dir)
-        self._project_parsers: dict[str, Parser] = {}
-        self._project_checked: dict[str, float] = {}
-        self._project_loading: set[str] = set()
-        self._project_lock = threading.Lock()
+        self.pool = ModelPool(s, self.registry)
         self.jobs: dict[str, subprocess.Popen] = {}
         self._request = threading.local()  # per-thread timings of the last predict()
 
-    # -- loading ------------------------------------------------------------------------------
+    # -- the model pool (ihp_backend.model_pool) ----------------------------------------------
     def load(self) -> None:
-        """Load the serving checkpoint (blocking). Records the error instead of raising."""
-        t0 = time.time()
-        try:
-            self.parser = Parser.from_file(self.settings.checkpoint, **self._parser_options())
-            log.info("model %s loaded from %s in %.1fs", self.parser.model_version,
-                     self.settings.checkpoint, time.time() - t0)
-        except Exception as e:  # reported by /health and by every /predict
-            self.load_error = f"{type(e).__name__}: {e}"
-            log.error("could not load %s: %s", self.settings.checkpoint, self.load_error)
-        finally:
-            self._loaded.set()
-        for p in self.registry.projects():  # resume training that a restart interrupted
+        """Load the serving checkpoint (blocking), then resume training a restart interrupted."""
+        self.pool.load()
+        for p in self.registry.projects():
             try:
                 self.maybe_start_training(p)
             except Exception as e:  # never let this stop serving
@@ -149,28 +130,27 @@ class IHPModel:
         return t
 
     @property
+    def parser(self) -> Parser | None:
+        return self.pool.parser
+
+    @property
+    def load_error(self) -> str | None:
+        return self.pool.load_error
+
+    @property
     def model_loaded(self) -> bool:
-        return self.parser is not None
+        return self.pool.parser is not None
 
     @property
     def model_version(self) -> str:
-        return self.parser.model_version if self.parser else "not-loaded"
+        return self.pool.model_version
 
     @property
     def inference(self) -> dict | None:
-        """How the default network runs (device, compute type, sizes, refinement), for /health."""
-        p = self.parser
-        if p is None:
-            return None
-        return {"device": str(p.device), "precision": p.precision,
-                "max_side": p.max_side, "refine": p.refine, "click_radius": p.click_radius, "flip": p.flip,
-                "threads": torch.get_num_threads() if p.device.type == "cpu" else None}
+        return self.pool.inference
 
-    def _ready_parser(self) -> Parser:
-        self._loaded.wait(self.settings.load_wait)
-        if self.parser is None:
-            raise ModelNotReady(self.load_error or "the model is still loading; retry in a few seconds")
-        return self.parser
+    def parser_for(self, project) -> Parser:
+        return self.pool.for_project(project_key(project))
 
     # -- Label Studio API ---------------------------------------------------------------------
     def setup(self, project, label_config: str | None, hostname: str = "", access_token: str = "") -> dict:
@@ -219,44 +199,6 @@ class IHPModel:
         t = getattr(self._request, "timings", None)
         if t is not None:
             t[stage] = t.get(stage, 0.0) + seconds
-
-    def parser_for(self, project) -> Parser:
-        """The project's promoted model if it has one, else the default. A newly promoted
-        version is loaded in the background and swapped in when ready, so no request waits
-        or fails during the switch."""
-        default = self._ready_parser()
-        p = project_key(project)
-        if not p:
-            return default
-        now = time.time()
-        with self._project_lock:
-            current = self._project_parsers.get(p)
-            due = now - self._project_checked.get(p, 0) >= 1.0 and p not in self._project_loading
-            if due:
-                self._project_checked[p] = now
-        if due:
-            info = self.registry.serving(p) if valid_project_id(p) else None
-            if info and (current is None or current.model_version != info["version"]):
-                with self._project_lock:
-                    self._project_loading.add(p)
-                threading.Thread(target=self._load_project, args=(p, info), daemon=True).start()
-        return current or default
-
-    def _parser_options(self) -> dict:
-        """How every network of this backend runs (default and per-project models alike)."""
-        return self.settings.parser_options().parser_kwargs()
-
-    def _load_project(self, p: str, info: dict) -> None:
-        try:
-            parser = Parser.from_file(info["path"], **self._parser_options())
-            with self._project_lock:
-                self._project_parsers[p] = parser
-            log.info("project %s now serves %s", p, parser.model_version)
-        except Exception as e:
-            log.error("could not load %s for project %s: %s", info.get("path"), p, e)
-        finally:
-            with self._project_lock:
-                self._project_loading.discard(p)
 
     def _predict_task(self, task, context, setup: LabelSetup, project) -> dict:
         if not isinstance(task, dict) or "id" not in task:

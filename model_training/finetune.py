@@ -19,7 +19,6 @@ import os
 import tempfile
 
 import numpy as np
-import torch
 
 from ihp_backend.core.checkpoint import Binding, read_checkpoint
 from ihp_backend.core.inference import Parser
