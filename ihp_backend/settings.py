@@ -66,7 +66,7 @@ class Settings:
     max_side: int | None = None
     flip: bool = False
     refine: bool = True
-    full_res_edges: bool = True
+    full_res_edges: bool = False
     click_radius: float = 10.0
     precision: str = "auto"
     torch_threads: int | None = None
@@ -122,7 +122,7 @@ class Settings:
             max_side=_int("IHP_MAX_SIDE", 0) or None,
             flip=bool(_int("IHP_FLIP", 0)),
             refine=bool(_int("IHP_REFINE", 1)),
-            full_res_edges=bool(_int("IHP_FULL_RES_EDGES", 1)),
+            full_res_edges=bool(_int("IHP_FULL_RES_EDGES", 0)),
             click_radius=_float("IHP_CLICK_RADIUS", 10.0),
             precision=_choice("IHP_PRECISION", "auto", PRECISIONS),
             torch_threads=_int("IHP_TORCH_THREADS", 0) or None,

@@ -476,8 +476,8 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     ap.add_argument("--max-side", type=int, default=None, help="serving resolution override")
     ap.add_argument("--flip", action="store_true", help="test-time flip (the backend's IHP_FLIP=1)")
-    ap.add_argument("--network-res-edges", action="store_true",
-                    help="refined labels enlarged from the network size (the backend's IHP_FULL_RES_EDGES=0)")
+    ap.add_argument("--full-res-edges", action="store_true",
+                    help="the boundary band decided again at the photo's size (the backend's IHP_FULL_RES_EDGES=1)")
     ap.add_argument("--no-refine", action="store_true",
                     help="plain upsampled argmax, no colour-guided refinement (the backend's IHP_REFINE=0)")
     ap.add_argument("--click-radius", type=float, default=10.0,
@@ -523,7 +523,7 @@ def main(argv=None):
     from ihp_backend.core.inference import Parser
     for ck in a.checkpoint:
         opts = ParserOptions(max_side=a.max_side, flip=a.flip, refine=not a.no_refine,
-                             full_res_edges=not a.network_res_edges, click_radius=a.click_radius, precision=a.precision, threads=a.threads,
+                             full_res_edges=a.full_res_edges, click_radius=a.click_radius, precision=a.precision, threads=a.threads,
                              unclaimed_bias=a.unclaimed_bias)
         parser = Parser.from_file(ck, **opts.parser_kwargs())
         predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}",

@@ -195,7 +195,7 @@ class Parser:
     """Holds one network and runs it; thread-safe (one forward at a time per Parser)."""
 
     def __init__(self, ckpt: dict, device: str | None = None, max_side: int | None = None,
-                 threads: int | None = None, flip: bool = False, refine: bool = True, full_res_edges: bool = True,
+                 threads: int | None = None, flip: bool = False, refine: bool = True, full_res_edges: bool = False,
                  click_radius: float = 10.0, precision: str | None = "auto", unclaimed_bias: float = 0.0):
         self.ckpt = ckpt
         self.binding: Binding = binding_of(ckpt)
