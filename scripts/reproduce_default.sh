@@ -47,8 +47,9 @@
 #    recalibrated): the default, runs/default.pt,
 # 16. derives body-part labels from MediaPipe keypoints (model_training.pose_labels, its own tool
 #    venv data/mediapipe-venv), trains the body-part / unclaimed stage from that model
-#    (model_training/configs/parts_unclaimed.yaml, a 1000-step schedule stopped at 850) and releases it: the default,
-#    ihp-ccp-parts-mnv3-s27050 (runs/parts_unclaimed/release.pt),
+#    (model_training/configs/parts_unclaimed.yaml, a 1000-step schedule stopped at 850) and releases it:
+#    ihp-ccp-parts-mnv3-s27050 (runs/parts_unclaimed/release.pt), then the crowd stage
+#    (model_training/configs/parts_crowds.yaml, 400 steps): the default ihp-ccp-crowds-mnv3-s27450,
 # 17. evaluates it on val.txt (201 images, ccp12 merge, 85% standard, 20 corrections) next to
 #    the random-walker floor. About twenty-five hours on a 2-core CPU: run it in the background.
 set -euo pipefail
@@ -105,7 +106,12 @@ stage stage17k0 ihp-ccp-mnv3-s26200 runs/stage16s/release.pt 750 --set seed=17 -
     --set init_from=runs/default.pt
 .venv/bin/python -m model_training.release --checkpoint runs/parts_unclaimed/last.pt \
     --version ihp-ccp-parts-mnv3-s27050 --recalibrate-bn 16 --out runs/parts_unclaimed/release.pt
-bash scripts/evaluate_default.sh runs/parts_unclaimed/release.pt
+# the crowd stage from the body-part stage's end point (runs/parts_unclaimed/last.pt): the
+# default, ihp-ccp-crowds-mnv3-s27450 = the average of its step-300 and step-400 snapshots
+.venv/bin/python -m model_training.train --threads "$THREADS" --config model_training/configs/parts_crowds.yaml
+.venv/bin/python -m model_training.release --checkpoint runs/parts_crowds/step_000300.pt runs/parts_crowds/step_000400.pt \
+    --version ihp-ccp-crowds-mnv3-s27450 --recalibrate-bn 16 --out runs/parts_crowds/release.pt
+bash scripts/evaluate_default.sh runs/parts_crowds/release.pt
 .venv/bin/python -m model_training.evaluate --data ../shared/data/ccp --kind ccp --split val --merge ccp12 \
     --checkpoint runs/default.pt --baseline random-walker --max-corrections 20 --standard 0.85 --precision float32 \
     --out runs/eval_default
