@@ -23,7 +23,7 @@ import os
 import socket
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urljoin, urlparse
 
 import numpy as np
@@ -46,7 +46,6 @@ class FetchSettings:
     connect_timeout: float = 3.0
     read_timeout: float = 10.0
     max_redirects: int = 3
-    extra: dict = field(default_factory=dict)
 
 
 def _host_of(url: str) -> str:
