@@ -20,7 +20,7 @@ import tempfile
 
 import numpy as np
 
-from ihp_backend.core.checkpoint import Binding, read_checkpoint
+from ihp_backend.core.checkpoint import Binding, binding_of, read_checkpoint
 from ihp_backend.core.inference import Parser
 
 from .datasets import LIP_FLIP, ParsingDataset
@@ -54,8 +54,7 @@ def in_holdout(task_id: str, fraction: float) -> bool:
 
 def project_binding(parent: dict, labels: list[str]) -> tuple[Binding, dict[str, int]]:
     """The project's class-aware binding: each label keeps the slot the parent gives it."""
-    pb = Binding(parent["binding"], int(parent["net"]["num_slots"]), list(parent.get("class_names", [])),
-                 tuple(parent.get("background_names", ("background", "bg"))))
+    pb = binding_of(parent)
     slot_of = pb.bind(labels)
     names = [""] * pb.num_slots
     names[0] = next((lab for lab in labels if pb.is_background(lab)), "Background")
