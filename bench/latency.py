@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.live_backend import start_gunicorn  # noqa: E402
 from ihp_backend.core.clicks import network_input, scale_clicks  # noqa: E402
 from ihp_backend.core.inference import Parser, network_size, resize_image  # noqa: E402
 from ihp_backend.core.ls_format import brush_results, interactive_label_config, label_map_to_rles, parse_label_config  # noqa: E402
@@ -128,14 +128,6 @@ def bench_rle(n_classes=20):
     return time.perf_counter() - t
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def status_mb(pid, field: str = "VmHWM"):
     """A memory field of /proc/<pid>/status in MB (VmHWM = peak RSS, VmRSS = current)."""
     try:
@@ -156,23 +148,8 @@ def children(pid):
 
 def start_backend(checkpoint: str, env_extra: dict, workers: int = 2, threads: int = 2, root: str = ROOT):
     """gunicorn on a free 127.0.0.1 port; returns (process, url) once every worker has the model."""
-    port = free_port()
-    env = dict(os.environ, IHP_CHECKPOINT=checkpoint, IHP_BIND=f"127.0.0.1:{port}", IHP_WORKERS=str(workers),
-               IHP_THREADS=str(threads), IHP_ACCESS_LOG="", **env_extra)
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "gunicorn"), "ihp_backend._wsgi:app"],
-                            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    seen = set()
-    while time.time() < deadline and len(seen) < workers and proc.poll() is None:
-        try:
-            r = requests.get(url + "/health", timeout=1)
-            if r.json().get("model_loaded"):
-                seen.add(r.headers.get("X-IHP-Worker"))
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    return proc, url
+    return start_gunicorn(dict({"IHP_CHECKPOINT": checkpoint, "IHP_THREADS": str(threads)}, **env_extra),
+                          workers=workers, cwd=root)
 
 
 def click_body(task, image_ref, label_config, w, h, x_pct, y_pct, label, project) -> dict:

@@ -1,11 +1,7 @@
 """A live gunicorn (2 workers) on 127.0.0.1 answering the payloads a real Label Studio sent."""
-import copy
 import os
 import shutil
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,50 +10,16 @@ import requests
 
 from ihp_backend.core.ls_format import interactive_label_config, rle_to_mask
 from ihp_backend.settings import DEFAULT_CHECKPOINT
-from tests.conftest import CCP, ROOT
+from bench.live_backend import free_port, stop  # noqa: F401 (used by other test modules)
+from bench.live_backend import start_gunicorn as start_live
+from tests.conftest import CCP
 from tests.test_http import click_body
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
 def start_gunicorn(tmp_path, checkpoint, env_extra):
-    port = free_port()
-    env = dict(os.environ, MODEL_DIR=str(tmp_path / "model_dir"), IHP_CHECKPOINT=checkpoint,
-               IHP_BIND=f"127.0.0.1:{port}", IHP_WORKERS="2", IHP_THREADS="2", IHP_TORCH_THREADS="1",
-               IHP_ACCESS_LOG="", **env_extra)
-    gun = os.path.join(os.path.dirname(sys.executable), "gunicorn")
-    proc = subprocess.Popen([gun, "ihp_backend._wsgi:app"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    loaded = set()
-    while time.time() < deadline and len(loaded) < 2 and proc.poll() is None:
-        try:
-            r = requests.get(url + "/health", timeout=1)
-            if r.json().get("model_loaded"):
-                loaded.add(r.headers["X-IHP-Worker"])
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    if not loaded:
-        proc.kill()
-        raise AssertionError("gunicorn did not come up:\n" + proc.stdout.read()[-3000:])
-    return proc, url
+    """Two workers x one torch thread with their own MODEL_DIR under ``tmp_path``."""
+    return start_live(dict({"MODEL_DIR": str(tmp_path / "model_dir"), "IHP_CHECKPOINT": checkpoint,
+                            "IHP_THREADS": "2", "IHP_TORCH_THREADS": "1"}, **env_extra), workers=2)
 
 
 @pytest.fixture()
