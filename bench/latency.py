@@ -42,7 +42,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.live_backend import start_gunicorn  # noqa: E402
+from bench.live_backend import start_gunicorn, stop  # noqa: E402
 from ihp_backend.core.clicks import network_input, scale_clicks  # noqa: E402
 from ihp_backend.core.inference import Parser, network_size, resize_image  # noqa: E402
 from ihp_backend.core.ls_format import brush_results, interactive_label_config, label_map_to_rles, parse_label_config  # noqa: E402
@@ -292,8 +292,7 @@ def phone_case(a):
         print(json.dumps(out))
     finally:
         for proc, _ in backends.values():
-            proc.terminate()
-            proc.wait(20)
+            stop(proc)
 
 
 def main():
@@ -359,8 +358,7 @@ def main():
         thr = len(done) / (time.perf_counter() - t0)
         rss = [status_mb(p) for p in children(proc.pid)]
     finally:
-        proc.terminate()
-        proc.wait(20)
+        stop(proc)
     fm = pct(fwd + core_probe.samples + http_probe.samples, 50)
     res = {
         "checkpoint": os.path.relpath(a.checkpoint, ROOT), "model_version": parser.model_version,

@@ -26,7 +26,7 @@ from .locks import is_locked
 from .core.ls_format import (ClickError, LabelConfigError, LabelSetup, brush_results, keypoints_to_clicks,
                         parse_label_config, resolve_brush_regions, validate_results)
 from .registry import Registry
-from .model_pool import ModelNotReady, ModelPool  # noqa: F401 (ModelNotReady: used by _wsgi)
+from .model_pool import ModelPool
 from .settings import Settings
 from .shared_state import MemoryPredictions, RedisHistory, RedisPredictions, SharedStateUnavailable, resolved
 
@@ -74,11 +74,12 @@ def neighbours(a: tuple, b: tuple) -> bool:
 def previous_input(stack: list[tuple], state: tuple):
     """The previous-prediction input for click set ``state``, from the task's stack of
     ``(state, previous input used, answer)``: the input an earlier visit of the same click set
-    used (an undo, Alt-click, returns to exactly the earlier masks), else the newest answer."""
+    used (an undo, Alt-click, returns to exactly the earlier masks), else the newest answer.
+    As stored (a Redis entry's array is fetched lazily: ``shared_state.resolved``)."""
     for st, used, _ in reversed(stack):
         if st == state:
-            return resolved(used)
-    return resolved(stack[-1][2]) if stack else None
+            return used
+    return stack[-1][2] if stack else None
 
 
 class IHPModel:
@@ -278,13 +279,14 @@ class IHPModel:
             prev = previous_input(stack, state)
             fill, fill_names = fill_channels(parser.binding, parser.vocab_start, setup.brush_labels,
                                              label_to_slot, arr[:, 2]) if self.settings.fill_known else ({}, {})
-            res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=prev, fill=fill,
+            res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=resolved(prev), fill=fill,
                                zoom=self.settings.zoom)
             for stage, sec in res.timings.items():
                 self._add_time(stage, sec)
             emptied = [lab for st, _, _ in stack[-1:] for *_, lab in st]  # (an undo empties its label)
             # push this click set and its answer (network-size labels; None for a network
-            # without the previous-prediction input); ``previous_input`` finds it on an undo
+            # without the previous-prediction input); ``previous_input`` finds it on an undo.
+            # ``prev`` goes as stored: Redis keeps an earlier answer's bytes, not re-encoded
             self.predictions.push(key, (state, prev, res.network_labels))
             slot_to_label = {**slot_names(label_to_slot, setup.labels, setup.brush_labels), **fill_names}
         t0 = time.perf_counter()

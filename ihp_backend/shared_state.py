@@ -137,10 +137,11 @@ class RedisPredictions(_Redis):
             i = int(r.hincrby(k, "next", 1))
             kept = [row for row in rows if _state_of(row[0]) != state][-(MAX_STATES - 1):]
             dropped = [row[1] for row in rows if row not in kept]
-            used_b = used.load() if isinstance(used, LazyArray) else used
+            # the input used is an earlier answer read from Redis: its stored bytes, not re-encoded
+            used_b = used.raw() if isinstance(used, LazyArray) else encode_array(used)
             p = r.pipeline()
             p.hset(k, mapping={"states": json.dumps(kept + [[_state_json(state), i]]),
-                               f"u:{i}": encode_array(used_b), f"a:{i}": encode_array(answer)})
+                               f"u:{i}": used_b, f"a:{i}": encode_array(answer)})
             for j in dropped:
                 p.hdel(k, f"u:{j}", f"a:{j}")
             p.expire(k, self.ttl)
@@ -158,11 +159,17 @@ class LazyArray:
 
     def __init__(self, store: RedisPredictions, key: str, field: str):
         self.store, self.key, self.field = store, key, field
-        self._value, self._loaded = None, False
+        self._raw, self._value, self._loaded = None, None, False
+
+    def raw(self) -> bytes:
+        """The stored (compressed) bytes, fetched once."""
+        if self._raw is None:
+            self._raw = self.store.call(lambda r: r.hget(self.key, self.field)) or b""
+        return self._raw
 
     def load(self) -> np.ndarray | None:
         if not self._loaded:
-            self._value = decode_array(self.store.call(lambda r: r.hget(self.key, self.field)))
+            self._value = decode_array(self.raw())
             self._loaded = True
         return self._value
 

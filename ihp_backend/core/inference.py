@@ -294,14 +294,16 @@ class Parser:
         with self._lock, torch.inference_mode():
             return self._forward_locked(x)
 
-    def _staging(self, shape: tuple[int, ...]) -> tuple[np.ndarray, torch.Tensor]:
-        """Input buffers kept across clicks (caller holds the lock): the NCHW array the maps are
-        written into and the channels-last tensor the network reads. A fresh 12 MB input per
-        click cost ~5 ms of page faults and layout copies."""
-        if self._stage is None or self._stage[0].shape != shape:
+    def _staging(self, shape: tuple[int, ...]) -> tuple[np.ndarray | None, torch.Tensor]:
+        """Input buffers kept across clicks (caller holds the lock): the channels-last tensor the
+        network reads and, off the CPU only, the host NCHW array the input is built in (on the
+        CPU ``_redraw_input`` writes into the tensor itself). A fresh input per click cost ~5 ms
+        of page faults and layout copies."""
+        if self._stage is None or tuple(self._stage[1].shape) != tuple(shape):
             self._stage = None  # free the old pair before allocating the new one
             dev = torch.empty(shape, device=self.device).contiguous(memory_format=torch.channels_last)
-            self._stage = (np.empty(shape, np.float32), dev)
+            host = np.empty(shape, np.float32) if self.device.type != "cpu" else None
+            self._stage = (host, dev)
             self._drawn = {"rgb": None, "windows": None, "prev": None}
         return self._stage
 
