@@ -34,6 +34,9 @@ class SampleConfig:
     # parse that grows with the clicks: in this share of samples only a random number of the
     # parts present get clicks (1..all, uniform); the others' pixels are the unclaimed target
     p_partial: float = 0.0
+    # of those, this share keeps only one or two parts (the first clicks of the progressive
+    # protocol; uniform 1..all makes them rare when a photo has ten parts)
+    p_few_parts: float = 0.0
     unclaimed: int | None = None  # the unclaimed output channel (None: the network has none)
     p_no_clicks: float = 0.0  # share of samples with no click at all (the zero-click parse)
     # crowds, small people, partial bodies and camera noise (issue 31); all off by default
@@ -202,14 +205,15 @@ def unclicked_to_ignore(labels: np.ndarray, clicks, background: int = 0) -> np.n
     return np.where(np.isin(labels, missing), IGNORE, labels).astype(labels.dtype)
 
 
-def leave_parts_unclicked(clicks, rng, background: int = 0) -> list:
-    """Keep the clicks of a random number (1..all, uniform) of the clicked part classes, in a
-    random choice, and the background clicks: the annotator who has clicked only some parts so
-    far (progressive protocol)."""
+def leave_parts_unclicked(clicks, rng, background: int = 0, p_few: float = 0.0) -> list:
+    """Keep the clicks of a random number (1..all, uniform; with probability ``p_few`` 1 or 2)
+    of the clicked part classes, in a random choice, and the background clicks: the annotator
+    who has clicked only some parts so far (progressive protocol)."""
     parts = sorted({int(c) for *_, c in clicks} - {background})
     if len(parts) <= 1:
         return list(clicks)
-    keep = set(rng.permutation(parts)[:int(rng.integers(1, len(parts) + 1))].tolist())
+    most = min(2, len(parts)) if p_few and rng.random() < p_few else len(parts)
+    keep = set(rng.permutation(parts)[:int(rng.integers(1, most + 1))].tolist())
     return [c for c in clicks if int(c[2]) == background or int(c[2]) in keep]
 
 
@@ -339,7 +343,7 @@ class ClickSampleDataset(torch.utils.data.Dataset):
             used = torch.from_numpy(used)
         clicks = simulate_clicks(labels, cfg, rng)
         if cfg.unclaimed is not None and cfg.p_partial > 0 and rng.random() < cfg.p_partial:
-            clicks = leave_parts_unclicked(clicks, rng, cfg.background)
+            clicks = leave_parts_unclicked(clicks, rng, cfg.background, cfg.p_few_parts)
         if cfg.unclaimed is not None and cfg.p_no_clicks > 0 and rng.random() < cfg.p_no_clicks:
             clicks = []
         if cfg.binding == "shuffled":

@@ -123,3 +123,24 @@ def test_unclicked_parts_are_ignored_for_label_agnostic_training():
     lab[35, 35] = 2  # a speck without a click
     out = unclicked_to_ignore(lab, [(10, 10, 1)])
     assert out[35, 35] == IGNORE and out[10, 10] == 1 and out[0, 0] == 0
+
+
+def test_leave_parts_unclicked_keeps_background_and_whole_parts():
+    from model_training.samples import leave_parts_unclicked
+    clicks = [(1, 1, 0)] + [(y, y, k) for k in range(1, 11) for y in (k, k + 20)]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        kept = leave_parts_unclicked(clicks, rng)
+        parts = {k for *_, k in kept} - {0}
+        assert (1, 1, 0) in kept and 1 <= len(parts) <= 10
+        assert all(sum(1 for *_, k in kept if k == p) == 2 for p in parts)  # a part keeps all its clicks
+
+
+def test_few_parts_share_is_one_or_two_parts():
+    from model_training.samples import leave_parts_unclicked
+    clicks = [(k, k, k) for k in range(1, 11)]
+    rng = np.random.default_rng(1)
+    counts = [len(leave_parts_unclicked(clicks, rng, p_few=1.0)) for _ in range(200)]
+    assert set(counts) == {1, 2}
+    counts = [len(leave_parts_unclicked(clicks, rng, p_few=0.0)) for _ in range(400)]
+    assert max(counts) == 10 and np.mean([c <= 2 for c in counts]) < 0.35
