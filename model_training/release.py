@@ -55,10 +55,11 @@ def averaged_state(states: list[dict]) -> dict:
 
 
 def release(src: str | list[str], dst: str, version: str, metrics: dict | None = None,
-            recalibrate: int = 0, half: bool = True) -> dict:
+            recalibrate: int = 0, half: bool = True, extra: dict | None = None) -> dict:
     """``src``: one checkpoint, or several of one network to average (the first gives the
     metadata and training config). Averaging without ``recalibrate`` keeps averaged BatchNorm
-    statistics, which rarely match the averaged weights: recalibrate."""
+    statistics, which rarely match the averaged weights: recalibrate. ``extra`` is merged into
+    the ``training`` metadata (the recipe runner's provenance)."""
     srcs = [src] if isinstance(src, str) else list(src)
     ck = read_checkpoint(srcs[0])
     if len(srcs) > 1:
@@ -77,6 +78,7 @@ def release(src: str | list[str], dst: str, version: str, metrics: dict | None =
     if metrics is not None:
         training["metrics"] = metrics
     training["weights_dtype"] = "float16" if half else "float32"
+    training.update(extra or {})
     # float16 storage halves the file; load_state_dict copies it into the float32 network
     ck = {**ck, "model_version": version, "training": training,
           "state_dict": {k: (v.half() if half and v.is_floating_point() else v).contiguous()
