@@ -15,7 +15,8 @@ from flask import Flask, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
-from .model import IHPModel, RequestError
+from .errors import RequestError
+from .model import IHPModel
 from .model_pool import ModelNotReady
 from .settings import Settings
 

@@ -1,11 +1,12 @@
 """The fit job: fine-tune a project's serving model on its accepted annotations, gate it, and
-record the version. Started by the backend as a separate process (never inside a request):
+record the version. Never inside a request: a child process of the backend
 
     python -m ihp_backend.fit_job --model-dir MODEL_DIR --project 3
 
-One job per project at a time (an exclusive lock file); requests that arrive during a run are
-picked up by the same job when it finishes. A run decodes newly stored annotations
-(``annotations``), splits the samples into train and a held-out slice, trains and gates with
+or an RQ job (``jobs.run_queued_fit``) that ``python -m ihp_backend.worker`` runs. One run per
+project at a time across the cluster (``jobs.project_run_lock``); requests that arrive during a
+run are picked up by the same run when it finishes. A run decodes newly stored annotations,
+splits the samples into train and a held-out slice, trains and gates with
 ``model_training.finetune.fine_tune``, and adds the version to the ``registry`` (promoted or
 not; every version is kept with its metrics). Server side: it owns the stores and imports
 training, never the other way round.
@@ -13,6 +14,7 @@ training, never the other way round.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -23,17 +25,18 @@ import torch
 
 from model_training.finetune import fine_tune, in_holdout
 
-from .annotations import AnnotationStore
+from .annotations import open_annotation_store
 from .core.checkpoint import read_checkpoint
 from .core.ls_format import parse_label_config
-from .locks import project_lock
+from .jobs import project_run_lock
 from .registry import Registry
 from .settings import DEFAULT_CHECKPOINT, Settings
 
 
 def run_once(model_dir: str, project: str, default_checkpoint: str, steps: int, holdout: float,
-             max_corrections: int, standard: float, status, overrides: dict | None = None) -> dict:
-    store = AnnotationStore(os.path.join(model_dir, "annotations.db"))
+             max_corrections: int, standard: float, status, overrides: dict | None = None,
+             database_url: str = "") -> dict:
+    store = open_annotation_store(database_url, model_dir)
     reg = Registry(model_dir)
     store.decode_pending(project)
     cfg_xml = store.project_config(project)
@@ -55,12 +58,48 @@ def run_once(model_dir: str, project: str, default_checkpoint: str, steps: int, 
             "parent": parent.get("model_version")}
 
 
+def fit_project(settings: Settings, project: str, max_corrections: int = 5, standard: float = 0.85) -> list[dict]:
+    """Every fit run due for ``project`` (until nothing is pending), under the project's run
+    lock; returns their results ([{"status": "busy"}] when another process holds the lock)."""
+    torch.set_num_threads(settings.fit_threads)
+    reg = Registry(settings.model_dir)
+    store = open_annotation_store(settings.database_url, settings.model_dir)
+    checkpoint = settings.checkpoint or DEFAULT_CHECKPOINT
+    results = []
+    while True:
+        with project_run_lock(settings, reg, project) as got:
+            if not got:
+                return results or [{"status": "busy", "project": project}]
+            while True:
+                ticket = store.pending(project, settings.train_every)
+                if ticket is None:
+                    break
+                t0 = time.time()
+                try:
+                    res = run_once(settings.model_dir, project, checkpoint, settings.fit_steps, settings.fit_holdout,
+                                   max_corrections, standard,
+                                   lambda st: reg.write_job(project, {**st, "pid": os.getpid(), "started": t0}),
+                                   database_url=settings.database_url)
+                except Exception as e:  # recorded for /health; the request stays pending for a retry
+                    reg.write_job(project, {"phase": "failed", "error": f"{type(e).__name__}: {e}",
+                                            "trace": traceback.format_exc()[-2000:], "finished": time.time()})
+                    raise
+                res["seconds"] = round(time.time() - t0, 1)
+                store.consume(project, ticket)
+                reg.write_job(project, {"phase": "idle", "last": res, "finished": time.time()})
+                print(json.dumps(res), flush=True)
+                results.append(res)
+        # an event may have arrived between the last check and the unlock: look once more
+        if store.pending(project, settings.train_every) is None:
+            return results
+
+
 def main(argv=None):
     s = Settings.from_env()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--model-dir", default=s.model_dir, help="MODEL_DIR")
     ap.add_argument("--project", required=True)
-    ap.add_argument("--default-checkpoint", default=None)
+    ap.add_argument("--default-checkpoint", default=None, help="IHP_CHECKPOINT")
     ap.add_argument("--steps", type=int, default=s.fit_steps, help="IHP_FIT_STEPS")
     ap.add_argument("--holdout", type=float, default=s.fit_holdout, help="IHP_FIT_HOLDOUT")
     ap.add_argument("--every", type=int, default=s.train_every, help="IHP_TRAIN_EVERY")
@@ -68,35 +107,11 @@ def main(argv=None):
     ap.add_argument("--standard", type=float, default=0.85)
     ap.add_argument("--threads", type=int, default=s.fit_threads, help="IHP_FIT_THREADS")
     a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    reg = Registry(a.model_dir)
-    store = AnnotationStore(os.path.join(a.model_dir, "annotations.db"))
-    lock_path = os.path.join(reg.project_dir(a.project), "train.lock")
-    while True:
-        with project_lock(lock_path) as got:
-            if not got:
-                print(json.dumps({"status": "busy", "project": a.project}))
-                return
-            while True:
-                ticket = store.pending(a.project, a.every)
-                if ticket is None:
-                    break
-                t0 = time.time()
-                try:
-                    res = run_once(a.model_dir, a.project, a.default_checkpoint or DEFAULT_CHECKPOINT, a.steps,
-                                   a.holdout, a.max_corrections, a.standard,
-                                   lambda st: reg.write_job(a.project, {**st, "pid": os.getpid(), "started": t0}))
-                except Exception as e:  # recorded for /health; the request stays pending for a retry
-                    reg.write_job(a.project, {"phase": "failed", "error": f"{type(e).__name__}: {e}",
-                                              "trace": traceback.format_exc()[-2000:], "finished": time.time()})
-                    raise
-                res["seconds"] = round(time.time() - t0, 1)
-                store.consume(a.project, ticket)
-                reg.write_job(a.project, {"phase": "idle", "last": res, "finished": time.time()})
-                print(json.dumps(res), flush=True)
-        # an event may have arrived between the last check and the unlock: look once more
-        if store.pending(a.project, a.every) is None:
-            return
+    s = dataclasses.replace(s, model_dir=a.model_dir, checkpoint=a.default_checkpoint or s.checkpoint,
+                            fit_steps=a.steps, fit_holdout=a.holdout, train_every=a.every, fit_threads=a.threads)
+    res = fit_project(s, a.project, a.max_corrections, a.standard)
+    if res and res[0].get("status") == "busy":
+        print(json.dumps(res[0]))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,3 @@ def project_lock(path: str):
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
-
-
-def is_locked(path: str) -> bool:
-    with project_lock(path) as got:
-        return not got

@@ -8,57 +8,25 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
-from functools import lru_cache
 
 import numpy as np
 
-from .annotations import AnnotationStore
 from .core.checkpoint import BindingError
 from .history import ClickHistory, MemoryHistory, is_transient, project_key
 from .images import FetchSettings, ImageFetcher, ImageFetchError
 from .core.inference import Parser
 from .core.label_rules import allowed_slots, answered_labels, fill_channels, slot_names, zero_click_channels
-from .locks import is_locked
-from .core.ls_format import (ClickError, LabelConfigError, LabelSetup, brush_results, keypoints_to_clicks,
-                        parse_label_config, resolve_brush_regions, validate_results)
+from .core.ls_format import ClickError, LabelSetup, brush_results, keypoints_to_clicks, validate_results
+from .errors import RequestError
 from .registry import Registry
 from .model_pool import ModelPool
 from .settings import Settings
 from .shared_state import MemoryPredictions, RedisHistory, RedisPredictions, SharedStateUnavailable, resolved
+from .webhooks import Webhooks, image_url, setup_of
 
 log = logging.getLogger("ihp_backend")
-
-
-class RequestError(ValueError):
-    """A request the backend cannot serve because of its content; ``status`` is the HTTP code."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-def _setup_of(label_config) -> LabelSetup:
-    if not isinstance(label_config, str):
-        raise LabelConfigError("the label config must be an XML string")
-    return _cached_setup(label_config)
-
-
-@lru_cache(maxsize=64)
-def _cached_setup(label_config: str) -> LabelSetup:
-    return parse_label_config(label_config)
-
-
-def _image_url(task: dict, key: str):
-    """The task's image URL from ``task["data"][key]``: None when absent, a 400 when not a string."""
-    data = task.get("data")
-    url = data.get(key) if isinstance(data, dict) else None
-    if url and not isinstance(url, str):
-        raise RequestError(f"task.data.{key} must be a string (the image's URL)")
-    return url
 
 
 def click_state(clicks) -> tuple:
@@ -88,7 +56,7 @@ class IHPModel:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings.from_env()
         s = self.settings
-        self.state_error: str | None = None
+        self.history_error: str | None = None
         self._memory_history = MemoryHistory(ttl=s.history_ttl)
         if s.redis_url:  # shared by every worker of every replica
             self.history = RedisHistory(s.redis_url, ttl=s.history_ttl)
@@ -105,14 +73,10 @@ class IHPModel:
             ls_url=s.ls_url, api_key=s.api_key, allowed_hosts=s.allowed_hosts, local_root=s.local_root,
             max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels))
         self.projects: dict[str, dict] = {}
-        try:
-            self.store: AnnotationStore | None = AnnotationStore(os.path.join(s.model_dir, "annotations.db"))
-        except (OSError, sqlite3.Error) as e:
-            self._storage_failed(e)
-            self.store = None
         self.registry = Registry(s.model_dir)
         self.pool = ModelPool(s, self.registry)
-        self.jobs: dict[str, subprocess.Popen] = {}
+        self.webhooks = Webhooks(s, self.registry, self.fetcher, forget_task=self._forget_task,
+                                 known_config=lambda p: self.projects.get(p, {}).get("label_config"))
         self._request = threading.local()  # per-thread timings of the last predict()
 
     # -- the model pool (ihp_backend.model_pool) ----------------------------------------------
@@ -160,10 +124,7 @@ class IHPModel:
             if not isinstance(v, str):
                 raise RequestError(f"'{name}' must be a string")
         if label_config:
-            try:
-                _setup_of(label_config)
-            except LabelConfigError as e:
-                raise RequestError(str(e)) from None
+            setup_of(label_config)
         self.projects[project_key(project)] = {"label_config": label_config, "hostname": hostname}
         if hostname and not self.fetcher.s.ls_url:
             self.fetcher.s.ls_url = hostname.rstrip("/")
@@ -179,10 +140,7 @@ class IHPModel:
             label_config = self.projects.get(project_key(project), {}).get("label_config")
         if not label_config:
             raise RequestError("no label_config in the request and no /setup for this project")
-        try:
-            setup = _setup_of(label_config)
-        except LabelConfigError as e:
-            raise RequestError(str(e)) from None
+        setup = setup_of(label_config)
         if context is not None and not isinstance(context, dict):
             raise RequestError("'params.context' must be an object or null")
         self._request.timings = {}
@@ -245,7 +203,7 @@ class IHPModel:
             if not clicks:
                 self._forget_prev(project, task["id"])
                 return self._empty(parser)
-        url = _image_url(task, setup.image_key)
+        url = image_url(task, setup.image_key)
         if not url:
             raise RequestError(f"task {task['id']} has no image in data[{setup.image_key!r}]")
         t0 = time.perf_counter()
@@ -304,151 +262,36 @@ class IHPModel:
     def _forget_prev(self, project, task):
         self.predictions.drop((project_key(project), str(task)))
 
+    def _forget_task(self, project, task):
+        """The task's annotation is final: drop its click history and previous predictions."""
+        self.history.clear(project, task)
+        self._forget_prev(project, task)
+
     def _storage_failed(self, e: Exception) -> None:
-        self.state_error = (f"MODEL_DIR {self.settings.model_dir!r} cannot be written ({type(e).__name__}: {e}); "
-                            f"serving continues with click history in memory per worker; annotations "
-                            f"are not stored")
-        log.error(self.state_error)
+        self.history_error = (f"MODEL_DIR {self.settings.model_dir!r} cannot be written ({type(e).__name__}: {e}); "
+                              f"serving continues with click history in memory per worker")
+        log.error(self.history_error)
 
-    def _require_store(self) -> AnnotationStore:
-        if self.store is None:
-            raise RequestError(self.state_error or "annotation store unavailable", status=507)
-        return self.store
-
-    # -- fit: webhooks -> stored samples -> background training ------------------------------
+    # -- fit: webhooks -> stored samples -> fit runs (ihp_backend.webhooks) ------------------
     def fit(self, event: str, data: dict, **kw) -> dict:
-        """Record a Label Studio webhook event (answers well within LS's 1 s).
-
-        ANNOTATION_CREATED / UPDATED: the annotation (raw result) and the task image are stored
-        durably before returning, and the task's click history is cleared; ANNOTATION_DELETED
-        removes the sample; START_TRAINING requests a run. A training job is started in the
-        background when one is due (START_TRAINING, or IHP_TRAIN_EVERY new samples)."""
-        project_obj = data.get("project") if isinstance(data.get("project"), dict) else {}
-        project = project_key(data.get("project"))
-        ann = data.get("annotation") if isinstance(data.get("annotation"), dict) else {}
-        task = data.get("task") if isinstance(data.get("task"), dict) else {}
-        task_id = task.get("id", ann.get("task"))
-        if event in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED") and task_id is not None:
-            try:
-                self.history.clear(project, task_id)
-                self._forget_prev(project, task_id)
-            except SharedStateUnavailable as e:  # Label Studio retries a failed webhook
-                raise RequestError(f"{e}; send the webhook again", status=503) from None
-        if event in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
-            return self._store_annotation(event, project, project_obj, ann, task, task_id)
-        if event == "ANNOTATION_DELETED":
-            if ann.get("id") is None:
-                raise RequestError("ANNOTATION_DELETED needs annotation.id")
-            removed = self._store_call(lambda st: st.delete(project, ann["id"]))
-            return {"event": event, "removed": removed}
-        if event == "START_TRAINING":
-            if not project:
-                raise RequestError("START_TRAINING needs project.id")
-            cfg = project_obj.get("label_config")
-            if cfg:
-                self._check_config(cfg)
-            self._store_call(lambda st: st.request_training(project, cfg))
-            return {"event": event, "training": self.maybe_start_training(project)}
-        return {"event": event, "ignored": True}
-
-    def _store_call(self, fn):
-        st = self._require_store()
-        try:
-            return fn(st)
-        except (sqlite3.ProgrammingError, sqlite3.InterfaceError) as e:
-            # a payload value SQLite cannot bind (a list, a dict): the request is wrong, not the disk
-            raise RequestError(f"the payload holds a value that cannot be stored: {e}") from None
-        except (OSError, sqlite3.Error) as e:
-            if is_transient(e):
-                raise RequestError("annotation store is busy; Label Studio will retry", status=503) from None
-            self._storage_failed(e)
-            raise RequestError(self.state_error, status=507) from None
-
-    @staticmethod
-    def _check_config(cfg: str) -> LabelSetup:
-        try:
-            return _setup_of(cfg)
-        except LabelConfigError as e:
-            raise RequestError(str(e)) from None
-
-    def _store_annotation(self, event, project, project_obj, ann, task, task_id) -> dict:
-        if not project or task_id is None or ann.get("id") is None:
-            raise RequestError(f"{event} needs project.id, task.id and annotation.id")
-        if ann.get("was_cancelled"):
-            return {"event": event, "stored": False, "reason": "cancelled/skipped annotation"}
-        cfg = project_obj.get("label_config") or self._store_call(lambda st: st.project_config(project)) or \
-            self.projects.get(project, {}).get("label_config")
-        if not cfg:
-            raise RequestError("no label_config: the webhook's project has none and the project was never set up")
-        setup = self._check_config(cfg)
-        result = ann.get("result")
-        if not isinstance(result, list):
-            raise RequestError("annotation.result must be a list")
-        undecodable = None
-        try:
-            brush, regions = resolve_brush_regions(result, setup)
-        except (ValueError, KeyError, TypeError, IndexError) as e:
-            # kept as sent (the training data loader skips it), as before overlap resolution
-            brush = [r for r in result if isinstance(r, dict) and r.get("type") == "brushlabels"]
-            regions = {"regions_in": len(brush), "regions": len(brush), "overlap_pixels": 0}
-            undecodable = f"brush regions cannot be decoded ({type(e).__name__}: {e}); stored as sent, never trained on"
-        url = _image_url(task, setup.image_key)
-        image, err = None, None
-        if brush and url:
-            try:
-                image = self.fetcher.fetch_bytes(url)
-            except ImageFetchError as e:
-                err = str(e)
-        self._store_call(lambda st: st.put(project, ann["id"], task_id, cfg, brush, url, image))
-        out = {"event": event, "stored": True, "regions": len(brush), "image": image is not None, **regions}
-        warnings = []
-        if regions["overlap_pixels"] or regions["regions"] != regions["regions_in"]:
-            warnings.append(f"{regions['regions_in']} brush regions stored as {regions['regions']} (one per label); "
-                            f"{regions['overlap_pixels']} pixels claimed by several labels went to the later region")
-            log.warning("project %s task %s: %s", project, task_id, warnings[-1])
-        if undecodable:
-            warnings.append(undecodable)
-        if err:
-            warnings.append(f"image not fetched, sample cannot be trained on: {err}")
-        if warnings:
-            out["warning"] = "; ".join(warnings)
-        out["training"] = self.maybe_start_training(project)
-        return out
+        """Record a Label Studio webhook event (``Webhooks.handle``)."""
+        return self.webhooks.handle(event, data)
 
     def maybe_start_training(self, project) -> str:
-        """Start the fine-tuning job for a project if one is due and none runs."""
-        p = project_key(project)
-        try:
-            lock = os.path.join(self.registry.project_dir(p), "train.lock")
-        except ValueError:
-            return "invalid-project"
-        if self.store is None or self.store.pending(p, self.settings.train_every) is None:
-            return "not-due"
-        if is_locked(lock):
-            return "running"  # the running job picks the new request up when it finishes
-        old = self.jobs.get(p)
-        if old is not None and old.poll() is None:
-            return "running"
-        log_path = os.path.join(self.registry.project_dir(p), "job.log")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        cmd = [sys.executable, "-m", "ihp_backend.fit_job", "--model-dir", os.path.abspath(self.settings.model_dir),
-               "--project", p, "--default-checkpoint", os.path.abspath(self.settings.checkpoint),
-               "--every", str(self.settings.train_every)]
-        with open(log_path, "ab") as logf:
-            self.jobs[p] = subprocess.Popen(cmd, cwd=root, stdout=logf, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
-        log.info("started training job for project %s (pid %d)", p, self.jobs[p].pid)
-        return "started"
+        return self.webhooks.maybe_start_training(project)
 
     def status(self) -> dict:
-        """Per project: samples stored, the job's state and progress, the serving version."""
-        out = {}
-        counts = self.store.counts() if self.store is not None else {}
-        for p in sorted(set(counts) | set(self.registry.projects())):
-            try:
-                serving = self.registry.serving(p)
-                out[p] = {**counts.get(p, {}), "job": self.registry.job(p),
-                          "serving": None if not serving else {k: serving[k] for k in ("version", "promoted", "metrics")}}
-            except ValueError:
-                continue
-        return out
+        return self.webhooks.status()
+
+    @property
+    def store(self):
+        return self.webhooks.store
+
+    @property
+    def jobs(self) -> dict:
+        """This worker's fit child processes per project (the local launcher)."""
+        return self.webhooks.jobs.procs
+
+    @property
+    def state_error(self) -> str | None:
+        return self.history_error or self.webhooks.state_error

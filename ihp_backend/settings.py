@@ -86,6 +86,8 @@ class Settings:
     zoom: bool = False  # run the network on the region around the clicks only (IHP_ZOOM)
     unclaimed_bias: float = 0.0  # added to the unclaimed logit (IHP_UNCLAIMED_BIAS)
     redis_url: str = ""  # IHP_REDIS_URL: click history and previous predictions in Redis
+    database_url: str = field(default="", repr=False)  # IHP_DATABASE_URL: annotations, requests, versions in PostgreSQL
+    fit_queue: str = ""  # IHP_FIT_QUEUE: fit runs as RQ jobs on this queue of IHP_REDIS_URL ("" = a local process)
     # HTTP side (_wsgi)
     max_body_bytes: int = 20 * 1024 * 1024  # IHP_MAX_BODY_BYTES
     basic_auth_user: str = ""  # IHP_BASIC_AUTH_USER
@@ -140,6 +142,8 @@ class Settings:
             zero_click=bool(_int("IHP_ZERO_CLICK", 1)),
             fill_known=bool(_int("IHP_FILL_KNOWN", 0)),
             redis_url=os.environ.get("IHP_REDIS_URL", "").strip(),
+            database_url=os.environ.get("IHP_DATABASE_URL", "").strip(),
+            fit_queue=os.environ.get("IHP_FIT_QUEUE", "").strip(),
             max_body_bytes=_int("IHP_MAX_BODY_BYTES", 20 * 1024 * 1024),
             basic_auth_user=os.environ.get("IHP_BASIC_AUTH_USER", ""),
             basic_auth_pass=os.environ.get("IHP_BASIC_AUTH_PASS", ""),

@@ -98,3 +98,36 @@ def image_server():
     t.start()
     yield {"url": f"http://127.0.0.1:{srv.server_address[1]}", "handler": handler}
     srv.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One PostgreSQL server for the session (tests.services.Postgres), stopped by PID."""
+    from tests.services import PG_BIN, Postgres
+    from tests.test_gunicorn import free_port
+    if PG_BIN is None:
+        pytest.skip("PostgreSQL not installed (.ci/run installs Debian's postgresql)")
+    pg = Postgres(free_port()).start()
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture()
+def database_url(request, postgres_server):
+    """A fresh, empty database on the session's PostgreSQL server."""
+    import uuid
+
+    import psycopg
+    name = "t_" + uuid.uuid4().hex[:12]
+    admin = postgres_server.url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    yield postgres_server.url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_backend(request):
+    """The annotation store's two implementations: '' (SQLite in MODEL_DIR) or a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return ""
+    return request.getfixturevalue("database_url")

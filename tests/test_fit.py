@@ -44,8 +44,10 @@ def webhook_body(action, project, task, ann, seed=0, cancelled=False, labels_ove
 
 
 @pytest.fixture()
-def app_model(tmp_path, tiny_checkpoint):
-    m = IHPModel(Settings(model_dir=str(tmp_path / "md"), checkpoint=tiny_checkpoint, train_every=1000))
+def app_model(tmp_path, tiny_checkpoint, store_backend):
+    """The backend with its annotation store in SQLite and, again, in PostgreSQL."""
+    m = IHPModel(Settings(model_dir=str(tmp_path / "md"), checkpoint=tiny_checkpoint, train_every=1000,
+                          database_url=store_backend))
     m.load()
     return create_app(m, load=False).test_client(), m
 
@@ -120,7 +122,8 @@ def test_run_once_trains_evaluates_and_records_a_version(app_model, tiny_checkpo
                    standard=0.85, status=statuses.append,
                    overrides={"sample": {"crop": [96, 128], "base_scale": 0.5, "scale_range": [0.9, 1.1],
                                          "binding": "fixed", "strategy": "central", "min_area": 4},
-                              "iterative": {"enabled": False}, "batch_size": 2, "input_size": 128})
+                              "iterative": {"enabled": False}, "batch_size": 2, "input_size": 128},
+                   database_url=m.settings.database_url)
     assert res["status"] == "done", res
     vs = m.registry.versions("7")
     assert len(vs) == 1 and vs[0]["version"] == res["version"]

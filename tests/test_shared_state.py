@@ -18,31 +18,9 @@ from ihp_backend.settings import DEFAULT_CHECKPOINT
 from ihp_backend.shared_state import MemoryPredictions, RedisHistory, RedisPredictions, resolved
 from tests.test_gunicorn import free_port, start_gunicorn, stop
 from tests.test_http import click_body
+from tests.services import REDIS, start_redis, stop_redis
 
-REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server not installed (.ci/run installs Debian's)")
-
-
-def start_redis(tmp_path, port: int) -> subprocess.Popen:
-    d = tmp_path / f"redis_{port}"
-    d.mkdir(exist_ok=True)
-    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-    r = redis.Redis(port=port, socket_connect_timeout=0.5)
-    for _ in range(100):
-        try:
-            if r.ping():
-                return proc
-        except redis.exceptions.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("redis-server did not start")
-
-
-def stop_redis(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture()

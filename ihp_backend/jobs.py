@@ -1,0 +1,161 @@
+"""Where fit runs happen: a child process of this worker (the embedded default) or a job on an
+RQ queue (``IHP_FIT_QUEUE`` on ``IHP_REDIS_URL``) that ``python -m ihp_backend.worker`` runs on
+any machine, e.g. the GPU box.
+
+One run per project at a time across the cluster: the run holds ``project_run_lock`` (a
+PostgreSQL advisory lock with ``IHP_DATABASE_URL``, else a lock file in the project's registry
+directory); the lock dies with its process, so a killed run never blocks the next. A run
+consumes only the training requests it covered, so a killed run's requests stay pending and
+the next ``start`` (a webhook, a replica's start, the worker's sweep) runs them again.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+
+from .locks import project_lock
+
+log = logging.getLogger("ihp_backend")
+
+FIT_JOB_TIMEOUT = 6 * 3600  # seconds an RQ fit job may run
+
+
+def _lock_key(project: str) -> int:
+    """A signed 64-bit advisory-lock key per project."""
+    return int.from_bytes(hashlib.sha256(f"ihp-fit:{project}".encode()).digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def project_run_lock(settings, registry, project: str):
+    """Yields True when this process now holds the project's run lock, False when another does."""
+    if settings.database_url:
+        import psycopg
+        db = psycopg.connect(settings.database_url, autocommit=True)
+        try:
+            got = db.execute("SELECT pg_try_advisory_lock(%s)", (_lock_key(project),)).fetchone()[0]
+            yield bool(got)
+        finally:
+            db.close()  # releases the session's advisory lock
+    else:
+        with project_lock(os.path.join(registry.project_dir(project), "train.lock")) as got:
+            yield got
+
+
+def run_locked(settings, registry, project: str) -> bool:
+    with project_run_lock(settings, registry, project) as got:
+        return not got
+
+
+def fit_command(settings, project: str) -> list[str]:
+    return [sys.executable, "-m", "ihp_backend.fit_job", "--model-dir", os.path.abspath(settings.model_dir),
+            "--project", project, "--default-checkpoint", os.path.abspath(settings.checkpoint),
+            "--every", str(settings.train_every)]
+
+
+class LocalJobs:
+    """A fit run is a child process of this worker (``ihp_backend.fit_job``)."""
+
+    def __init__(self, settings, registry):
+        self.settings, self.registry = settings, registry
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, project: str) -> str:
+        if run_locked(self.settings, self.registry, project):
+            return "running"  # the running job picks the new request up when it finishes
+        old = self.procs.get(project)
+        if old is not None and old.poll() is None:
+            return "running"
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(self.registry.project_dir(project), "job.log"), "ab") as logf:
+            self.procs[project] = subprocess.Popen(fit_command(self.settings, project), cwd=root, stdout=logf,
+                                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                   start_new_session=True)
+        log.info("started training job for project %s (pid %d)", project, self.procs[project].pid)
+        return "started"
+
+
+class QueueJobs:
+    """A fit run is an RQ job (``run_queued_fit``) on ``settings.fit_queue``; at most one queued
+    or running per project (a short Redis lock guards the enqueue against other replicas)."""
+
+    STALE_START = 30.0  # a STARTED job without the run lock for this long died with its worker
+
+    def __init__(self, settings, registry):
+        import redis
+        from rq import Queue
+        self.settings, self.registry = settings, registry
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        self.queue = Queue(settings.fit_queue, connection=self.redis)
+        self.procs: dict = {}  # (the local launcher's; none here)
+
+    def _current_key(self, project: str) -> str:
+        return f"ihp:fit:{self.settings.fit_queue}:current:{project}"
+
+    def current_job(self, project: str):
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job
+        jid = self.redis.get(self._current_key(project))
+        if not jid:
+            return None
+        try:
+            return Job.fetch(jid.decode(), connection=self.redis)
+        except NoSuchJobError:
+            return None
+
+    def _alive(self, job, project: str) -> bool:
+        status = job.get_status(refresh=True)
+        if status in ("queued", "deferred", "scheduled"):
+            return True
+        if status == "started":
+            if run_locked(self.settings, self.registry, project):
+                return True
+            started = job.started_at.timestamp() if job.started_at else 0.0
+            return time.time() - started < self.STALE_START  # picking the lock up, or dead
+        return False
+
+    def start(self, project: str) -> str:
+        import redis
+        from rq import Retry
+        try:
+            if run_locked(self.settings, self.registry, project):
+                return "running"
+            guard = f"ihp:fit:{self.settings.fit_queue}:enqueue:{project}"
+            if not self.redis.set(guard, "1", nx=True, ex=10):
+                return "queued"  # another replica is enqueueing it now
+            try:
+                job = self.current_job(project)
+                if job is not None and self._alive(job, project):
+                    return "queued" if job.get_status() != "started" else "running"
+                job = self.queue.enqueue("ihp_backend.jobs.run_queued_fit", project,
+                                         job_id=f"ihp-fit-{project}-{uuid.uuid4().hex[:12]}",
+                                         job_timeout=FIT_JOB_TIMEOUT, retry=Retry(max=3, interval=5),
+                                         result_ttl=7 * 24 * 3600, failure_ttl=7 * 24 * 3600)
+                self.redis.set(self._current_key(project), job.id)
+            finally:
+                self.redis.delete(guard)
+        except redis.exceptions.RedisError as e:
+            log.warning("could not enqueue the fit run of project %s: %s", project, e)
+            return "queue-unavailable"
+        log.info("queued fit run %s for project %s on %s", job.id, project, self.settings.fit_queue)
+        return "queued"
+
+
+def open_jobs(settings, registry):
+    if settings.fit_queue:
+        if not settings.redis_url:
+            raise ValueError("IHP_FIT_QUEUE needs IHP_REDIS_URL (the queue lives in Redis)")
+        return QueueJobs(settings, registry)
+    return LocalJobs(settings, registry)
+
+
+def run_queued_fit(project: str) -> list[dict]:
+    """The RQ job: the fit runs a worker process does for one project (settings from its env)."""
+    from .fit_job import fit_project
+    from .settings import Settings
+    return fit_project(Settings.from_env(), project)

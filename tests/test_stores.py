@@ -1,0 +1,91 @@
+"""The annotation store's one interface, two implementations (SQLite in MODEL_DIR, PostgreSQL
+with IHP_DATABASE_URL): the same behaviour, asserted on both."""
+import threading
+
+import numpy as np
+import pytest
+
+from ihp_backend.annotations import StoreBusy, StoreValueError, open_annotation_store
+from ihp_backend.core.ls_format import interactive_label_config, mask_to_rle
+
+NAMES = ["Background", "Hair", "Face"]
+CONFIG = interactive_label_config(NAMES)
+
+
+def brush(mask, label):
+    h, w = mask.shape
+    return {"from_name": "mask", "to_name": "image", "type": "brushlabels", "original_width": w,
+            "original_height": h, "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}}
+
+
+@pytest.fixture()
+def store(tmp_path, store_backend):
+    return open_annotation_store(store_backend, str(tmp_path / "md"))
+
+
+def test_put_replace_delete_and_training_tickets(store):
+    m = np.zeros((20, 30), bool)
+    m[2:8, 3:9] = True
+    png = b"\x89PNG fake"
+    store.put(3, 1, 10, CONFIG, [brush(m, "Hair")], "http://x/1.png", png)
+    store.put(3, 2, 11, CONFIG, [brush(~m, "Face")], None, None)
+    assert store.counts()["3"]["samples"] == 2 and store.counts()["3"]["new_since_training"] == 2
+    assert store.pending(3, every=3) is None and store.pending(3, every=2) == (2, 0)
+    store.put(3, 1, 10, CONFIG, [brush(~m, "Hair")], "http://x/1.png", png)  # an update replaces it
+    assert store.counts()["3"]["samples"] == 2
+    assert store.decode_pending(3) == 2
+    assert store.decode_pending(3) == 0  # decoded once
+    ticket = store.pending(3, every=2)
+    assert ticket == (3, 0)
+    store.request_training(3)
+    store.put(3, 3, 12, CONFIG, [brush(m, "Face")], None, None)  # arrives during the run
+    store.consume(3, ticket)
+    assert store.pending(3, every=100) == (1, 1)  # what came during the run stays pending
+    store.consume(3, (1, 1))
+    assert store.pending(3, every=1) is None
+    assert store.delete(3, 2) is True and store.delete(3, 2) is False
+    assert store.counts(3)["3"]["samples"] == 2
+    assert store.project_config(3) == CONFIG and store.project_config(99) is None
+
+
+def test_samples_decode_labels_and_join_images(store):
+    from tests.conftest import person_image, png_bytes
+    img, lab = person_image(h=40, w=60)
+    hair = lab == 1
+    store.put(4, 7, 70, CONFIG, [brush(hair, "Hair")], "u", png_bytes(img))
+    store.put(4, 8, 71, CONFIG, [], "u", None)  # no brush region and no image: never a sample
+    store.decode_pending()
+    (s,) = store.samples(4)
+    assert s["classes"] == NAMES and s["image"].shape == (40, 60, 3)
+    assert np.array_equal(s["labels"], np.where(hair, 1, 255))
+    assert store.counts()["4"]["invalid"] == 1
+
+
+def test_a_value_the_database_cannot_hold_is_a_value_error(store):
+    with pytest.raises(StoreValueError):
+        store.put(5, 1, {"not": "an id"}, {"a": 1}, [], None, None)
+
+
+def test_concurrent_webhooks_count_exactly(store):
+    def worker(k):
+        for i in range(10):
+            store.put(6, f"{k}-{i}", i, CONFIG, [], None, None)
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    c = store.counts()["6"]
+    assert c["samples"] == 60 and c["new_since_training"] == 60
+
+
+def test_postgres_down_is_busy_then_recovers(postgres_server, database_url):
+    store = open_annotation_store(database_url, "/nonexistent")
+    store.request_training(9)
+    postgres_server.stop(keep=True)
+    try:
+        with pytest.raises(StoreBusy):
+            store.pending(9, 1)
+    finally:
+        postgres_server.start()
+    assert store.pending(9, 1) == (0, 1)
