@@ -58,37 +58,46 @@ def run_once(model_dir: str, project: str, default_checkpoint: str, steps: int, 
             "parent": parent.get("model_version")}
 
 
-def fit_project(settings: Settings, project: str, max_corrections: int = 5, standard: float = 0.85) -> list[dict]:
-    """Every fit run due for ``project`` (until nothing is pending), under the project's run
-    lock; returns their results ([{"status": "busy"}] when another process holds the lock)."""
+def run_pending(settings: Settings, project: str, max_corrections: int = 5, standard: float = 0.85) -> list[dict]:
+    """Every fit run due for ``project`` now, one after the other. The caller holds the
+    project's run lock (``jobs.project_run_lock``)."""
     torch.set_num_threads(settings.fit_threads)
     reg = Registry(settings.model_dir)
     store = open_annotation_store(settings.database_url, settings.model_dir)
     checkpoint = settings.checkpoint or DEFAULT_CHECKPOINT
     results = []
     while True:
+        ticket = store.pending(project, settings.train_every)
+        if ticket is None:
+            return results
+        t0 = time.time()
+        try:
+            res = run_once(settings.model_dir, project, checkpoint, settings.fit_steps, settings.fit_holdout,
+                           max_corrections, standard,
+                           lambda st: reg.write_job(project, {**st, "pid": os.getpid(), "started": t0}),
+                           database_url=settings.database_url)
+        except Exception as e:  # recorded for /health; the request stays pending for a retry
+            reg.write_job(project, {"phase": "failed", "error": f"{type(e).__name__}: {e}",
+                                    "trace": traceback.format_exc()[-2000:], "finished": time.time()})
+            raise
+        res["seconds"] = round(time.time() - t0, 1)
+        store.consume(project, ticket)
+        reg.write_job(project, {"phase": "idle", "last": res, "finished": time.time()})
+        print(json.dumps(res), flush=True)
+        results.append(res)
+
+
+def fit_project(settings: Settings, project: str, max_corrections: int = 5, standard: float = 0.85) -> list[dict]:
+    """``run_pending`` under the project's run lock, until nothing is pending; returns the
+    runs' results ([{"status": "busy"}] when another process holds the lock)."""
+    reg = Registry(settings.model_dir)
+    store = open_annotation_store(settings.database_url, settings.model_dir)
+    results = []
+    while True:
         with project_run_lock(settings, reg, project) as got:
             if not got:
                 return results or [{"status": "busy", "project": project}]
-            while True:
-                ticket = store.pending(project, settings.train_every)
-                if ticket is None:
-                    break
-                t0 = time.time()
-                try:
-                    res = run_once(settings.model_dir, project, checkpoint, settings.fit_steps, settings.fit_holdout,
-                                   max_corrections, standard,
-                                   lambda st: reg.write_job(project, {**st, "pid": os.getpid(), "started": t0}),
-                                   database_url=settings.database_url)
-                except Exception as e:  # recorded for /health; the request stays pending for a retry
-                    reg.write_job(project, {"phase": "failed", "error": f"{type(e).__name__}: {e}",
-                                            "trace": traceback.format_exc()[-2000:], "finished": time.time()})
-                    raise
-                res["seconds"] = round(time.time() - t0, 1)
-                store.consume(project, ticket)
-                reg.write_job(project, {"phase": "idle", "last": res, "finished": time.time()})
-                print(json.dumps(res), flush=True)
-                results.append(res)
+            results += run_pending(settings, project, max_corrections, standard)
         # an event may have arrived between the last check and the unlock: look once more
         if store.pending(project, settings.train_every) is None:
             return results

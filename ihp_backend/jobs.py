@@ -84,7 +84,7 @@ class QueueJobs:
     """A fit run is an RQ job (``run_queued_fit``) on ``settings.fit_queue``; at most one queued
     or running per project (a short Redis lock guards the enqueue against other replicas)."""
 
-    STALE_START = 30.0  # a STARTED job without the run lock for this long died with its worker
+    STALE_START = 10.0  # a STARTED job without the run lock for this long died with its worker
 
     def __init__(self, settings, registry):
         import redis
@@ -134,7 +134,7 @@ class QueueJobs:
                     return "queued" if job.get_status() != "started" else "running"
                 job = self.queue.enqueue("ihp_backend.jobs.run_queued_fit", project,
                                          job_id=f"ihp-fit-{project}-{uuid.uuid4().hex[:12]}",
-                                         job_timeout=FIT_JOB_TIMEOUT, retry=Retry(max=3, interval=5),
+                                         job_timeout=FIT_JOB_TIMEOUT, retry=Retry(max=3),
                                          result_ttl=7 * 24 * 3600, failure_ttl=7 * 24 * 3600)
                 self.redis.set(self._current_key(project), job.id)
             finally:
@@ -155,7 +155,14 @@ def open_jobs(settings, registry):
 
 
 def run_queued_fit(project: str) -> list[dict]:
-    """The RQ job: the fit runs a worker process does for one project (settings from its env)."""
-    from .fit_job import fit_project
+    """The RQ job: the fit runs due for one project (settings from the worker's environment).
+    The run lock is taken first thing, so that a replica sees the job running from its start."""
+    from .registry import Registry
     from .settings import Settings
-    return fit_project(Settings.from_env(), project)
+    settings = Settings.from_env()
+    with project_run_lock(settings, Registry(settings.model_dir), project) as got:
+        if not got:
+            return [{"status": "busy", "project": project}]
+        from .fit_job import fit_project, run_pending
+        results = run_pending(settings, project)
+    return results + [r for r in fit_project(settings, project) if r.get("status") != "busy"]
