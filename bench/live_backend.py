@@ -1,7 +1,9 @@
-"""A live gunicorn on a free 127.0.0.1 port, for the tests and the benchmarks (one launcher)."""
+"""A live gunicorn on a free 127.0.0.1 port, and a redis-server beside it, for the tests and the
+benchmarks (one launcher each)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 import requests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REDIS = shutil.which("redis-server")
 
 
 def free_port() -> int:
@@ -60,3 +63,26 @@ def stop(proc) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+def start_redis(tmp_path, port: int) -> subprocess.Popen:
+    """redis-server on 127.0.0.1:``port``, no persistence, its directory under ``tmp_path``."""
+    d = os.path.join(str(tmp_path), f"redis_{port}")
+    os.makedirs(d, exist_ok=True)
+    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+    r = redis.Redis(port=port, socket_connect_timeout=0.5)
+    for _ in range(100):
+        try:
+            if r.ping():
+                return proc
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("redis-server did not start")
+
+
+def stop_redis(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(10)

@@ -8,7 +8,7 @@ import tempfile
 import subprocess
 import time
 
-REDIS = shutil.which("redis-server")
+from bench.live_backend import REDIS, start_redis, stop_redis  # noqa: F401 (one launcher)
 
 
 def _pg_bin():
@@ -20,29 +20,6 @@ def _pg_bin():
 
 
 PG_BIN = _pg_bin()
-
-
-def start_redis(tmp_path, port: int) -> subprocess.Popen:
-    d = tmp_path / f"redis_{port}"
-    d.mkdir(exist_ok=True)
-    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-    r = redis.Redis(port=port, socket_connect_timeout=0.5)
-    for _ in range(100):
-        try:
-            if r.ping():
-                return proc
-        except redis.exceptions.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("redis-server did not start")
-
-
-def stop_redis(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    proc.wait(10)
-
 
 
 class Postgres:

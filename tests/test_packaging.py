@@ -63,3 +63,24 @@ def test_gunicorn_conf_takes_the_default_workers(monkeypatch):
     assert conf["workers"] == settings.default_workers()
     monkeypatch.setenv("IHP_WORKERS", "3")
     assert runpy.run_path(os.path.join(ROOT, "gunicorn.conf.py"))["workers"] == 3
+
+
+def test_team_compose_wires_replicas_proxy_worker_and_services():
+    """docker-compose.team.yml (no Docker engine here): the topology tests/test_team.py runs
+    from processes."""
+    c = yaml.safe_load(open(os.path.join(ROOT, "docker-compose.team.yml")))
+    s = c["services"]
+    assert {"postgres", "redis", "label-studio", "ihp-a", "ihp-b", "ihp-proxy", "ihp-worker"} <= set(s)
+    envs = [s[n]["environment"] for n in ("ihp-a", "ihp-b", "ihp-worker")]
+    for key in ("IHP_REDIS_URL", "IHP_DATABASE_URL", "IHP_FIT_QUEUE", "IHP_PRECISION"):
+        assert len({e[key] for e in envs}) == 1, key  # every replica and the worker share them
+    assert envs[0]["IHP_PRECISION"] != "auto" and envs[0]["IHP_DATABASE_URL"].startswith("postgresql://")
+    assert all(s[n]["volumes"][0].startswith("ihp-model-dir:") for n in ("ihp-a", "ihp-b", "ihp-worker"))
+    assert s["ihp-worker"]["command"][-2:] == ["-m", "ihp_backend.worker"]
+    assert s["label-studio"]["image"].endswith(":1.23.2") and s["label-studio"]["environment"]["POSTGRE_HOST"] == "postgres"
+    caddy = open(os.path.join(ROOT, "deploy", "Caddyfile")).read()
+    assert "ihp-a:9090" in caddy and "ihp-b:9090" in caddy
+    from ihp_backend.settings import Settings
+    import dataclasses
+    known = {f.name for f in dataclasses.fields(Settings)}
+    assert {"redis_url", "database_url", "fit_queue"} <= known
