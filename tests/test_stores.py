@@ -89,3 +89,25 @@ def test_postgres_down_is_busy_then_recovers(postgres_server, database_url):
     finally:
         postgres_server.start()
     assert store.pending(9, 1) == (0, 1)
+
+
+def test_webhook_while_postgres_is_down_is_a_503_then_stored(tmp_path, tiny_checkpoint, postgres_server, database_url):
+    from ihp_backend._wsgi import create_app
+    from ihp_backend.model import IHPModel
+    from ihp_backend.settings import Settings
+    from tests.test_fit import webhook_body
+    m = IHPModel(Settings(model_dir=str(tmp_path / "md"), checkpoint=tiny_checkpoint, train_every=1000,
+                          database_url=database_url))
+    m.load()
+    client = create_app(m, load=False).test_client()
+    body, _ = webhook_body("ANNOTATION_CREATED", 3, 1, 1)
+    postgres_server.stop(keep=True)
+    try:
+        r = client.post("/webhook", json=body)
+        assert r.status_code == 503 and "retry" in r.get_json()["error"], r.get_json()
+        assert client.get("/health").status_code == 200  # serving goes on
+    finally:
+        postgres_server.start()
+    r = client.post("/webhook", json=body)  # Label Studio's retry
+    assert r.status_code == 201 and r.get_json()["stored"]
+    assert m.store.counts()["3"]["samples"] == 1
