@@ -148,10 +148,11 @@ def same_masks_on_every_replica(urls, cfg, w, h, n_clicks: int = 6) -> bool:
     rng = np.random.default_rng(123)
     pts = [(float(rng.uniform(30, 70)), float(rng.uniform(10, 90))) for _ in range(n_clicks)]
     answers = []
-    for task, route in ((900001, [urls[0]] * n_clicks), (900002, [urls[i % len(urls)] for i in range(n_clicks)])):
+    # task ids no load client uses (clients use i * 100000 + n), in a project of their own
+    for task, route in ((10**9 + 1, [urls[0]] * n_clicks), (10**9 + 2, [urls[i % len(urls)] for i in range(n_clicks)])):
         seq = []
         for (x, y), lab, u in zip(pts, labels, route):
-            body = click_body(task, "/data/local-files/?d=photo.jpg", cfg, w, h, x, y, lab, "load.2")
+            body = click_body(task, "/data/local-files/?d=photo.jpg", cfg, w, h, x, y, lab, "identity.1")
             r = requests.post(u + "/predict", json=body, timeout=30)
             r.raise_for_status()
             seq.append([(x["value"].get("brushlabels"), x["value"].get("rle")) for x in r.json()["results"][0]["result"]
