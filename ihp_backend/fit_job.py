@@ -29,7 +29,7 @@ from .annotations import open_annotation_store
 from .core.checkpoint import read_checkpoint
 from .core.ls_format import parse_label_config
 from .jobs import project_run_lock
-from .registry import Registry
+from .registry import PostgresRegistry, Registry, open_registry
 from .settings import DEFAULT_CHECKPOINT, Settings
 
 
@@ -37,7 +37,7 @@ def run_once(model_dir: str, project: str, default_checkpoint: str, steps: int, 
              max_corrections: int, standard: float, status, overrides: dict | None = None,
              database_url: str = "") -> dict:
     store = open_annotation_store(database_url, model_dir)
-    reg = Registry(model_dir)
+    reg = PostgresRegistry(model_dir, database_url) if database_url else Registry(model_dir)
     store.decode_pending(project)
     cfg_xml = store.project_config(project)
     if not cfg_xml:
@@ -62,7 +62,7 @@ def run_pending(settings: Settings, project: str, max_corrections: int = 5, stan
     """Every fit run due for ``project`` now, one after the other. The caller holds the
     project's run lock (``jobs.project_run_lock``)."""
     torch.set_num_threads(settings.fit_threads)
-    reg = Registry(settings.model_dir)
+    reg = open_registry(settings)
     store = open_annotation_store(settings.database_url, settings.model_dir)
     checkpoint = settings.checkpoint or DEFAULT_CHECKPOINT
     results = []
@@ -90,7 +90,7 @@ def run_pending(settings: Settings, project: str, max_corrections: int = 5, stan
 def fit_project(settings: Settings, project: str, max_corrections: int = 5, standard: float = 0.85) -> list[dict]:
     """``run_pending`` under the project's run lock, until nothing is pending; returns the
     runs' results ([{"status": "busy"}] when another process holds the lock)."""
-    reg = Registry(settings.model_dir)
+    reg = open_registry(settings)
     store = open_annotation_store(settings.database_url, settings.model_dir)
     results = []
     while True:

@@ -20,7 +20,7 @@ from .core.inference import Parser
 from .core.label_rules import allowed_slots, answered_labels, fill_channels, slot_names, zero_click_channels
 from .core.ls_format import ClickError, LabelSetup, brush_results, keypoints_to_clicks, validate_results
 from .errors import RequestError
-from .registry import Registry
+from .registry import open_registry
 from .model_pool import ModelPool
 from .settings import Settings
 from .shared_state import MemoryPredictions, RedisHistory, RedisPredictions, SharedStateUnavailable, resolved
@@ -73,7 +73,7 @@ class IHPModel:
             ls_url=s.ls_url, api_key=s.api_key, allowed_hosts=s.allowed_hosts, local_root=s.local_root,
             max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels))
         self.projects: dict[str, dict] = {}
-        self.registry = Registry(s.model_dir)
+        self.registry = open_registry(s)
         self.pool = ModelPool(s, self.registry)
         self.webhooks = Webhooks(s, self.registry, self.fetcher, forget_task=self._forget_task,
                                  known_config=lambda p: self.projects.get(p, {}).get("label_config"))

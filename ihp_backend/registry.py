@@ -5,17 +5,23 @@
     MODEL_DIR/projects/<project>/serving.json            the promoted version workers serve
     MODEL_DIR/projects/<project>/job.json                the training job's status / last result
 
+With ``IHP_DATABASE_URL`` the records are rows in PostgreSQL instead (``PostgresRegistry``);
+the checkpoint files stay here.
+
 Every file is written to a temporary name and renamed, so a reader (or a kill -9) never sees
 half a file; a worker switches when ``serving.json`` changes.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
 
 from .core.checkpoint import save_checkpoint, write_atomically
+
+log = logging.getLogger("ihp_backend")
 
 
 def _atomic_json(path: str, data: dict) -> None:
@@ -99,3 +105,100 @@ class Registry:
 
     def job(self, project: str) -> dict | None:
         return _read_json(os.path.join(self.project_dir(project, create=False), "job.json"))
+
+
+REGISTRY_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS versions (project TEXT NOT NULL, version TEXT NOT NULL, created DOUBLE PRECISION,"
+    " promoted BOOLEAN, metrics TEXT, parent TEXT, path TEXT, PRIMARY KEY (project, version))",
+    "CREATE TABLE IF NOT EXISTS serving (project TEXT PRIMARY KEY, version TEXT NOT NULL, path TEXT NOT NULL,"
+    " promoted DOUBLE PRECISION, metrics TEXT)",
+    "CREATE TABLE IF NOT EXISTS jobs (project TEXT PRIMARY KEY, status TEXT NOT NULL, updated DOUBLE PRECISION)",
+]
+
+
+class PostgresRegistry(Registry):
+    """The same registry with its records in PostgreSQL (``IHP_DATABASE_URL``): the versions,
+    the promoted one and the job status are rows; the checkpoint files stay under
+    ``MODEL_DIR/projects/<project>/versions/`` (a directory every replica and worker mounts).
+    Promotion is one transaction: the version row and the serving row together."""
+
+    def __init__(self, model_dir: str, url: str):
+        import psycopg
+        super().__init__(model_dir)
+        self._psycopg, self.url = psycopg, url
+        with self._db() as db:
+            with db.transaction():
+                db.execute("SELECT pg_advisory_xact_lock(72640002)")
+                for st in REGISTRY_SCHEMA:
+                    db.execute(st)
+
+    def _db(self):
+        return self._psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+
+    def _read(self, fn, default):
+        """A read that answers ``default`` while PostgreSQL is unreachable (serving goes on
+        with the version already loaded; /health stays up)."""
+        try:
+            with self._db() as db:
+                return fn(db)
+        except self._psycopg.OperationalError as e:
+            log.warning("version registry unreachable: %s", e)
+            return default
+
+    def projects(self) -> list[str]:
+        rows = self._read(lambda db: db.execute("SELECT project FROM versions UNION SELECT project FROM jobs")
+                          .fetchall(), [])
+        return sorted(r[0] for r in rows)
+
+    def new_version_name(self, project: str) -> str:
+        with self._db() as db:
+            n = db.execute("SELECT COUNT(*) FROM versions WHERE project=%s", (str(project),)).fetchone()[0]
+        return f"project{project}-v{n + 1}-{time.strftime('%Y%m%d%H%M%S')}"
+
+    def add_version(self, project: str, version: str, ckpt: dict, metrics: dict, promote: bool) -> str:
+        path = os.path.join(self.project_dir(project), "versions", version + ".pt")
+        save_checkpoint(ckpt, path)  # the file first: a row never names a missing file
+        now, m = time.time(), json.dumps(metrics, default=str)
+        with self._db() as db:
+            with db.transaction():
+                db.execute("INSERT INTO versions VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                           (str(project), version, now, promote, m, ckpt.get("training", {}).get("parent_version"), path))
+                if promote:
+                    db.execute("INSERT INTO serving VALUES (%s, %s, %s, %s, %s) ON CONFLICT (project) DO UPDATE SET "
+                               "version=excluded.version, path=excluded.path, promoted=excluded.promoted, "
+                               "metrics=excluded.metrics", (str(project), version, path, now, m))
+        return path
+
+    def serving(self, project: str) -> dict | None:
+        if not valid_project_id(project):
+            return None
+        row = self._read(lambda db: db.execute("SELECT version, path, promoted, metrics FROM serving WHERE "
+                                               "project=%s", (str(project),)).fetchone(), None)
+        if row and os.path.exists(row[1]):
+            return {"version": row[0], "path": row[1], "promoted": row[2], "metrics": json.loads(row[3])}
+        return None
+
+    def versions(self, project: str) -> list[dict]:
+        rows = self._read(lambda db: db.execute("SELECT version, created, promoted, metrics, parent FROM versions "
+                                                "WHERE project=%s ORDER BY created", (str(project),)).fetchall(), [])
+        return [{"version": v, "created": c, "promoted": p, "metrics": json.loads(m), "parent": par}
+                for v, c, p, m, par in rows]
+
+    def write_job(self, project: str, status: dict) -> None:
+        now = time.time()
+        with self._db() as db:
+            db.execute("INSERT INTO jobs VALUES (%s, %s, %s) ON CONFLICT (project) DO UPDATE SET "
+                       "status=excluded.status, updated=excluded.updated",
+                       (str(project), json.dumps({**status, "updated": now}, default=str), now))
+
+    def job(self, project: str) -> dict | None:
+        row = self._read(lambda db: db.execute("SELECT status FROM jobs WHERE project=%s",
+                                               (str(project),)).fetchone(), None)
+        return json.loads(row[0]) if row else None
+
+
+def open_registry(settings) -> Registry:
+    """PostgreSQL records with ``IHP_DATABASE_URL``, else JSON files; checkpoints in MODEL_DIR."""
+    if settings.database_url:
+        return PostgresRegistry(settings.model_dir, settings.database_url)
+    return Registry(settings.model_dir)

@@ -18,7 +18,7 @@ import threading
 
 from .annotations import StoreBusy, open_annotation_store
 from .jobs import QueueJobs
-from .registry import Registry
+from .registry import open_registry
 from .settings import Settings
 
 log = logging.getLogger("ihp_backend")
@@ -54,7 +54,7 @@ def main(argv=None):
     import redis
     from rq import Queue, Worker
     s = dataclasses.replace(s, fit_queue=a.queue)
-    reg = Registry(s.model_dir)
+    reg = open_registry(s)
     jobs = QueueJobs(s, reg)
     store = open_annotation_store(s.database_url, s.model_dir)
     stop = threading.Event()

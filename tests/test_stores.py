@@ -111,3 +111,28 @@ def test_webhook_while_postgres_is_down_is_a_503_then_stored(tmp_path, tiny_chec
     r = client.post("/webhook", json=body)  # Label Studio's retry
     assert r.status_code == 201 and r.get_json()["stored"]
     assert m.store.counts()["3"]["samples"] == 1
+
+
+def test_version_registry_same_on_files_and_postgres(tmp_path, store_backend):
+    """The version registry's two implementations (JSON files; PostgreSQL rows): versions kept,
+    promotion, job status; checkpoint files under MODEL_DIR either way."""
+    import os
+
+    from ihp_backend.registry import open_registry
+    from ihp_backend.settings import Settings
+    reg = open_registry(Settings(model_dir=str(tmp_path / "md"), database_url=store_backend))
+    assert reg.serving("7") is None and reg.versions("7") == [] and reg.job("7") is None
+    v1 = reg.new_version_name("7")
+    reg.add_version("7", v1, {"training": {"parent_version": "base"}, "w": 1}, {"gate": {"candidate": 0.5}}, promote=True)
+    v2 = reg.new_version_name("7")
+    assert v2.startswith("project7-v2-")
+    reg.add_version("7", v2, {"training": {}}, {"gate": {"candidate": 0.4}}, promote=False)  # kept, not served
+    vs = reg.versions("7")
+    assert [v["version"] for v in vs] == [v1, v2] and [v["promoted"] for v in vs] == [True, False]
+    assert vs[0]["parent"] == "base" and vs[1]["metrics"] == {"gate": {"candidate": 0.4}}
+    info = reg.serving("7")
+    assert info["version"] == v1 and os.path.exists(info["path"]) and info["metrics"]["gate"]["candidate"] == 0.5
+    reg.write_job("7", {"phase": "training", "step": 3})
+    assert reg.job("7")["step"] == 3 and reg.job("7")["updated"] > 0
+    assert "7" in reg.projects()
+    assert reg.serving("../etc") is None

@@ -14,7 +14,8 @@ import requests
 
 from ihp_backend.annotations import open_annotation_store
 from ihp_backend.core.checkpoint import read_checkpoint
-from ihp_backend.registry import Registry
+from ihp_backend.registry import open_registry
+from ihp_backend.settings import Settings
 from tests.conftest import ROOT
 from tests.services import REDIS, start_redis, stop_redis
 from tests.test_fit import CONFIG, webhook_body
@@ -125,7 +126,7 @@ def test_webhooks_over_two_replicas_one_job_promoted_everywhere(team):
     r = requests.post(urls[0] + "/webhook", json={"action": "START_TRAINING",
                                                   "project": {"id": 4, "label_config": CONFIG}}, timeout=10)
     assert r.json()["training"] in ("queued", "running")  # a second request joins the same job
-    reg = Registry(env["MODEL_DIR"])
+    reg = open_registry(Settings(model_dir=env["MODEL_DIR"], database_url=env["IHP_DATABASE_URL"]))
     job = wait_for(lambda: (reg.job("4") or {}).get("phase") == "idle" and store.pending("4", 1000) is None
                    and reg.job("4"), 300, "the fit run")
     wait_for(lambda: finished_jobs(env), 30, "the RQ job to finish")
@@ -149,7 +150,7 @@ def test_worker_killed_mid_training_is_retried_and_loses_nothing(team):
     r = requests.post(urls[0] + "/webhook", json={"action": "START_TRAINING",
                                                   "project": {"id": 5, "label_config": CONFIG}}, timeout=10)
     assert r.json()["training"] in ("queued", "running")
-    reg = Registry(env["MODEL_DIR"])
+    reg = open_registry(Settings(model_dir=env["MODEL_DIR"], database_url=env["IHP_DATABASE_URL"]))
     wait_for(lambda: (reg.job("5") or {}).get("phase") == "training" and (reg.job("5") or {}).get("step", 0) >= 3,
              180, "training to start")
     r = requests.post(urls[1] + "/webhook", json={"action": "START_TRAINING",
