@@ -92,7 +92,6 @@ class QueueJobs:
         self.settings, self.registry = settings, registry
         self.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
         self.queue = Queue(settings.fit_queue, connection=self.redis)
-        self.procs: dict = {}  # (the local launcher's; none here)
 
     def _current_key(self, project: str) -> str:
         return f"ihp:fit:{self.settings.fit_queue}:current:{project}"

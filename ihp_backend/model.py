@@ -289,8 +289,8 @@ class IHPModel:
 
     @property
     def jobs(self) -> dict:
-        """This worker's fit child processes per project (the local launcher)."""
-        return self.webhooks.jobs.procs
+        """This worker's fit child processes per project (the local launcher; none with a queue)."""
+        return getattr(self.webhooks.jobs, "procs", {})
 
     @property
     def state_error(self) -> str | None:

@@ -72,8 +72,9 @@ class ModelPool:
         return self.parser
 
     def for_project(self, p: str) -> Parser:
-        """The project's promoted model if it has one (checked at most every CHECK_EVERY
-        seconds), else the default."""
+        """The project's promoted model if it has one, else the default. At most every
+        CHECK_EVERY seconds a background thread looks at the registry (a file, or a PostgreSQL
+        row) and loads a newly promoted version: the click never waits for either."""
         default = self.ready()
         if not p:
             return default
@@ -83,13 +84,21 @@ class ModelPool:
             due = now - self._project_checked.get(p, 0) >= self.CHECK_EVERY and p not in self._project_loading
             if due:
                 self._project_checked[p] = now
+                self._project_loading.add(p)
         if due:
+            threading.Thread(target=self._refresh_project, args=(p, current), daemon=True).start()
+        return current or default
+
+    def _refresh_project(self, p: str, current: Parser | None) -> None:
+        try:
             info = self.registry.serving(p) if valid_project_id(p) else None
             if info and (current is None or current.model_version != info["version"]):
-                with self._lock:
-                    self._project_loading.add(p)
-                threading.Thread(target=self._load_project, args=(p, info), daemon=True).start()
-        return current or default
+                self._load_project(p, info)
+        except Exception as e:  # never let a registry hiccup reach a click
+            log.warning("could not check project %s's serving version: %s", p, e)
+        finally:
+            with self._lock:
+                self._project_loading.discard(p)
 
     def _load_project(self, p: str, info: dict) -> None:
         try:
@@ -99,6 +108,3 @@ class ModelPool:
             log.info("project %s now serves %s", p, parser.model_version)
         except Exception as e:
             log.error("could not load %s for project %s: %s", info.get("path"), p, e)
-        finally:
-            with self._lock:
-                self._project_loading.discard(p)
