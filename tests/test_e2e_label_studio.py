@@ -174,6 +174,13 @@ def open_task_with_auto_annotation(d, ls, project, task):
     return stage
 
 
+def current_stage(d):
+    """The image canvas as it is now: Label Studio may re-render it after a tool or label
+    click (a slow machine shows it as a stale element)."""
+    from selenium.webdriver.common.by import By
+    return wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".konvajs-content"), 10, "the image canvas")[0]
+
+
 def click_to_grow(stack, project):
     """The click-to-grow flow starts from an empty annotation: the project's "Use predictions to
     prelabel tasks" off (with it on, the zero-click parse of the known LIP names prefills the
@@ -207,6 +214,7 @@ def test_browser_click_shows_brush_suggestion(stack, project, ccp_val):
         smart = wait_for(lambda: [b for b in d.find_elements(By.CSS_SELECTOR, "button.lsf-tool_smart")
                                   if b.is_displayed()], 10, "the smart tool")
         smart[0].click()
+        stage = current_stage(d)
         d.execute_script("arguments[0].scrollIntoView({block: 'start'})", stage)
         time.sleep(0.5)
         sw, sh = stage.size["width"], stage.size["height"]
@@ -292,6 +300,7 @@ def test_browser_annotator_flow_click_accept_click_submit(stack, project, ccp_va
         stage = open_task_with_auto_annotation(d, ls, project, task)
 
         def pick(name):
+            nonlocal stage
             labels = d.find_elements(By.CSS_SELECTOR, ".lsf-labels")[0]  # KeyPointLabels come first
             el = [e for e in labels.find_elements(By.CSS_SELECTOR, ".lsf-label")
                   if e.text.split("\n")[0].strip() == name][0]
@@ -300,6 +309,7 @@ def test_browser_annotator_flow_click_accept_click_submit(stack, project, ccp_va
             smart = [b for b in d.find_elements(By.CSS_SELECTOR, "button.lsf-tool_smart") if b.is_displayed()]
             if smart and "lsf-tool_active" not in (smart[0].get_attribute("class") or ""):
                 smart[0].click()
+            stage = current_stage(d)
             d.execute_script("arguments[0].scrollIntoView({block: 'start'})", stage)
             time.sleep(0.3)
 
