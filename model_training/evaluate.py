@@ -477,7 +477,7 @@ def main(argv=None):
     ap.add_argument("--max-side", type=int, default=None, help="serving resolution override")
     ap.add_argument("--flip", action="store_true", help="test-time flip (the backend's IHP_FLIP=1)")
     ap.add_argument("--full-res-edges", action="store_true",
-                    help="the boundary band decided again at the photo's size (the backend's IHP_FULL_RES_EDGES=1)")
+                    help="labels enlarged with boundaries between network pixels (the backend's IHP_FULL_RES_EDGES=1)")
     ap.add_argument("--no-refine", action="store_true",
                     help="plain upsampled argmax, no colour-guided refinement (the backend's IHP_REFINE=0)")
     ap.add_argument("--click-radius", type=float, default=10.0,

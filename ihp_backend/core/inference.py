@@ -213,7 +213,7 @@ class Parser:
         self.model_version = ckpt.get("model_version", "unknown")
         self.flip = bool(flip)  # test-time flip: mean of the logits of the input and its mirror
         self.refine = bool(refine)  # labels refined along the photo's colour edges (refine.py)
-        self.full_res_edges = bool(full_res_edges)  # ... and the boundary band again at the photo's size
+        self.full_res_edges = bool(full_res_edges)  # ... enlarged with boundaries between network pixels
         self.click_radius = float(click_radius)  # each click claims a disk this big (network pixels)
         self.dtype = pick_precision(precision, self.device)  # the forward's compute type (autocast)
         if self.device.type == "cpu" and threads:
@@ -388,7 +388,7 @@ class Parser:
         ``p(c) = p_slots(unclaimed) * p_vocab(c | fill)``: parts nobody clicked are parsed by
         meaning instead of left unlabelled. With ``refine`` the class probabilities are refined
         along the colour edges of the network-size photo (``refined_argmax``) and, with
-        ``full_res_edges``, the boundary band again at the photo's own size; else the logits
+        ``full_res_edges``, enlarged with boundaries between network pixels (``smooth_resize``); else the logits
         are upsampled to the original size before the argmax. Then every click claims the
         pixels of its colour within ``click_radius`` network pixels (``paint_clicks``).
         ``zoom`` runs the network on ``zoom_box`` of the clicks only, at the network's resolution,
@@ -422,7 +422,7 @@ class Parser:
             if self.refine:
                 small, _ = self._network_image(image, hw)
                 labels = refined_argmax(sub.cpu(), small, image.shape[:2], values=slots,
-                                        full_image=image if self.full_res_edges else None)
+                                        smooth_edges=self.full_res_edges)
             else:
                 labels = upsampled_argmax(sub.cpu(), image.shape[:2], values=slots)
             if self.click_radius > 0 and len(clicks):
