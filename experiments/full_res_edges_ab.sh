@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 29's edge measurement: the embedded default on CCP val with the boundary band decided at
-# the photo's own size (IHP_FULL_RES_EDGES=1) and without (=0, the default), on the photos
+# Issue 29's edge measurement: the embedded default on CCP val with labels enlarged to the photo's
+# size with boundaries placed between network pixels (IHP_FULL_RES_EDGES=1, refine.smooth_resize)
+# and by nearest network pixel (=0, the default), on the photos
 # enlarged 4x (bicubic; labels nearest; the same central clicks) and at native size, at k = 0. Boundary F1 within 5 px of the labels' edges (at the evaluated size).
-#   bash experiments/full_res_edges_ab.sh [checkpoint]   # about 30 min on 2 cores; -> runs/edges_ab/
+#   bash experiments/full_res_edges_ab.sh [checkpoint]   # about 15 min on 2 cores; -> runs/edges_ab/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/edges_ab}
