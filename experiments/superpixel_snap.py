@@ -1,7 +1,7 @@
 """Issue 29, a tried and rejected edge step: snap the labels to superpixels of the native-size
 photo (majority vote per superpixel), measured on CCP *train* photos at k = 0 (central clicks)
 by boundary F1 within 5 px at 4x (labels repeated 4x, as ``evaluate --upscale 4`` scores them).
-    .venv/bin/python experiments/superpixel_snap.py [n_photos=30]   # about 5 min on 2 cores
+    .venv/bin/python experiments/superpixel_snap.py [n_photos=30] [checkpoint]   # about 5 min on 2 cores
 """
 import os, sys, time
 import numpy as np
@@ -10,11 +10,12 @@ sys.path.insert(0, ROOT)
 from skimage.segmentation import slic, felzenszwalb
 from model_training.datasets import ccp
 from model_training import click_simulation as cs
-from model_training.evaluate import CorePredictor, boundary_f1_counts, f1_from_counts, confusion, miou
+from scipy import ndimage
+from model_training.evaluate import CorePredictor, boundary_f1_counts, confusion, edges, f1_from_counts, miou
 from ihp_backend.core.inference import Parser
 from ihp_backend.core.options import ParserOptions
 ds = ccp(os.environ.get('IHP_SHARED_DIR', os.path.join(ROOT, '..', 'shared')) + '/data/ccp', 'train', 'ccp12')
-p = Parser.from_file(os.path.join(ROOT, 'ihp_backend/models/default.pt'), **ParserOptions(precision='float32', threads=1).parser_kwargs())
+p = Parser.from_file(sys.argv[2] if len(sys.argv) > 2 else os.path.join(ROOT, 'ihp_backend/models/default.pt'), **ParserOptions(precision='float32', threads=1).parser_kwargs())
 pred = CorePredictor(p, ds.classes)
 n = len(ds.classes)
 def snap(lab, seg):
@@ -32,17 +33,19 @@ bf = {m: np.zeros(4, np.int64) for m in methods}; conf = {m: np.zeros((n, n), np
 tm = {m: [] for m in methods}
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 30
 for i in range(N):
-    img, gt = ds.load(i) if hasattr(ds, 'load') else ds[i]
+    img, gt = ds.load(i)
     gt = gt.astype(np.int64)
     rng = np.random.default_rng((0, i))
     clicks = np.array(cs.central_clicks(np.where(gt < n, gt, 0), rng, 0, 1, cs.N_CANDIDATES), np.float64).reshape(-1, 3)
     lab = pred(img, clicks)
     G = up(gt, 4)
+    G_edges = edges(G)
+    G_dist = ndimage.distance_transform_edt(~G_edges)
     for m, f in methods.items():
         t = time.time()
         l2 = lab if f is None else snap(lab, f(img))
         tm[m].append(time.time() - t)
-        bf[m] += boundary_f1_counts(G, up(l2, 4))
+        bf[m] += boundary_f1_counts(G, up(l2, 4), gt_edges=G_edges, gt_dist=G_dist)
         conf[m] += confusion(gt, l2, n)
 for m in methods:
     print(m, 'F1x4 %.2f' % (100 * f1_from_counts(bf[m])), 'mIoU %.2f' % (100 * miou(conf[m])), 'ms %.0f' % (1000 * np.median(tm[m])))

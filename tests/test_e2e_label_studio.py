@@ -267,7 +267,6 @@ WATCH_CLICK_JS = """
     const store = () => window.Htx.annotationStore.selected;
     const poll = () => {
         if (w.click !== undefined && store().suggestions.size > 0) {
-            w.inStore = performance.now();
             requestAnimationFrame(() => requestAnimationFrame(() => { w.drawn = performance.now(); }));
         } else requestAnimationFrame(poll);
     };

@@ -102,20 +102,21 @@ def refined_argmax(logits: torch.Tensor, image: np.ndarray, out_hw: tuple[int, i
     guide = F.interpolate(rgb[None], size=(h, w), mode="area")[0]
     a, b = guided_coefficients(guide, torch.softmax(logits.float(), dim=0), radius, eps)
     coef = torch.cat([a, b[:, None]], 1)  # (C, 4, h, w): per class, the colour weights and offset
-    arg, margin = network_size_argmax(coef, rgb, guide)
+    smooth = smooth_edges and (hh, ww) != out_hw
+    arg, margin = network_size_argmax(coef, rgb, guide, with_margin=smooth)
     if (hh, ww) == out_hw:
         return lut[arg]
-    if smooth_edges:
+    if smooth:
         return smooth_resize(arg, margin, out_hw, lut)
     return nearest_resize(lut[arg], out_hw)
 
 
-def network_size_argmax(coef: torch.Tensor, rgb: torch.Tensor, guide: torch.Tensor
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def network_size_argmax(coef: torch.Tensor, rgb: torch.Tensor, guide: torch.Tensor,
+                        with_margin: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """argmax over classes of the guided filter's output ``q_k = a_k . I + b_k`` (He et al.
-    Eq. 14) on the network-size photo ``rgb`` (3, hh, ww), and the margin of the winner over the
-    runner-up, both (hh, ww). ``coef`` (C, 4, h, w) are the coefficients at the logit grid,
-    ``guide`` (3, h, w) the photo's mean colour there.
+    Eq. 14) on the network-size photo ``rgb`` (3, hh, ww), and (``with_margin``, else None) the
+    margin of the winner over the runner-up, both (hh, ww). ``coef`` (C, 4, h, w) are the
+    coefficients at the logit grid, ``guide`` (3, h, w) the photo's mean colour there.
 
     The classes are compared at every network pixel only in the band of logit cells whose 3x3
     neighbourhood holds two winners at the logit grid (coefficients bilinear, as the fast
@@ -129,11 +130,9 @@ def network_size_argmax(coef: torch.Tensor, rgb: torch.Tensor, guide: torch.Tens
                       coef[:, 2], guide[2])  # (C, h, w): the filter at the logit grid's colours
     top = q.topk(2, dim=0)
     cell_arg = top.indices[0].numpy().astype(np.uint8 if c < 256 else np.int64)
-    cell_margin = (top.values[0] - top.values[1]).numpy()
-    rows = np.minimum(((np.arange(hh) + 0.5) * h / hh).astype(np.int64), h - 1)  # nearest cell
-    cols = np.minimum(((np.arange(ww) + 0.5) * w / ww).astype(np.int64), w - 1)
-    arg, margin = cell_arg[rows][:, cols], cell_margin[rows][:, cols]
-    ys, xs = np.nonzero(boundary_cells(cell_arg)[rows][:, cols])
+    arg = nearest_resize(cell_arg, (hh, ww))  # each network pixel: its cell's winner ...
+    margin = nearest_resize((top.values[0] - top.values[1]).numpy(), (hh, ww)) if with_margin else None
+    ys, xs = np.nonzero(nearest_resize(boundary_cells(cell_arg), (hh, ww)))  # ... except in the band
     if len(ys):
         grid = torch.stack([(torch.from_numpy(xs).float() + 0.5) / ww * 2 - 1,
                             (torch.from_numpy(ys).float() + 0.5) / hh * 2 - 1], -1)[None, None]
@@ -142,7 +141,8 @@ def network_size_argmax(coef: torch.Tensor, rgb: torch.Tensor, guide: torch.Tens
         colour = rgb[:, torch.from_numpy(ys), torch.from_numpy(xs)]  # (3, P)
         top = ((at[:, :3] * colour[None]).sum(1) + at[:, 3]).topk(2, dim=0)
         arg[ys, xs] = top.indices[0].numpy()
-        margin[ys, xs] = (top.values[0] - top.values[1]).numpy()
+        if with_margin:
+            margin[ys, xs] = (top.values[0] - top.values[1]).numpy()
     return arg, margin
 
 
