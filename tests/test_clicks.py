@@ -117,6 +117,39 @@ def test_flip_parser_is_mirror_equivariant(tiny_checkpoint):
     assert (a - plain.logits(img, clicks)).abs().max() > 10 * (a - b.flip(-1)).abs().max()
 
 
+def test_flip_swaps_the_vocabulary_heads_left_and_right(tmp_path):
+    """A mirrored photo shows the person's left arm as a right arm: with test-time flip, the
+    vocabulary head's "Left-arm" score of a photo is the "Right-arm" score of its mirror (mirrored
+    back), so flipping never mixes the sides of a zero-click parse; names without a side stay."""
+    from ihp_backend.core.checkpoint import Binding, make_checkpoint, save_checkpoint
+    from ihp_backend.core.clicks import IMAGENET_MEAN, IMAGENET_STD
+    from ihp_backend.core.inference import Parser
+    from ihp_backend.core.network import NetConfig, build_network
+    from ihp_backend.core.vocabulary import VOCABULARY, mirrored_channels
+
+    torch.manual_seed(2)
+    cfg = NetConfig(num_slots=24, aspp_channels=32, decoder_channels=32, low_level_channels=16,
+                    prev_mask=True, unclaimed=True, vocab_size=len(VOCABULARY))
+    net = build_network(cfg)
+    torch.nn.init.normal_(net.classifier.weight, std=1.0)  # channels that differ from each other
+    path = str(tmp_path / "vocab.pt")
+    save_checkpoint(make_checkpoint(net, Binding("shuffled", 24, ["background"], vocabulary=VOCABULARY),
+                                    256, IMAGENET_MEAN, IMAGENET_STD, "tiny-vocab"), path)
+    swap = mirrored_channels()
+    assert VOCABULARY[swap[VOCABULARY.index("Left-arm")]] == "Right-arm"
+    assert VOCABULARY[swap[VOCABULARY.index("Right-shoe")]] == "Left-shoe"
+    assert swap[VOCABULARY.index("Hair")] == VOCABULARY.index("Hair")
+    flip = Parser.from_file(path, threads=1, max_side=64, flip=True, precision="float32")
+    img = np.random.default_rng(3).integers(0, 255, (64, 48, 3), dtype=np.uint8)
+    a = flip.logits(img, np.zeros((0, 3)))
+    b = flip.logits(np.ascontiguousarray(img[:, ::-1]), np.zeros((0, 3))).flip(-1)
+    v = cfg.vocab_start
+    assert torch.allclose(a[:v], b[:v], atol=1e-4)  # slots and the unclaimed channel
+    assert torch.allclose(a[v:], b[v:][swap], atol=1e-4)
+    la, ra = v + VOCABULARY.index("Left-arm"), v + VOCABULARY.index("Right-arm")
+    assert (a[la] - b[la]).abs().max() > 1e-3  # the swap is real: the sides differ
+
+
 def test_cpu_has_native_bf16_reads_the_cpu_flags(tmp_path):
     from ihp_backend.core.inference import cpu_has_native_bf16
 

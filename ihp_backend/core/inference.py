@@ -18,6 +18,7 @@ from .clicks import draw_clicks, network_input, normalise_rgb, scale_clicks
 from .network import fold_batchnorm
 from .refine import label_lut, paint_clicks, refined_argmax
 from .options import PRECISIONS
+from .vocabulary import mirrored_channels
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -191,6 +192,18 @@ class ParseResult:
     # before refinement: what the previous-prediction input of the next click is made of
 
 
+def mirror_permutation(cfg, binding: Binding) -> torch.Tensor | None:
+    """Output channel order of the network's answer to a mirrored photo, to be read as an answer
+    to the photo itself: the vocabulary head's left and right classes swapped
+    (``vocabulary.mirrored_channels``); slots follow their clicks, which are mirrored too. None
+    when nothing swaps."""
+    if not cfg.vocab_size or len(binding.vocabulary) != cfg.vocab_size:
+        return None
+    perm = list(range(cfg.vocab_start)) + [cfg.vocab_start + c for c in mirrored_channels(binding.vocabulary)]
+    perm += list(range(len(perm), cfg.out_channels))
+    return None if perm == sorted(perm) else torch.as_tensor(perm)
+
+
 class Parser:
     """Holds one network and runs it; thread-safe (one forward at a time per Parser)."""
 
@@ -212,6 +225,8 @@ class Parser:
         self.use_prev_mask = self.net.cfg.prev_mask
         self.model_version = ckpt.get("model_version", "unknown")
         self.flip = bool(flip)  # test-time flip: mean of the logits of the input and its mirror
+        self.mirror = mirror_permutation(self.net.cfg, self.binding)  # channel order of a mirrored output
+        self.mirror = None if self.mirror is None else self.mirror.to(self.device)
         self.refine = bool(refine)  # labels refined along the photo's colour edges (refine.py)
         self.full_res_edges = bool(full_res_edges)  # ... enlarged with boundaries between network pixels
         self.click_radius = float(click_radius)  # each click claims a disk this big (network pixels)
@@ -371,7 +386,8 @@ class Parser:
                 torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             out = self.net(dev, features=True)[0].float()
             if self.flip:  # flip keeps channels-last
-                out = 0.5 * (out + self.net(dev.flip(-1), features=True)[0].float().flip(-1))
+                mirrored = self.net(dev.flip(-1), features=True)[0].float().flip(-1)
+                out = 0.5 * (out + (mirrored if self.mirror is None else mirrored[:, self.mirror]))
         return out
 
     def parse(self, image: np.ndarray, clicks, allowed_slots=None,

@@ -50,3 +50,15 @@ def lookup(labels, names=VOCABULARY) -> dict[str, int]:
     """{label: vocabulary channel} for the labels the vocabulary knows (others left out)."""
     index = vocabulary_index(tuple(names))
     return {lab: index[name_key(lab)] for lab in labels if name_key(lab) in index}
+
+
+def mirrored_channels(names=VOCABULARY) -> list[int]:
+    """Channel i -> the channel of its mirror image's name ("Left-arm" <-> "Right-arm"; itself
+    for names without a side): a horizontally flipped photo shows the person's left as right."""
+    index = {n: i for i, n in enumerate(names)}
+    out = list(range(len(names)))
+    for i, n in enumerate(names):
+        for a, b in (("Left-", "Right-"), ("Right-", "Left-")):
+            if n.startswith(a) and b + n[len(a):] in index:
+                out[i] = index[b + n[len(a):]]
+    return out
