@@ -237,8 +237,7 @@ class IHPModel:
             prev = previous_input(stack, state)
             fill, fill_names = fill_channels(parser.binding, parser.vocab_start, setup.brush_labels,
                                              label_to_slot, arr[:, 2]) if self.settings.fill_known else ({}, {})
-            res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=resolved(prev), fill=fill,
-                               zoom=self.settings.zoom)
+            res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=resolved(prev), fill=fill)
             for stage, sec in res.timings.items():
                 self._add_time(stage, sec)
             emptied = [lab for st, _, _ in stack[-1:] for *_, lab in st]  # (an undo empties its label)

@@ -83,7 +83,7 @@ class Settings:
     return_background: bool = False  # answer a Background brush region too (IHP_RETURN_BACKGROUND)
     zero_click: bool = True  # batch predictions parse known label names with no click (IHP_ZERO_CLICK)
     fill_known: bool = False  # clicks answer unclicked known parts too, by meaning (IHP_FILL_KNOWN)
-    zoom: bool = False  # run the network on the region around the clicks only (IHP_ZOOM)
+    zoom: bool = True  # parse each clicked small person again on its own region (IHP_ZOOM)
     unclaimed_bias: float = 0.0  # added to the unclaimed logit (IHP_UNCLAIMED_BIAS)
     redis_url: str = ""  # IHP_REDIS_URL: click history and previous predictions in Redis
     database_url: str = field(default="", repr=False)  # IHP_DATABASE_URL: annotations, requests, versions in PostgreSQL
@@ -112,7 +112,7 @@ class Settings:
                              full_res_edges=self.full_res_edges,
                              click_radius=self.click_radius, precision=self.precision,
                              threads=self.torch_threads or default_torch_threads(),
-                             unclaimed_bias=self.unclaimed_bias)
+                             unclaimed_bias=self.unclaimed_bias, zoom=self.zoom)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -158,6 +158,6 @@ class Settings:
             fit_steps=_int("IHP_FIT_STEPS", 250),
             fit_holdout=_float("IHP_FIT_HOLDOUT", 0.2),
             fit_threads=_int("IHP_FIT_THREADS", 1),
-            zoom=bool(_int("IHP_ZOOM", 0)),
+            zoom=bool(_int("IHP_ZOOM", 1)),
             unclaimed_bias=_float("IHP_UNCLAIMED_BIAS", 0.0),
         )

@@ -51,7 +51,7 @@ class CorePredictor:
     are filled by meaning (``IHP_FILL_KNOWN``)."""
 
     def __init__(self, parser, class_names: list[str], ignore_clicks: bool = False, name: str | None = None,
-                 zero_click: bool = False, fill_known: bool = False, zoom: bool = False):
+                 zero_click: bool = False, fill_known: bool = False):
         self.parser = parser
         self.class_names = class_names
         self.slot_of = parser.binding.bind(class_names)
@@ -63,7 +63,7 @@ class CorePredictor:
         for n, ch in self.zero.items():
             if n in class_names:
                 self.class_lut[ch] = class_names.index(n)
-        self.ignore_clicks, self.zoom = ignore_clicks, zoom
+        self.ignore_clicks = ignore_clicks
         self.zero_click, self.fill_known = zero_click and bool(self.zero), fill_known and bool(self.zero)
         self.name = name or (parser.model_version + (" (no clicks)" if ignore_clicks else ""))
 
@@ -88,7 +88,7 @@ class CorePredictor:
         if prev is not None and self.parser.use_prev_mask and not self.ignore_clicks:
             prev_slots = self.slot_lut[prev]
         res = self.parser.parse(image, c, allowed_slots=allowed, prev_mask=prev_slots, fill=fill,
-                                zoom=self.zoom and not self.ignore_clicks)
+                                zoom=False if self.ignore_clicks else None)
         return self.class_lut[res.labels]
 
 
@@ -497,8 +497,8 @@ def main(argv=None):
                     help="parts nobody clicked are filled by meaning (the backend's IHP_FILL_KNOWN=1)")
     ap.add_argument("--unclaimed-bias", type=float, default=0.0,
                     help="added to the unclaimed channel's logit (the backend's IHP_UNCLAIMED_BIAS)")
-    ap.add_argument("--zoom", action="store_true",
-                    help="look closer around the clicks (the backend's IHP_ZOOM=1)")
+    ap.add_argument("--no-zoom", action="store_true",
+                    help="never parse a clicked small person again on its own region (the backend's IHP_ZOOM=0)")
     ap.add_argument("--upscale", type=int, default=1,
                     help="enlarge every photo N times (bicubic; labels nearest; the same clicks): "
                          "phone-size photos with known labels, for full-resolution boundary F1")
@@ -524,10 +524,10 @@ def main(argv=None):
     for ck in a.checkpoint:
         opts = ParserOptions(max_side=a.max_side, flip=a.flip, refine=not a.no_refine,
                              full_res_edges=a.full_res_edges, click_radius=a.click_radius, precision=a.precision, threads=a.threads,
-                             unclaimed_bias=a.unclaimed_bias)
+                             unclaimed_bias=a.unclaimed_bias, zoom=not a.no_zoom)
         parser = Parser.from_file(ck, **opts.parser_kwargs())
         predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}",
-                                        zero_click=a.zero_click, fill_known=a.fill_known, zoom=a.zoom))
+                                        zero_click=a.zero_click, fill_known=a.fill_known))
         if "no-clicks" in a.baseline:
             predictors.append(CorePredictor(parser, ds.classes, ignore_clicks=True))
     for url in a.backend_url:

@@ -144,34 +144,70 @@ def test_webhook_stores_one_clean_parse(tmp_path, parts_checkpoint, payloads):
     assert np.array_equal(s["labels"], np.where(lab == 0, 255, lab))  # 255: no region (fit: background)
 
 
-def test_zoom_box_and_paste_back():
-    from ihp_backend.core.inference import paste, zoom_box
-    clicks = np.array([[400, 300, 1], [440, 330, 2]], float)
-    box = zoom_box(clicks, (1000, 800))
-    y0, y1, x0, x1 = box
-    assert y0 <= 400 and y1 > 440 and x0 <= 300 and x1 > 330  # every click inside
-    assert (y1 - y0) >= 0.25 * 1000 - 1 and (x1 - x0) >= 0.25 * 1000 - 1  # at least a quarter of the long side
-    assert zoom_box(clicks[:1], (1000, 800)) is None  # one click: no zoom
-    assert zoom_box(np.array([[5, 5, 1], [990, 790, 2]]), (1000, 800)) is None  # the whole photo
-    crop = np.arange((y1 - y0) * (x1 - x0)).reshape(y1 - y0, x1 - x0) % 7 + 1
-    full = paste(crop.astype(np.uint8), box, (1000, 800))
-    assert (full[y0:y1, x0:x1] == crop).all() and full.sum() == crop.sum()
+def test_person_boxes_one_box_per_clicked_person():
+    """Three people in a row (the first pass's person pixels at the network size): a box around
+    each person with a part click, grown, in image pixels; none for the unclicked one or for
+    background clicks; no zoom at all when one person fills the photo."""
+    from ihp_backend.core.inference import person_boxes
+    small = np.zeros((60, 120), np.uint8)
+    small[10:50, 5:25] = 3  # person A (a part label)
+    small[10:50, 45:65] = 24  # person B (the unclaimed channel: still a person)
+    small[20:40, 90:110] = 2  # person C, not clicked
+    clicks = np.array([[30, 15, 1], [30, 55, 2], [5, 80, 0]], float)  # A, B, a background click
+    boxes = person_boxes(small, clicks, (600, 1200), margin=0.1, min_side=0.0)
+    assert len(boxes) == 2
+    (ay0, ay1, ax0, ax1), (by0, by1, bx0, bx1) = sorted(boxes, key=lambda b: b[2])
+    assert ay0 <= 100 and ay1 >= 500 and ax0 <= 50 and ax1 >= 250 and ax1 < 450  # A grown, not B
+    assert bx0 <= 450 and bx1 >= 650 and bx1 < 900  # B, not C
+    assert person_boxes(small, clicks[2:], (600, 1200)) == []  # background clicks only
+    big = np.ones((60, 120), np.uint8)
+    assert person_boxes(big, clicks, (600, 1200)) == []  # the whole photo: no zoom
 
 
-def test_zoomed_parse_of_a_small_person_is_the_crop_parse_pasted_back(parts_checkpoint):
-    """A small person in a large photo: with zoom the network parses the region around the
-    clicks at its own resolution; the answer equals parsing that crop, placed back."""
-    from ihp_backend.core.inference import Parser, zoom_box
+def test_zoomed_parse_pastes_each_persons_crop_parse_over_the_first_pass(parts_checkpoint):
+    """With zoom, each clicked person's region is parsed again at the network's resolution and
+    pasted over the first pass: inside every box the answer is the crop's own parse, outside it
+    the first pass's; the previous-prediction memory is the first pass's. (The first pass of
+    these random weights is replaced by one that sees the two people, so that there are boxes.)"""
+    from ihp_backend.core.inference import Parser, person_boxes
     from tests.conftest import person_image
     img, _ = person_image()
     canvas = np.full((960, 1280, 3), 120, np.uint8)
-    canvas[600:840, 800:1120] = img
-    clicks = np.array([[650, 960, 1], [720, 960, 2], [800, 940, 3]], float)
+    people = [(600, 840, 800, 1120), (100, 340, 100, 420)]
+    for y0, y1, x0, x1 in people:
+        canvas[y0:y1, x0:x1] = img
+    clicks = np.array([[650, 960, 1], [720, 960, 2], [150, 260, 1], [800, 940, 3]], float)
     p = Parser.from_file(parts_checkpoint)
-    zoomed = p.parse(canvas, clicks, allowed_slots=[0, 1, 2, 3], zoom=True)
-    y0, y1, x0, x1 = zoom_box(clicks, canvas.shape[:2])
-    crop = p.parse(np.ascontiguousarray(canvas[y0:y1, x0:x1]), clicks - [y0, x0, 0], allowed_slots=[0, 1, 2, 3])
-    assert (zoomed.labels[y0:y1, x0:x1] == crop.labels).all()
-    outside = np.ones(canvas.shape[:2], bool)
-    outside[y0:y1, x0:x1] = False
-    assert (zoomed.labels[outside] == 0).all()
+    network_logits = p.logits
+
+    def first_pass_sees_the_people(image, clicks, prev_mask=None, timings=None):
+        out = network_logits(image, clicks, prev_mask, timings)
+        if image.shape[:2] != canvas.shape[:2]:
+            return out  # a crop: the network itself
+        out = torch.full_like(out, -10.0)
+        out[0] = 10.0
+        h, w = out.shape[-2:]
+        for y0, y1, x0, x1 in people:
+            out[1, y0 * h // 960:y1 * h // 960, x0 * w // 1280:x1 * w // 1280] = 20.0
+        return out
+
+    p.logits = first_pass_sees_the_people
+    allowed = [0, 1, 2, 3, p.unclaimed]
+    plain = p.parse(canvas, clicks, allowed_slots=allowed)
+    zoomed = p.parse(canvas, clicks, allowed_slots=allowed, zoom=True)
+    assert np.array_equal(zoomed.network_labels, plain.network_labels)
+    small = np.zeros(p.logits(canvas, clicks).shape[-2:], np.uint8)
+    h, w = small.shape
+    for y0, y1, x0, x1 in people:
+        small[y0 * h // 960:y1 * h // 960, x0 * w // 1280:x1 * w // 1280] = 1
+    boxes = person_boxes(small, clicks * [h / 960, w / 1280, 1], canvas.shape[:2])
+    assert len(boxes) == 2
+    covered = np.zeros(canvas.shape[:2], bool)
+    for y0, y1, x0, x1 in boxes:
+        inside = (clicks[:, 0] >= y0) & (clicks[:, 0] < y1) & (clicks[:, 1] >= x0) & (clicks[:, 1] < x1)
+        assert inside.sum() in (1, 3)
+        crop = p.parse(np.ascontiguousarray(canvas[y0:y1, x0:x1]), clicks[inside] - [y0, x0, 0], allowed_slots=allowed)
+        assert (zoomed.labels[y0:y1, x0:x1] == crop.labels).all()
+        covered[y0:y1, x0:x1] = True
+    assert (zoomed.labels[~covered] == plain.labels[~covered]).all()
+    assert not np.array_equal(zoomed.labels, plain.labels)

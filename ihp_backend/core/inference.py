@@ -151,35 +151,44 @@ def upsampled_argmax(logits: torch.Tensor, out_hw: tuple[int, int], values=None)
     return out
 
 
-def zoom_box(clicks: np.ndarray, hw: tuple[int, int], margin: float = 0.5, min_side: float = 0.25,
-             max_area: float = 0.5) -> tuple[int, int, int, int] | None:
-    """The region to look closer at (FocalClick / RITM zoom-in): the clicks' bounding box grown by
-    ``margin`` of its longer side on every side and to at least ``min_side`` of the image's
-    longer side, as (y0, y1, x0, x1); None when it would cover more than ``max_area`` of the
-    image (nothing to gain) or there are fewer than two clicks."""
-    c = np.asarray(clicks, np.float64).reshape(-1, 3)
-    if len(c) < 2:
-        return None
-    h, w = hw
-    y0, x0 = c[:, 0].min(), c[:, 1].min()
-    y1, x1 = c[:, 0].max() + 1, c[:, 1].max() + 1
-    side = max(y1 - y0, x1 - x0)
-    grow = margin * side
-    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
-    half_h = max((y1 - y0) / 2 + grow, min_side * max(h, w) / 2)
-    half_w = max((x1 - x0) / 2 + grow, min_side * max(h, w) / 2)
-    box = (int(max(0, cy - half_h)), int(min(h, cy + half_h + 1)), int(max(0, cx - half_w)), int(min(w, cx + half_w + 1)))
-    if (box[1] - box[0]) * (box[3] - box[2]) > max_area * h * w:
-        return None
-    return box
+def person_boxes(network_labels: np.ndarray, clicks_net: np.ndarray, image_hw: tuple[int, int],
+                 margin: float = 0.15, min_side: float = 0.25, max_area: float = 0.5) -> list[tuple[int, int, int, int]]:
+    """The regions to look closer at (FocalClick / RITM zoom-in, one per clicked person): the
+    connected components of the first pass's person pixels (``network_labels`` != 0, at the
+    network size) that hold a part click (``clicks_net``: (y, x, slot) at the network size), each
+    box grown by ``margin`` of its longer side on every side and to at least ``min_side`` of the
+    image's longer side, as (y0, y1, x0, x1) in image pixels. Empty (no zoom) when a box would
+    cover more than ``max_area`` of the image: a person that big is already seen at the
+    network's resolution."""
+    from scipy import ndimage
+    comp, _ = ndimage.label(np.asarray(network_labels) != 0)
+    h, w = comp.shape
+    H, W = image_hw
+    sy, sx = H / h, W / w
+    c = np.asarray(clicks_net, np.float64).reshape(-1, 3)
+    c = c[c[:, 2] != 0]
+    ids = sorted({int(comp[min(h - 1, max(0, int(y))), min(w - 1, max(0, int(x)))]) for y, x, _ in c} - {0})
+    boxes = []
+    for k, sl in enumerate(ndimage.find_objects(comp), start=1):
+        if k not in ids or sl is None:
+            continue
+        y0, y1, x0, x1 = sl[0].start * sy, sl[0].stop * sy, sl[1].start * sx, sl[1].stop * sx
+        grow = margin * max(y1 - y0, x1 - x0)
+        cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+        half_h = max((y1 - y0) / 2 + grow, min_side * max(H, W) / 2)
+        half_w = max((x1 - x0) / 2 + grow, min_side * max(H, W) / 2)
+        box = (int(max(0, cy - half_h)), int(min(H, cy + half_h + 1)), int(max(0, cx - half_w)), int(min(W, cx + half_w + 1)))
+        if (box[1] - box[0]) * (box[3] - box[2]) > max_area * H * W:
+            return []
+        boxes.append(box)
+    return boxes
 
 
-def paste(labels: np.ndarray, box: tuple[int, int, int, int], hw: tuple[int, int], fill_value: int = 0) -> np.ndarray:
-    """A crop's labels put back at ``box`` (y0, y1, x0, x1) of an (H, W) map of ``fill_value``."""
-    out = np.full(hw, fill_value, labels.dtype)
+def paste_into(labels: np.ndarray, crop_labels: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """``labels`` with ``crop_labels`` put back at ``box`` (y0, y1, x0, x1), in place."""
     y0, y1, x0, x1 = box
-    out[y0:y1, x0:x1] = labels
-    return out
+    labels[y0:y1, x0:x1] = crop_labels
+    return labels
 
 
 @dataclass
@@ -209,7 +218,8 @@ class Parser:
 
     def __init__(self, ckpt: dict, device: str | None = None, max_side: int | None = None,
                  threads: int | None = None, flip: bool = False, refine: bool = True, full_res_edges: bool = False,
-                 click_radius: float = 10.0, precision: str | None = "auto", unclaimed_bias: float = 0.0):
+                 click_radius: float = 10.0, precision: str | None = "auto", unclaimed_bias: float = 0.0,
+                 zoom: bool = False):
         self.ckpt = ckpt
         self.binding: Binding = binding_of(ckpt)
         self.net = fold_batchnorm(network_of(ckpt).eval())
@@ -222,6 +232,7 @@ class Parser:
         self.unclaimed = self.net.cfg.unclaimed_channel  # "a part no click names" (None: no such output)
         self.vocab_start = self.net.cfg.vocab_start  # first vocabulary channel
         self.unclaimed_bias = float(unclaimed_bias)  # < 0: fewer pixels left unlabelled
+        self.zoom = bool(zoom)  # parse's default: look closer at each clicked small person (person_boxes)
         self.use_prev_mask = self.net.cfg.prev_mask
         self.model_version = ckpt.get("model_version", "unknown")
         self.flip = bool(flip)  # test-time flip: mean of the logits of the input and its mirror
@@ -392,7 +403,7 @@ class Parser:
 
     def parse(self, image: np.ndarray, clicks, allowed_slots=None,
               prev_mask: np.ndarray | None = None, fill: dict[int, int] | None = None,
-              zoom: bool = False) -> ParseResult:
+              zoom: bool | None = None) -> ParseResult:
         """Parse ``image`` (H, W, 3 uint8) given clicks (y, x, slot) in its pixel coordinates.
 
         ``allowed_slots`` restricts the argmax to these output channels (the slots the label
@@ -407,19 +418,11 @@ class Parser:
         ``full_res_edges``, enlarged with boundaries between network pixels (``smooth_resize``); else the logits
         are upsampled to the original size before the argmax. Then every click claims the
         pixels of its colour within ``click_radius`` network pixels (``paint_clicks``).
-        ``zoom`` runs the network on ``zoom_box`` of the clicks only, at the network's resolution,
-        and pastes the labels back (small or distant people; outside the box: background).
+        ``zoom`` (None: the Parser's ``zoom``): after this pass, the network runs again on each clicked person's region
+        (``person_boxes``) at its own resolution, with the clicks inside it, and those labels are
+        pasted over this pass's (small or distant people, crowds); the previous-prediction
+        memory (``network_labels``) stays this pass's, on the whole photo's grid.
         """
-        box = zoom_box(clicks, image.shape[:2]) if zoom else None
-        if box is not None:
-            # look closer where the clicks are: the crop at the network's resolution, pasted back
-            # (no previous-prediction input: it lives on the whole photo's grid)
-            y0, y1, x0, x1 = box
-            c = np.asarray(clicks, np.float64).reshape(-1, 3) - np.array([y0, x0, 0.0])
-            res = self.parse(np.ascontiguousarray(image[y0:y1, x0:x1]), c, allowed_slots, None, fill)
-            res.labels = paste(res.labels, box, image.shape[:2], 0)
-            res.network_labels = None
-            return res
         timings: dict = {}
         logits = self.logits(image, clicks, prev_mask, timings)
         t0 = time.perf_counter()
@@ -454,5 +457,25 @@ class Parser:
             conf[slots] = (sums / counts).cpu().numpy()
             score = float(best.mean())
         timings["upsample"] = time.perf_counter() - t0
-        return ParseResult(labels=labels, confidence=conf, score=score, timings=timings,
-                           network_labels=network_labels)
+        res = ParseResult(labels=labels, confidence=conf, score=score, timings=timings,
+                          network_labels=network_labels)
+        if self.zoom if zoom is None else zoom:
+            return self._zoomed(res, image, clicks, allowed_slots, fill, arg_small, values=slots)
+        return res
+
+    def _zoomed(self, res: ParseResult, image: np.ndarray, clicks, allowed_slots, fill,
+                arg_small: torch.Tensor, values: np.ndarray) -> ParseResult:
+        """``res`` with each clicked person's region parsed again at the network's resolution
+        (``parse``'s ``zoom``)."""
+        small = values[arg_small.cpu().numpy()]
+        c = np.asarray(clicks, np.float64).reshape(-1, 3)
+        scale = np.array([small.shape[0] / image.shape[0], small.shape[1] / image.shape[1], 1.0])
+        for box in person_boxes(small, c * scale, image.shape[:2]):
+            y0, y1, x0, x1 = box
+            inside = (c[:, 0] >= y0) & (c[:, 0] < y1) & (c[:, 1] >= x0) & (c[:, 1] < x1)
+            crop = self.parse(np.ascontiguousarray(image[y0:y1, x0:x1]), c[inside] - [y0, x0, 0],
+                              allowed_slots, None, fill, zoom=False)
+            paste_into(res.labels, crop.labels, box)
+            for k, v in crop.timings.items():
+                res.timings[k] = res.timings.get(k, 0.0) + v
+        return res

@@ -19,6 +19,8 @@ class ParserOptions:
     precision: str = "auto"  # IHP_PRECISION
     threads: int | None = None  # IHP_TORCH_THREADS
     unclaimed_bias: float = 0.0  # IHP_UNCLAIMED_BIAS: added to the unclaimed channel's logit
+    zoom: bool = True  # IHP_ZOOM: each clicked person that is small in the photo parsed again on its
+    # own region at the network's resolution (inference.person_boxes; crowds, distant people)
 
     def parser_kwargs(self) -> dict:
         """Keyword arguments of ``ihp_backend.core.inference.Parser``."""
