@@ -21,6 +21,11 @@ per click index p50 of the request and of every Server-Timing stage, the JSON si
 (also at CCP size), the first click on a new photo (fetch + decode + parse) and peak RSS. With
 ``--baseline-root`` (e.g. a ``git worktree`` of an older commit) a second backend from that tree
 answers the same clicks, task by task in turn, so A and B are measured back to back.
+    .venv/bin/python bench/latency.py --case crowd [--tasks 5]
+
+is the crowd case (issue 31): three CCP photos side by side (1650 x 830), clicks on each
+person in turn, one worker, served with ``IHP_ZOOM=1`` (each clicked small person parsed again
+on their own region) and ``IHP_ZOOM=0``, task by task in turn; p50 / p95 per click.
 Not a test: absolute numbers drift on shared machines; compare the ratios of one run.
 """
 from __future__ import annotations
@@ -295,10 +300,53 @@ def phone_case(a):
             stop(proc)
 
 
+def crowd_case(a):
+    """Three people side by side, zoom on and off back to back; prints a table and one JSON line."""
+    from model_training.evaluate import side_by_side
+    paths = [os.path.join(CCP, "images", f"{i:04d}.jpg") for i in (2, 3, 4)]
+    photos = [np.asarray(Image.open(p).convert("RGB")) for p in paths if os.path.exists(p)]
+    if len(photos) < 3:
+        photos = [ccp_photo()] * 3
+    crowd, _ = next(side_by_side([(p, np.zeros(p.shape[:2], np.uint8)) for p in photos], 3))
+    h, w = crowd.shape[:2]
+    tmp = tempfile.mkdtemp()
+    Image.fromarray(crowd).save(os.path.join(tmp, "crowd.jpg"), quality=95)
+    backends = {}
+    try:
+        for zoom in ("1", "0"):
+            backends[zoom] = start_backend(a.checkpoint, {"MODEL_DIR": os.path.join(tmp, "md" + zoom),
+                                                          "IHP_LOCAL_ROOT": tmp, "IHP_ZOOM": zoom,
+                                                          "IHP_TORCH_THREADS": str(a.threads),
+                                                          "IHP_PRECISION": a.precision}, workers=1)
+        times = {z: [] for z in backends}
+        rng = np.random.default_rng(0)
+        for t in range(a.tasks):
+            # clicks on the three people in turn (each person's middle third), labels cycling
+            cl = [(float(rng.uniform(0.2, 0.8) * h), float((k % 3 + rng.uniform(0.35, 0.65)) * w / 3),
+                   PHONE_LABELS[k % len(PHONE_LABELS)]) for k in range(a.clicks)]
+            for z, (_, url) in backends.items():
+                s = requests.Session()
+                for i, (y, x, lab) in enumerate(cl):
+                    dt = timed_post(s, url, click_body(3000 + t, "/data/local-files/?d=crowd.jpg", LIP_CONFIG, w, h,
+                                                       100 * x / w, 100 * y / h, lab, "bench.crowd"))
+                    if i:  # the first click also fetches the photo
+                        times[z].append(dt)
+        out = {"photo": f"{w}x{h}", "tasks": a.tasks, "clicks_per_task": a.clicks}
+        print("| served with | clicks 2-n p50 ms | p95 ms |\n|---|---|---|", file=sys.stderr)
+        for z, v in times.items():
+            out[f"zoom_{z}"] = {"ms_p50": round(pct(v, 50), 1), "ms_p95": round(pct(v, 95), 1)}
+            print(f"| IHP_ZOOM={z} | {out[f'zoom_{z}']['ms_p50']} | {out[f'zoom_{z}']['ms_p95']} |", file=sys.stderr)
+        print(json.dumps(out))
+    finally:
+        for proc, _ in backends.values():
+            stop(proc)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", choices=("ccp", "12mp"), default="ccp",
-                    help="ccp: the CCP-size measurements; 12mp: the phone-photo case (one worker)")
+    ap.add_argument("--case", choices=("ccp", "12mp", "crowd"), default="ccp",
+                    help="ccp: the CCP-size measurements; 12mp: the phone-photo case (one worker); "
+                         "crowd: three people in one photo, zoom on and off (one worker)")
     ap.add_argument("--tasks", type=int, default=5, help="12mp: tasks (photos) per backend")
     ap.add_argument("--baseline-root", help="12mp: a second source tree to serve the same clicks (A/B)")
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
@@ -315,6 +363,10 @@ def main():
         a.workers, a.clicks = 1, a.clicks or 10
         a.threads = a.threads or default_torch_threads(1)
         return phone_case(a)
+    if a.case == "crowd":
+        a.workers, a.clicks = 1, a.clicks or 10
+        a.threads = a.threads or default_torch_threads(1)
+        return crowd_case(a)
     a.clicks = a.clicks or 12
     a.workers = a.workers or default_workers()
     a.threads = a.threads or default_torch_threads(a.workers)

@@ -180,9 +180,12 @@ def test_zoomed_parse_pastes_each_persons_crop_parse_over_the_first_pass(parts_c
     p = Parser.from_file(parts_checkpoint)
     network_logits = p.logits
 
+    crops = []
+
     def first_pass_sees_the_people(image, clicks, prev_mask=None, timings=None):
         out = network_logits(image, clicks, prev_mask, timings)
         if image.shape[:2] != canvas.shape[:2]:
+            crops.append(image.shape)
             return out  # a crop: the network itself
         out = torch.full_like(out, -10.0)
         out[0] = 10.0
@@ -211,3 +214,11 @@ def test_zoomed_parse_pastes_each_persons_crop_parse_over_the_first_pass(parts_c
         covered[y0:y1, x0:x1] = True
     assert (zoomed.labels[~covered] == plain.labels[~covered]).all()
     assert not np.array_equal(zoomed.labels, plain.labels)
+    # the next click, on one person: only that person's crop is parsed again, the other's is reused
+    crops.clear()
+    more = np.vstack([clicks, [[700, 1000, 2]]])
+    again = p.parse(canvas, more, allowed_slots=allowed, zoom=True)
+    assert len(crops) == 1
+    fresh = Parser.from_file(parts_checkpoint)
+    fresh.logits = first_pass_sees_the_people
+    assert np.array_equal(again.labels, fresh.parse(canvas, more, allowed_slots=allowed, zoom=True).labels)
