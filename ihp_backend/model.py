@@ -17,7 +17,8 @@ from .core.checkpoint import BindingError
 from .history import ClickHistory, MemoryHistory, is_transient, project_key
 from .images import FetchSettings, ImageFetcher, ImageFetchError
 from .core.inference import Parser
-from .core.label_rules import allowed_slots, answered_labels, fill_channels, slot_names, zero_click_channels
+from .core.label_rules import (allowed_slots, answered_labels, fill_channels, prior_channels, slot_names,
+                               zero_click_channels)
 from .core.ls_format import ClickError, LabelSetup, brush_results, keypoints_to_clicks, validate_results
 from .errors import RequestError
 from .registry import open_registry
@@ -237,7 +238,9 @@ class IHPModel:
             prev = previous_input(stack, state)
             fill, fill_names = fill_channels(parser.binding, parser.vocab_start, setup.brush_labels,
                                              label_to_slot, arr[:, 2]) if self.settings.fill_known else ({}, {})
-            res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=resolved(prev), fill=fill)
+            prior = prior_channels(parser.binding, parser.vocab_start, setup.brush_labels, label_to_slot,
+                                   arr[:, 2], parser.unclaimed) if parser.vocab_prior else None
+            res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=resolved(prev), fill=fill, prior=prior)
             for stage, sec in res.timings.items():
                 self._add_time(stage, sec)
             emptied = [lab for st, _, _ in stack[-1:] for *_, lab in st]  # (an undo empties its label)

@@ -85,6 +85,7 @@ class Settings:
     fill_known: bool = False  # clicks answer unclicked known parts too, by meaning (IHP_FILL_KNOWN)
     zoom: bool = True  # parse each clicked small person again on its own region (IHP_ZOOM)
     unclaimed_bias: float = 0.0  # added to the unclaimed logit (IHP_UNCLAIMED_BIAS)
+    vocab_prior: float = ParserOptions.vocab_prior  # the vocabulary head's prior on clicked known names (IHP_VOCAB_PRIOR)
     redis_url: str = ""  # IHP_REDIS_URL: click history and previous predictions in Redis
     database_url: str = field(default="", repr=False)  # IHP_DATABASE_URL: annotations, requests, versions in PostgreSQL
     fit_queue: str = ""  # IHP_FIT_QUEUE: fit runs as RQ jobs on this queue of IHP_REDIS_URL ("" = a local process)
@@ -112,7 +113,7 @@ class Settings:
                              full_res_edges=self.full_res_edges,
                              click_radius=self.click_radius, precision=self.precision,
                              threads=self.torch_threads or default_torch_threads(),
-                             unclaimed_bias=self.unclaimed_bias, zoom=self.zoom)
+                             unclaimed_bias=self.unclaimed_bias, zoom=self.zoom, vocab_prior=self.vocab_prior)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -160,4 +161,5 @@ class Settings:
             fit_threads=_int("IHP_FIT_THREADS", 1),
             zoom=bool(_int("IHP_ZOOM", 1)),
             unclaimed_bias=_float("IHP_UNCLAIMED_BIAS", 0.0),
+            vocab_prior=_float("IHP_VOCAB_PRIOR", ParserOptions.vocab_prior),
         )

@@ -32,7 +32,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from ihp_backend.core.label_rules import allowed_slots, fill_channels, zero_click_channels
+from ihp_backend.core.label_rules import allowed_slots, fill_channels, prior_channels, zero_click_channels
 from ihp_backend.core.options import PRECISIONS, ParserOptions
 
 from . import click_simulation as cs
@@ -72,7 +72,7 @@ class CorePredictor:
         previous-prediction input exactly as the backend feeds its cached last answer."""
         slots = self.slot_lut[clicks[:, 2].astype(np.int64)] if len(clicks) else np.zeros(0, np.int64)
         c = np.column_stack([clicks[:, :2], slots]) if len(clicks) else np.zeros((0, 3))
-        fill = None
+        fill = prior = None
         if self.ignore_clicks:
             c = np.zeros((0, 3))
             allowed = sorted(self.slot_of.values())
@@ -81,6 +81,8 @@ class CorePredictor:
         else:
             allowed = allowed_slots(self.parser.binding, self.slot_of, slots, self.class_names,
                                     self.parser.unclaimed)
+            prior = prior_channels(self.parser.binding, self.parser.vocab_start, self.class_names,
+                                   self.slot_of, slots, self.parser.unclaimed) if self.parser.vocab_prior else None
             if self.fill_known:
                 fill, _ = fill_channels(self.parser.binding, self.parser.vocab_start, self.class_names,
                                         self.slot_of, slots)
@@ -88,7 +90,7 @@ class CorePredictor:
         if prev is not None and self.parser.use_prev_mask and not self.ignore_clicks:
             prev_slots = self.slot_lut[prev]
         res = self.parser.parse(image, c, allowed_slots=allowed, prev_mask=prev_slots, fill=fill,
-                                zoom=False if self.ignore_clicks else None)
+                                zoom=False if self.ignore_clicks else None, prior=prior)
         return self.class_lut[res.labels]
 
 
@@ -497,6 +499,9 @@ def main(argv=None):
                     help="parts nobody clicked are filled by meaning (the backend's IHP_FILL_KNOWN=1)")
     ap.add_argument("--unclaimed-bias", type=float, default=0.0,
                     help="added to the unclaimed channel's logit (the backend's IHP_UNCLAIMED_BIAS)")
+    ap.add_argument("--vocab-prior", type=float, default=ParserOptions.vocab_prior,
+                    help="weight of the vocabulary head's prior on clicked known names (the backend's "
+                         "IHP_VOCAB_PRIOR; 0: clicks alone)")
     ap.add_argument("--no-zoom", action="store_true",
                     help="never parse a clicked small person again on its own region (the backend's IHP_ZOOM=0)")
     ap.add_argument("--upscale", type=int, default=1,
@@ -524,7 +529,7 @@ def main(argv=None):
     for ck in a.checkpoint:
         opts = ParserOptions(max_side=a.max_side, flip=a.flip, refine=not a.no_refine,
                              full_res_edges=a.full_res_edges, click_radius=a.click_radius, precision=a.precision, threads=a.threads,
-                             unclaimed_bias=a.unclaimed_bias, zoom=not a.no_zoom)
+                             unclaimed_bias=a.unclaimed_bias, zoom=not a.no_zoom, vocab_prior=a.vocab_prior)
         parser = Parser.from_file(ck, **opts.parser_kwargs())
         predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}",
                                         zero_click=a.zero_click, fill_known=a.fill_known))

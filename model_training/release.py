@@ -24,7 +24,7 @@ def recalibrated_state(ck: dict, batches: int, seed: int = 1234) -> dict:
     cfg = ck["training"]["config"]
     net = network_of(ck)
     sds = click_dataset(cfg, net.cfg, seed)
-    recalibrate_bn(net, sds, batches=batches, batch_size=cfg.get("batch_size", 8))
+    recalibrate_bn(net, sds, batches=batches, batch_size=cfg.get("batch_size", 8), train_only=cfg.get("train_only"))
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 

@@ -49,6 +49,8 @@ DEFAULTS = {
     "log_every": 10,
     "max_minutes": None,
     "stop_at": None,  # stop (resumably) at this step without changing the lr schedule
+    "train_only": None,  # module name prefixes (e.g. [vocab_branch]): train these, freeze the rest
+    # (no gradient, BatchNorm statistics kept), so the frozen outputs stay exactly as they were
     "model_version": None,
 }
 
@@ -177,18 +179,44 @@ def add_correction_clicks(net, images, targets, clicks, num_slots, use_prev, dev
     return clicks, prev
 
 
-def recalibrate_bn(net, sds, batches: int = 16, batch_size: int = 8, device=None) -> None:
+def trained_modules(net, train_only) -> list[str]:
+    """Names of the modules a run trains: ``train_only``'s prefixes, or everything ([""])."""
+    return [""] if not train_only else [str(p) for p in train_only]
+
+
+def freeze_except(net, train_only) -> list:
+    """Freeze every parameter outside ``train_only`` (module name prefixes; None: nothing frozen)
+    and put the frozen modules in eval mode, so their BatchNorm statistics do not move; returns
+    the trainable parameters. Call again after anything that sets ``net.train()``."""
+    if not train_only:
+        return [p for p in net.parameters() if p.requires_grad]
+    prefixes = trained_modules(net, train_only)
+    if not any(n.startswith(pre) for n, _ in net.named_parameters() for pre in prefixes):
+        raise SystemExit(f"train_only {prefixes}: no parameter of the network has such a name")
+    for name, p in net.named_parameters():
+        p.requires_grad_(any(name.startswith(pre) for pre in prefixes))
+    for name, m in net.named_modules():
+        if name and not any(name.startswith(pre) or pre.startswith(name + ".") for pre in prefixes):
+            m.eval()
+    return [p for p in net.parameters() if p.requires_grad]
+
+
+def recalibrate_bn(net, sds, batches: int = 16, batch_size: int = 8, device=None, train_only=None) -> None:
     """Re-estimate BatchNorm running statistics as plain averages over ``batches`` training
     batches (no gradient). Short CPU runs move the weights faster than the running averages
-    follow; recalibrated statistics make eval mode match what the weights learned."""
+    follow; recalibrated statistics make eval mode match what the weights learned. With
+    ``train_only`` only the BatchNorms of those modules (a frozen trunk keeps its statistics)."""
     device = device or next(net.parameters()).device
-    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    prefixes = trained_modules(net, train_only)
+    bns = [m for n, m in net.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+           and any(n.startswith(pre) for pre in prefixes)]
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average
     was = net.training
     net.train()
+    freeze_except(net, train_only)  # frozen BatchNorms stay in eval mode
     n = len(sds)
     with torch.no_grad():
         for b in range(batches):
@@ -271,7 +299,10 @@ def train(cfg: dict, dataset=None, init_state: dict | None = None, binding: Bind
     net.to(device)
     model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local] if device.type == "cuda" else None) \
         if world > 1 else net
-    params = [p for p in net.parameters() if p.requires_grad]
+    params = freeze_except(net, cfg.get("train_only"))
+    # a frozen slot path (train_only without the classifier) needs none of the slot losses
+    slot_losses = not cfg.get("train_only") or any(
+        p.requires_grad for n, p in net.named_parameters() if not n.startswith("vocab_branch."))
     if cfg["optimizer"] == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     else:
@@ -314,6 +345,7 @@ def train(cfg: dict, dataset=None, init_state: dict | None = None, binding: Bind
 
     epoch = step * cfg["batch_size"] * world // max(1, len(sds))
     model.train()
+    freeze_except(net, cfg.get("train_only"))
     done = False
     while not done:
         sds.epoch = epoch
@@ -336,19 +368,21 @@ def train(cfg: dict, dataset=None, init_state: dict | None = None, binding: Bind
                 rounds = int(rng.integers(1, it.get("max_rounds", 3) + 1))
                 clicks, prev = add_correction_clicks(net, images, targets, clicks, net_cfg.num_slots,
                                                      net_cfg.prev_mask, device, rounds, rng)
+                freeze_except(net, cfg.get("train_only"))
             x = build_inputs(images, clicks, net_cfg.num_slots, prev, net_cfg.prev_mask).to(device)
             y = targets.to(device)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 out4, feats = model(x, features=True)
                 logits4 = out4[:, :net_cfg.vocab_start]  # the slots (and the unclaimed channel)
                 logits = F.interpolate(logits4, size=y.shape[-2:], mode="bilinear", align_corners=False)
-            ce = balanced_ce(logits.float(), y, clicks)
+            zero = torch.zeros((), device=device)
+            ce = balanced_ce(logits.float(), y, clicks) if slot_losses else zero
             voc = vocabulary_loss(out4[:, net_cfg.vocab_start:], vocab_target.to(device), vocab_used.to(device)) \
                 if net_cfg.vocab_size and vocab_target is not None else torch.zeros((), device=device)
-            sp = sp_loss(feats.float(), y, clicks, cfg["sp_margin"]) if cfg["sp_weight"] > 0 \
-                else torch.zeros((), device=device)
-            lov = lovasz_softmax(logits, y, max_pixels=cfg["lovasz_pixels"]) if cfg["lovasz_weight"] > 0 \
-                else torch.zeros((), device=device)
+            sp = sp_loss(feats.float(), y, clicks, cfg["sp_margin"]) if cfg["sp_weight"] > 0 and slot_losses \
+                else zero
+            lov = lovasz_softmax(logits, y, max_pixels=cfg["lovasz_pixels"]) if cfg["lovasz_weight"] > 0 and slot_losses \
+                else zero
             loss = ce + cfg["sp_weight"] * sp + cfg["lovasz_weight"] * lov + cfg["vocab_weight"] * voc
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -191,6 +191,29 @@ def paste_into(labels: np.ndarray, crop_labels: np.ndarray, box: tuple[int, int,
     return labels
 
 
+def with_vocabulary_prior(sub: torch.Tensor, slots: np.ndarray, logits: torch.Tensor,
+                          prior: dict[int, list[int]], weight: float, floor: float = 1e-4) -> torch.Tensor:
+    """``sub`` (the logits of output channels ``slots``, (S, h, w)) plus ``weight`` times the log of
+    the probability the vocabulary head gives each channel's classes: a product of experts,
+    ``p(c) ~ p_clicks(c) * p_vocab(classes of c) ** weight``. ``prior`` maps an output channel to
+    the vocabulary channels it stands for (a clicked slot: its label's class; the unclaimed
+    channel: the known classes nobody clicked); the vocabulary softmax spans the union of them
+    (the label config's known classes), as in training. Channels not in ``prior`` are unchanged.
+    Probabilities are floored at ``floor`` so that the head alone never vetoes a click."""
+    vocab = sorted({v for vs in prior.values() for v in vs})
+    if not vocab or not weight:
+        return sub
+    q = torch.softmax(logits[torch.as_tensor(vocab, device=logits.device)].float(), dim=0)
+    pos = {v: i for i, v in enumerate(vocab)}
+    out = sub.clone()
+    for i, ch in enumerate(np.asarray(slots).tolist()):
+        if ch in prior:
+            idx = [pos[v] for v in prior[ch]]
+            mass = q[torch.as_tensor(idx, device=q.device)].sum(0) if idx else torch.zeros_like(q[0])
+            out[i] += weight * torch.log(mass.clamp(min=floor))
+    return out
+
+
 @dataclass
 class ParseResult:
     labels: np.ndarray  # (H, W) output channel per pixel (uint8 when they fit), at the image size
@@ -219,7 +242,7 @@ class Parser:
     def __init__(self, ckpt: dict, device: str | None = None, max_side: int | None = None,
                  threads: int | None = None, flip: bool = False, refine: bool = True, full_res_edges: bool = False,
                  click_radius: float = 10.0, precision: str | None = "auto", unclaimed_bias: float = 0.0,
-                 zoom: bool = False):
+                 zoom: bool = False, vocab_prior: float = 0.0):
         self.ckpt = ckpt
         self.binding: Binding = binding_of(ckpt)
         self.net = fold_batchnorm(network_of(ckpt).eval())
@@ -233,6 +256,7 @@ class Parser:
         self.vocab_start = self.net.cfg.vocab_start  # first vocabulary channel
         self.unclaimed_bias = float(unclaimed_bias)  # < 0: fewer pixels left unlabelled
         self.zoom = bool(zoom)  # parse's default: look closer at each clicked small person (person_boxes)
+        self.vocab_prior = float(vocab_prior)  # weight of the vocabulary head's prior (with_vocabulary_prior)
         self.use_prev_mask = self.net.cfg.prev_mask
         self.model_version = ckpt.get("model_version", "unknown")
         self.flip = bool(flip)  # test-time flip: mean of the logits of the input and its mirror
@@ -404,7 +428,7 @@ class Parser:
 
     def parse(self, image: np.ndarray, clicks, allowed_slots=None,
               prev_mask: np.ndarray | None = None, fill: dict[int, int] | None = None,
-              zoom: bool | None = None) -> ParseResult:
+              zoom: bool | None = None, prior: dict[int, list[int]] | None = None) -> ParseResult:
         """Parse ``image`` (H, W, 3 uint8) given clicks (y, x, slot) in its pixel coordinates.
 
         ``allowed_slots`` restricts the argmax to these output channels (the slots the label
@@ -414,7 +438,10 @@ class Parser:
         ``fill`` ({vocabulary channel: label value}) shares the unclaimed channel's probability
         among those known classes by the vocabulary head's softmax over them,
         ``p(c) = p_slots(unclaimed) * p_vocab(c | fill)``: parts nobody clicked are parsed by
-        meaning instead of left unlabelled. With ``refine`` the class probabilities are refined
+        meaning instead of left unlabelled. ``prior`` ({output channel: the vocabulary channels
+        it stands for}, ``label_rules.prior_channels``) adds the Parser's ``vocab_prior`` times
+        the log-probability the vocabulary head gives those classes (``with_vocabulary_prior``):
+        a click says which part, the head says what a pixel looks like. With ``refine`` the class probabilities are refined
         along the colour edges of the network-size photo (``refined_argmax``) and, with
         ``full_res_edges``, enlarged with boundaries between network pixels (``smooth_resize``); else the logits
         are upsampled to the original size before the argmax. Then every click claims the
@@ -434,6 +461,8 @@ class Parser:
             if self.unclaimed_bias and self.unclaimed is not None and self.unclaimed in slots:
                 sub = sub.clone()
                 sub[int(np.nonzero(slots == self.unclaimed)[0][0])] += self.unclaimed_bias
+            if prior and self.vocab_prior:
+                sub = with_vocabulary_prior(sub, slots, logits, prior, self.vocab_prior)
             if fill and self.unclaimed is not None and self.unclaimed in slots:
                 sub, slots = self._filled(sub, slots, logits, fill)
             # scores at stride 4 (cheap); labels at the image size
@@ -461,11 +490,11 @@ class Parser:
         res = ParseResult(labels=labels, confidence=conf, score=score, timings=timings,
                           network_labels=network_labels)
         if self.zoom if zoom is None else zoom:
-            return self._zoomed(res, image, clicks, allowed_slots, fill, arg_small, values=slots)
+            return self._zoomed(res, image, clicks, allowed_slots, fill, arg_small, values=slots, prior=prior)
         return res
 
     def _zoomed(self, res: ParseResult, image: np.ndarray, clicks, allowed_slots, fill,
-                arg_small: torch.Tensor, values: np.ndarray) -> ParseResult:
+                arg_small: torch.Tensor, values: np.ndarray, prior=None) -> ParseResult:
         """``res`` with each clicked person's region parsed again at the network's resolution
         (``parse``'s ``zoom``)."""
         small = values[arg_small.cpu().numpy()]
@@ -478,7 +507,8 @@ class Parser:
             # a person whose clicks did not change since the last answer keeps its crop parse (the
             # crop's parse depends on nothing else), so a click costs one zoomed forward, not one per person
             key = (id(image), box, own.tobytes(), tuple(sorted(allowed_slots)) if allowed_slots is not None else None,
-                   tuple(sorted(fill.items())) if fill else None)
+                   tuple(sorted(fill.items())) if fill else None,
+                   tuple((k, tuple(v)) for k, v in sorted(prior.items())) if prior else None)
             with self._lock:
                 hit = self._crops.get(key)
                 if hit is not None and hit[0]() is image:
@@ -486,7 +516,8 @@ class Parser:
             if hit is not None and hit[0]() is image:
                 labels = hit[1]
             else:
-                crop = self.parse(np.ascontiguousarray(image[y0:y1, x0:x1]), own, allowed_slots, None, fill, zoom=False)
+                crop = self.parse(np.ascontiguousarray(image[y0:y1, x0:x1]), own, allowed_slots, None, fill,
+                                  zoom=False, prior=prior)
                 labels = crop.labels
                 for k, v in crop.timings.items():
                     res.timings[k] = res.timings.get(k, 0.0) + v

@@ -58,6 +58,32 @@ def fill_channels(binding: Binding, vocab_start: int, brush_labels, label_to_slo
     return (fill, names) if names else ({}, {})
 
 
+def prior_channels(binding: Binding, vocab_start: int, brush_labels, label_to_slot: dict[str, int],
+                   click_slots, unclaimed: int | None) -> dict[int, list[int]]:
+    """For the vocabulary head's prior on an interactive parse (``Parser.parse(prior=...)``,
+    ``IHP_VOCAB_PRIOR``): {output channel: the vocabulary channels it stands for}. Background
+    (slot 0) is the vocabulary's Background, a clicked slot its label's class, the unclaimed
+    channel every known part label nobody clicked. Empty (no prior) unless every part label of
+    the config is known by meaning: a name the head does not know has no probability to add."""
+    zc = zero_click_channels(binding, vocab_start, brush_labels)
+    parts = [lab for lab in brush_labels if not binding.is_background(lab)]
+    if not zc or any(lab not in zc for lab in parts):
+        return {}
+    bg = next(ch for lab, ch in zc.items() if binding.is_background(lab) or lab == "__background__")
+    clicked = {int(s) for s in np.asarray(click_slots).reshape(-1)}
+    out: dict[int, list[int]] = {0: [bg]}
+    rest = []
+    for lab in parts:
+        slot = label_to_slot.get(lab)
+        if slot in clicked:
+            out.setdefault(slot, []).append(zc[lab])
+        else:
+            rest.append(zc[lab])
+    if unclaimed is not None:
+        out[int(unclaimed)] = rest
+    return out
+
+
 def slot_names(label_to_slot: dict[str, int], labels, brush_labels) -> dict[int, str]:
     """Slot -> BrushLabels name (the brush control's spelling wins)."""
     out = {}

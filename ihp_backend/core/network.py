@@ -42,6 +42,8 @@ class NetConfig:
     prev_mask: bool = False
     unclaimed: bool = False  # one more output after the slots: "a part nobody has clicked"
     vocab_size: int = 0  # outputs of the vocabulary head (known class names, zero-click parse)
+    vocab_branch: int = 0  # > 0: a branch of this width (two separable 3x3 convs + 1x1) whose
+    # output is added to the vocabulary logits: class-aware capacity of its own, beside the slots
 
     @property
     def in_channels(self) -> int:
@@ -139,6 +141,15 @@ class IHPNet(nn.Module):
             _separable(cfg.decoder_channels, cfg.decoder_channels),
         )
         self.classifier = nn.Conv2d(cfg.decoder_channels, cfg.out_channels, 1)
+        self.vocab_branch = None
+        if cfg.vocab_branch and cfg.vocab_size:
+            self.vocab_branch = nn.Sequential(
+                _separable(cfg.decoder_channels, cfg.vocab_branch),
+                _separable(cfg.vocab_branch, cfg.vocab_branch),
+                nn.Conv2d(cfg.vocab_branch, cfg.vocab_size, 1),
+            )
+            nn.init.zeros_(self.vocab_branch[-1].weight)  # added to a trained head: starts silent
+            nn.init.zeros_(self.vocab_branch[-1].bias)
         # torchvision's MobileNetV3 uses BN momentum 0.01, tuned for very long schedules; with
         # short CPU runs and fine-tuning the running statistics would lag far behind the weights
         for m in self.modules():
@@ -151,7 +162,11 @@ class IHPNet(nn.Module):
         ctx = self.aspp(high)
         ctx = F.interpolate(ctx, size=low.shape[-2:], mode="bilinear", align_corners=False)
         feats = self.decoder(torch.cat([ctx, self.low_proj(low)], dim=1))
-        return self.classifier(feats), feats
+        logits = self.classifier(feats)
+        if self.vocab_branch is not None:
+            v = self.cfg.vocab_start
+            logits = torch.cat([logits[:, :v], logits[:, v:] + self.vocab_branch(feats)], dim=1)
+        return logits, feats
 
     def forward(self, x: torch.Tensor, features: bool = False):
         """Logits at the input resolution; with ``features=True`` the stride-4
@@ -198,7 +213,8 @@ def load_widening(net: IHPNet, state_dict: dict) -> dict[str, tuple[tuple, tuple
     (Net2Net-style): every old tensor is copied into the leading block of the new one; a conv's
     weights from new input channels start at zero, so new channels feed nothing until training
     moves those weights, and the widened network computes exactly what the original did
-    (BatchNorm of new channels at its defaults). The ASPP width cannot change: its branches are
+    (BatchNorm of new channels at its defaults). A vocabulary branch the old network lacks
+    (``vocab_branch``) keeps its fresh initialisation, whose last conv is zero: silent too. The ASPP width cannot change: its branches are
     concatenated, so old channels would not stay a leading block.
     Returns {tensor name: (old shape, new shape)} of the widened tensors ({} for a plain load)."""
     own = net.state_dict()
@@ -216,6 +232,10 @@ def load_widening(net: IHPNet, state_dict: dict) -> dict[str, tuple[tuple, tuple
         w[tuple(slice(0, n) for n in old.shape)] = old
         loaded[name] = w
         widened[name] = (tuple(old.shape), tuple(new.shape))
+    for name, t in own.items():
+        if name.startswith("vocab_branch.") and name not in loaded:
+            loaded[name] = t  # a new branch, silent at its initialisation
+            widened[name] = ((), tuple(t.shape))
     net.load_state_dict(loaded)
     return widened
 

@@ -21,6 +21,9 @@ class ParserOptions:
     unclaimed_bias: float = 0.0  # IHP_UNCLAIMED_BIAS: added to the unclaimed channel's logit
     zoom: bool = True  # IHP_ZOOM: each clicked person that is small in the photo parsed again on its
     # own region at the network's resolution (inference.person_boxes; crowds, distant people)
+    vocab_prior: float = 0.5  # IHP_VOCAB_PRIOR: weight of the vocabulary head's prior on clicked
+    # parts of known names (inference.with_vocabulary_prior; 0: clicks alone; chosen on CCP train,
+    # docs/experiments.md)
 
     def parser_kwargs(self) -> dict:
         """Keyword arguments of ``ihp_backend.core.inference.Parser``."""
