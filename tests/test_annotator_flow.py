@@ -222,3 +222,40 @@ def test_zoomed_parse_pastes_each_persons_crop_parse_over_the_first_pass(parts_c
     fresh = Parser.from_file(parts_checkpoint)
     fresh.logits = first_pass_sees_the_people
     assert np.array_equal(again.labels, fresh.parse(canvas, more, allowed_slots=allowed, zoom=True).labels)
+
+
+def test_vocabulary_prior_is_served_for_known_names_only(tmp_path, parts_checkpoint, image_server, payloads, monkeypatch):
+    """IHP_VOCAB_PRIOR reaches the served parse: with known names a heavy prior changes the
+    answer to the same clicks; with names the head does not know there is no prior to add."""
+    unknown = [("Hair", "Fur"), ("Face", "Snout"), ("Left-arm", "Paw")]
+
+    def renamed(body):
+        body = copy.deepcopy(body)
+        for a, b in unknown:
+            body["label_config"] = body["label_config"].replace(f'"{a}"', f'"{b}"')
+            for r in body["params"]["context"]["result"]:
+                r["value"]["keypointlabels"] = [b if v == a else v for v in r["value"]["keypointlabels"]]
+                r["value"]["labels"] = [b if v == a else v for v in r["value"]["labels"]]
+        return body
+
+    def answers(weight, rename=False):
+        monkeypatch.setenv("IHP_VOCAB_PRIOR", str(weight))
+        assert Settings.from_env().parser_options().vocab_prior == weight
+        m = IHPModel(Settings(model_dir=str(tmp_path / f"md{weight}{rename}"), checkpoint=parts_checkpoint,
+                              ls_url=image_server["url"], train_every=1000, vocab_prior=weight))
+        m.load()
+        c = create_app(m, load=False).test_client()
+        out = []
+        for x, y, lab in [(50, 21, "Hair"), (45, 80, "Left-arm")]:
+            body = click_body(payloads, x, y, lab)
+            res = c.post("/predict", json=renamed(body) if rename else body)
+            assert res.status_code == 200, res.get_data(as_text=True)
+            out.append(masks_of(res.get_json()["results"][0]))
+        assert any(out)
+        return out
+
+    def same(a, b):
+        return all(set(x) == set(y) and all((x[k] == y[k]).all() for k in x) for x, y in zip(a, b))
+
+    assert not same(answers(0.0), answers(50.0))
+    assert same(answers(0.0, rename=True), answers(50.0, rename=True))
