@@ -179,7 +179,7 @@ def add_correction_clicks(net, images, targets, clicks, num_slots, use_prev, dev
     return clicks, prev
 
 
-def trained_modules(net, train_only) -> list[str]:
+def trained_modules(train_only) -> list[str]:
     """Names of the modules a run trains: ``train_only``'s prefixes, or everything ([""])."""
     return [""] if not train_only else [str(p) for p in train_only]
 
@@ -190,7 +190,7 @@ def freeze_except(net, train_only) -> list:
     the trainable parameters. Call again after anything that sets ``net.train()``."""
     if not train_only:
         return [p for p in net.parameters() if p.requires_grad]
-    prefixes = trained_modules(net, train_only)
+    prefixes = trained_modules(train_only)
     if not any(n.startswith(pre) for n, _ in net.named_parameters() for pre in prefixes):
         raise SystemExit(f"train_only {prefixes}: no parameter of the network has such a name")
     for name, p in net.named_parameters():
@@ -207,7 +207,7 @@ def recalibrate_bn(net, sds, batches: int = 16, batch_size: int = 8, device=None
     follow; recalibrated statistics make eval mode match what the weights learned. With
     ``train_only`` only the BatchNorms of those modules (a frozen trunk keeps its statistics)."""
     device = device or next(net.parameters()).device
-    prefixes = trained_modules(net, train_only)
+    prefixes = trained_modules(train_only)
     bns = [m for n, m in net.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
            and any(n.startswith(pre) for pre in prefixes)]
     saved = [m.momentum for m in bns]

@@ -441,8 +441,8 @@ class Parser:
         meaning instead of left unlabelled. ``prior`` ({output channel: the vocabulary channels
         it stands for}, ``label_rules.prior_channels``) adds the Parser's ``vocab_prior`` times
         the log-probability the vocabulary head gives those classes (``with_vocabulary_prior``):
-        a click says which part, the head says what a pixel looks like. With ``refine`` the class probabilities are refined
-        along the colour edges of the network-size photo (``refined_argmax``) and, with
+        a click says which part, the head says what a pixel looks like. With ``refine`` the
+        class probabilities are refined along the colour edges of the network-size photo (``refined_argmax``) and, with
         ``full_res_edges``, enlarged with boundaries between network pixels (``smooth_resize``); else the logits
         are upsampled to the original size before the argmax. Then every click claims the
         pixels of its colour within ``click_radius`` network pixels (``paint_clicks``).

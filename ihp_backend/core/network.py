@@ -214,8 +214,9 @@ def load_widening(net: IHPNet, state_dict: dict) -> dict[str, tuple[tuple, tuple
     weights from new input channels start at zero, so new channels feed nothing until training
     moves those weights, and the widened network computes exactly what the original did
     (BatchNorm of new channels at its defaults). A vocabulary branch the old network lacks
-    (``vocab_branch``) keeps its fresh initialisation, whose last conv is zero: silent too. The ASPP width cannot change: its branches are
-    concatenated, so old channels would not stay a leading block.
+    (``vocab_branch``) keeps its fresh initialisation, whose last conv is zero: silent too. The
+    ASPP width cannot change: its branches are concatenated, so old channels would not stay a
+    leading block.
     Returns {tensor name: (old shape, new shape)} of the widened tensors ({} for a plain load)."""
     own = net.state_dict()
     loaded, widened = dict(state_dict), {}
