@@ -373,7 +373,7 @@ def evaluate_progressive(predictor, samples, class_names: list[str], max_parts: 
     n = len(class_names)
     conf = np.zeros((max_parts, n, n), np.int64)
     images = np.zeros(max_parts, np.int64)
-    first_iou = []
+    first_iou, first_by_class = [], {}
     it = tqdm(samples, desc=f"progressive {predictor.name}", disable=not progress, dynamic_ncols=True)
     for idx, (image, gt) in enumerate(it):
         gt = gt.astype(np.int64)
@@ -394,6 +394,7 @@ def evaluate_progressive(predictor, samples, class_names: list[str], max_parts: 
                 inter = np.logical_and(pred == cls, gt == cls).sum()
                 union = np.logical_or(pred == cls, gt == cls).sum()
                 first_iou.append(inter / max(1, union))
+                first_by_class.setdefault(class_names[cls], []).append(first_iou[-1])
     curve = []
     for j in range(max_parts):
         if images[j] == 0:
@@ -404,7 +405,9 @@ def evaluate_progressive(predictor, samples, class_names: list[str], max_parts: 
         curve.append(float(np.mean([iou[c] for c in present])))
     return {"name": predictor.name, "protocol": "progressive", "miou_after_part": [round(v, 4) for v in curve],
             "images_with_part": images[:len(curve)].tolist(),
-            "first_click_part_iou": round(float(np.mean(first_iou)), 4) if first_iou else None}
+            "first_click_part_iou": round(float(np.mean(first_iou)), 4) if first_iou else None,
+            "first_click_part_iou_by_class": {k: [round(float(np.mean(v)), 4), len(v)]
+                                              for k, v in sorted(first_by_class.items())}}
 
 
 # ------------------------------------------------------------------------------------- reports

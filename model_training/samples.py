@@ -37,6 +37,12 @@ class SampleConfig:
     # of those, this share keeps only one or two parts (the first clicks of the progressive
     # protocol; uniform 1..all makes them rare when a photo has ten parts)
     p_few_parts: float = 0.0
+    # share of samples whose clicked part classes keep a single click each, on one component
+    # (chosen by area), extra clicks dropped: an annotator's first click on a part, as the
+    # progressive protocol gives it. The class's other components (the other arm, shoe, coat
+    # flap) stay its target, so the network learns to extend one click to the whole part; without
+    # it every component above ``min_area`` gets a click and a lone click only ever meant "here".
+    p_single_click: float = 0.0
     unclaimed: int | None = None  # the unclaimed output channel (None: the network has none)
     p_no_clicks: float = 0.0  # share of samples with no click at all (the zero-click parse)
     # crowds, small people, partial bodies and camera noise (issue 31); all off by default
@@ -217,6 +223,22 @@ def leave_parts_unclicked(clicks, rng, background: int = 0, p_few: float = 0.0) 
     return [c for c in clicks if int(c[2]) == background or int(c[2]) in keep]
 
 
+def one_click_per_part(labels: np.ndarray, clicks, rng, background: int = 0, min_area: int = 16) -> list:
+    """For every part class that has clicks, one central click on one of its components
+    (probability proportional to area, so mostly the largest) instead of all of them; the
+    background clicks stay."""
+    out = [c for c in clicks if int(c[2]) == background]
+    for cls in sorted({int(c[2]) for c in clicks} - {background}):
+        comps = cs.components(labels, cls, min_area)
+        if not comps:
+            out += [c for c in clicks if int(c[2]) == cls][:1]
+            continue
+        areas = np.array([m.sum() for m in comps], np.float64)
+        comp = comps[int(rng.choice(len(comps), p=areas / areas.sum()))]
+        out.append((*cs.central_click(comp, rng), cls))
+    return out
+
+
 UNCLAIMED_CLASS = 253  # label value marking "a part with no click" before slot binding
 
 
@@ -344,6 +366,8 @@ class ClickSampleDataset(torch.utils.data.Dataset):
         clicks = simulate_clicks(labels, cfg, rng)
         if cfg.unclaimed is not None and cfg.p_partial > 0 and rng.random() < cfg.p_partial:
             clicks = leave_parts_unclicked(clicks, rng, cfg.background, cfg.p_few_parts)
+        if cfg.p_single_click and rng.random() < cfg.p_single_click:
+            clicks = one_click_per_part(labels, clicks, rng, cfg.background, cfg.min_area)
         if cfg.unclaimed is not None and cfg.p_no_clicks > 0 and rng.random() < cfg.p_no_clicks:
             clicks = []
         if cfg.binding == "shuffled":

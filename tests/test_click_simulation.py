@@ -144,3 +144,22 @@ def test_few_parts_share_is_one_or_two_parts():
     assert set(counts) == {1, 2}
     counts = [len(leave_parts_unclicked(clicks, rng, p_few=0.0)) for _ in range(400)]
     assert max(counts) == 10 and np.mean([c <= 2 for c in counts]) < 0.35
+
+
+def test_one_click_per_part_keeps_one_click_inside_one_component_and_the_whole_target():
+    from model_training.samples import one_click_per_part
+    lab = np.zeros((80, 80), np.uint8)
+    lab[5:45, 5:45] = 3  # a large component of class 3 ...
+    lab[58:68, 58:68] = 3  # ... and a small one (the other shoe)
+    lab[50:70, 5:25] = 5
+    clicks = [(20, 20, 3), (62, 62, 3), (30, 30, 3), (60, 10, 5), (75, 75, 0)]
+    rng = np.random.default_rng(3)
+    picks = []
+    for _ in range(100):
+        out = one_click_per_part(lab, clicks, rng)
+        assert (75, 75, 0) in out  # background clicks stay
+        assert sorted(k for *_, k in out) == [0, 3, 5]  # one click per part class
+        (y, x, _), = [c for c in out if c[2] == 3]
+        assert lab[y, x] == 3
+        picks.append(y < 50)
+    assert 0.85 < np.mean(picks) < 1.0  # by area: mostly the large component, sometimes the small
