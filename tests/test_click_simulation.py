@@ -146,7 +146,7 @@ def test_few_parts_share_is_one_or_two_parts():
     assert max(counts) == 10 and np.mean([c <= 2 for c in counts]) < 0.35
 
 
-def test_one_click_per_part_keeps_one_click_inside_one_component_and_the_whole_target():
+def test_one_click_per_part_keeps_one_click_per_class_inside_one_component_chosen_by_area():
     from model_training.samples import one_click_per_part
     lab = np.zeros((80, 80), np.uint8)
     lab[5:45, 5:45] = 3  # a large component of class 3 ...
