@@ -86,6 +86,7 @@ class Settings:
     zoom: bool = True  # parse each clicked small person again on its own region (IHP_ZOOM)
     unclaimed_bias: float = 0.0  # added to the unclaimed logit (IHP_UNCLAIMED_BIAS)
     vocab_prior: float = ParserOptions.vocab_prior  # the vocabulary head's prior on clicked known names (IHP_VOCAB_PRIOR)
+    vocab_share: bool = ParserOptions.vocab_share  # unclaimed pixels to the clicked known label seen there (IHP_VOCAB_SHARE)
     redis_url: str = ""  # IHP_REDIS_URL: click history and previous predictions in Redis
     database_url: str = field(default="", repr=False)  # IHP_DATABASE_URL: annotations, requests, versions in PostgreSQL
     fit_queue: str = ""  # IHP_FIT_QUEUE: fit runs as RQ jobs on this queue of IHP_REDIS_URL ("" = a local process)
@@ -113,7 +114,8 @@ class Settings:
                              full_res_edges=self.full_res_edges,
                              click_radius=self.click_radius, precision=self.precision,
                              threads=self.torch_threads or default_torch_threads(),
-                             unclaimed_bias=self.unclaimed_bias, zoom=self.zoom, vocab_prior=self.vocab_prior)
+                             unclaimed_bias=self.unclaimed_bias, zoom=self.zoom, vocab_prior=self.vocab_prior,
+                             vocab_share=self.vocab_share)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -162,4 +164,5 @@ class Settings:
             zoom=bool(_int("IHP_ZOOM", 1)),
             unclaimed_bias=_float("IHP_UNCLAIMED_BIAS", 0.0),
             vocab_prior=_float("IHP_VOCAB_PRIOR", ParserOptions.vocab_prior),
+            vocab_share=bool(_int("IHP_VOCAB_SHARE", int(ParserOptions.vocab_share))),
         )

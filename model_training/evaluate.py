@@ -82,7 +82,7 @@ class CorePredictor:
             allowed = allowed_slots(self.parser.binding, self.slot_of, slots, self.class_names,
                                     self.parser.unclaimed)
             prior = prior_channels(self.parser.binding, self.parser.vocab_start, self.class_names,
-                                   self.slot_of, slots, self.parser.unclaimed) if self.parser.vocab_prior else None
+                                   self.slot_of, slots, self.parser.unclaimed) if self.parser.vocab_prior or self.parser.vocab_share else None
             if self.fill_known:
                 fill, _ = fill_channels(self.parser.binding, self.parser.vocab_start, self.class_names,
                                         self.slot_of, slots)
@@ -502,6 +502,9 @@ def main(argv=None):
                     help="parts nobody clicked are filled by meaning (the backend's IHP_FILL_KNOWN=1)")
     ap.add_argument("--unclaimed-bias", type=float, default=0.0,
                     help="added to the unclaimed channel's logit (the backend's IHP_UNCLAIMED_BIAS)")
+    ap.add_argument("--vocab-share", type=int, choices=(0, 1), default=int(ParserOptions.vocab_share),
+                    help="1: the unclaimed channel's probability goes to the clicked label the vocabulary head "
+                         "sees there (the backend's IHP_VOCAB_SHARE)")
     ap.add_argument("--vocab-prior", type=float, default=ParserOptions.vocab_prior,
                     help="weight of the vocabulary head's prior on clicked known names (the backend's "
                          "IHP_VOCAB_PRIOR; 0: clicks alone)")
@@ -532,7 +535,8 @@ def main(argv=None):
     for ck in a.checkpoint:
         opts = ParserOptions(max_side=a.max_side, flip=a.flip, refine=not a.no_refine,
                              full_res_edges=a.full_res_edges, click_radius=a.click_radius, precision=a.precision, threads=a.threads,
-                             unclaimed_bias=a.unclaimed_bias, zoom=not a.no_zoom, vocab_prior=a.vocab_prior)
+                             unclaimed_bias=a.unclaimed_bias, zoom=not a.no_zoom, vocab_prior=a.vocab_prior,
+                             vocab_share=bool(a.vocab_share))
         parser = Parser.from_file(ck, **opts.parser_kwargs())
         predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}",
                                         zero_click=a.zero_click, fill_known=a.fill_known))

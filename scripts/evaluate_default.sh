@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CK=${1:-ihp_backend/models/default.pt}
 OUT=${OUT:-runs/eval_default}
-EV=(.venv/bin/python -m model_training.evaluate --checkpoint "$CK" --precision float32 ${THREADS:+--threads "$THREADS"})
+# EVAL_ARGS: more evaluate flags for every run (a serving option under test, e.g. "--vocab-share 0")
+EV=(.venv/bin/python -m model_training.evaluate --checkpoint "$CK" --precision float32 ${THREADS:+--threads "$THREADS"} ${EVAL_ARGS:-})
 CCP=(--data ../shared/data/ccp --split val)
 "${EV[@]}" "${CCP[@]}" --kind ccp --merge ccp12 --max-corrections 10 --standard 0.85 --out "$OUT/ccp12"
 "${EV[@]}" "${CCP[@]}" --kind ccp --merge ccp12 --protocol progressive --out "$OUT/ccp12_progressive"

@@ -1,9 +1,10 @@
-"""The vocabulary head's prior on clicked parts (IHP_VOCAB_PRIOR) and the vocabulary branch."""
+"""The vocabulary head's prior on clicked parts (IHP_VOCAB_PRIOR), the unclaimed probability shared
+out by meaning (IHP_VOCAB_SHARE) and the vocabulary branch."""
 import numpy as np
 import torch
 
 from ihp_backend.core.checkpoint import Binding
-from ihp_backend.core.inference import with_vocabulary_prior
+from ihp_backend.core.inference import with_vocabulary_prior, with_vocabulary_share
 from ihp_backend.core.label_rules import prior_channels
 from ihp_backend.core.network import NetConfig, build_network, load_widening
 from ihp_backend.core.vocabulary import VOCABULARY
@@ -91,3 +92,28 @@ def test_train_only_freezes_the_trunk_and_its_batchnorm_statistics():
     after = net.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())  # weights and running statistics
     assert net.vocab_branch[-1].weight.abs().sum() > 0
+
+
+def test_share_gives_unclaimed_pixels_to_the_clicked_label_the_head_sees_there():
+    # one Skin click (slot 1) on the face (column 0); the slots call the arm (column 1) and the
+    # background (column 2) "unclaimed"; the head sees Skin on the face and the arm, Background
+    # on the right, Hair nowhere. Shared out: the arm goes to the clicked Skin, the background
+    # pixel stays unlabelled (background), an unclicked Hair keeps its share on the unclaimed channel.
+    out = V0 + len(VOCABULARY)
+    logits = torch.zeros(out, 1, 3)
+    slots = np.array([0, 1, UNCLAIMED])
+    logits[1, 0, 0] = 6.0
+    logits[UNCLAIMED, 0, 1:] = 6.0
+    logits[vch("Skin"), 0, :2] = 6.0
+    logits[vch("Background"), 0, 2] = 6.0
+    prior = {0: [vch("Background")], 1: [vch("Skin")], UNCLAIMED: [vch("Hair")]}
+    sub = logits[torch.as_tensor(slots)]
+    assert sub.argmax(0).tolist() == [[1, 2, 2]]
+    shared = with_vocabulary_share(sub, slots, logits, prior, UNCLAIMED)
+    assert shared.argmax(0).tolist() == [[1, 1, 0]]
+    # log-probabilities that still sum to one; the clicked channel only gains
+    assert torch.allclose(shared.exp().sum(0), torch.ones(1, 3), atol=1e-5)
+    assert (shared[1] >= torch.log_softmax(sub, 0)[1] - 1e-6).all()
+    # no unclaimed channel among the outputs, or no known names: unchanged
+    assert torch.equal(with_vocabulary_share(sub[:2], slots[:2], logits, prior, UNCLAIMED), sub[:2])
+    assert torch.equal(with_vocabulary_share(sub, slots, logits, {}, UNCLAIMED), sub)

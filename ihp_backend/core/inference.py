@@ -214,6 +214,37 @@ def with_vocabulary_prior(sub: torch.Tensor, slots: np.ndarray, logits: torch.Te
     return out
 
 
+def with_vocabulary_share(sub: torch.Tensor, slots: np.ndarray, logits: torch.Tensor,
+                          prior: dict[int, list[int]], unclaimed: int, floor: float = 1e-6) -> torch.Tensor:
+    """Log-probabilities of output channels ``slots`` where the unclaimed channel's probability
+    is shared out by meaning: ``p'(c) = p(c) + p(unclaimed) * q(classes of c)`` for every channel
+    of ``prior`` (a clicked slot: its label's class; Background), and the unclaimed channel keeps
+    ``p(unclaimed) * q(classes nobody clicked)``; ``q`` is the vocabulary head's softmax over the
+    label config's known classes. The slots follow clicks and cannot tell which label space a
+    click means (a click on a face is Face in LIP and Skin in CCP: the arms and legs are a part
+    no click names to them); the head knows the label's name and gives those pixels to it."""
+    vocab = sorted({v for vs in prior.values() for v in vs})
+    slots_list = np.asarray(slots).tolist()
+    if not vocab or unclaimed not in slots_list or unclaimed not in prior:
+        return sub
+    q = torch.softmax(logits[torch.as_tensor(vocab, device=logits.device)].float(), dim=0)
+    pos = {v: i for i, v in enumerate(vocab)}
+    lp = torch.log_softmax(sub.float(), dim=0)
+    u = slots_list.index(unclaimed)
+    out = lp.clone()
+
+    def log_mass(vs):
+        idx = [pos[v] for v in vs]
+        return torch.log(q[torch.as_tensor(idx, device=q.device)].sum(0).clamp(min=floor)) if idx \
+            else torch.full_like(q[0], float(np.log(floor)))
+
+    for i, ch in enumerate(slots_list):
+        if ch in prior and ch != unclaimed:
+            out[i] = torch.logaddexp(lp[i], lp[u] + log_mass(prior[ch]))
+    out[u] = lp[u] + log_mass(prior[unclaimed])
+    return out
+
+
 @dataclass
 class ParseResult:
     labels: np.ndarray  # (H, W) output channel per pixel (uint8 when they fit), at the image size
@@ -242,7 +273,7 @@ class Parser:
     def __init__(self, ckpt: dict, device: str | None = None, max_side: int | None = None,
                  threads: int | None = None, flip: bool = False, refine: bool = True, full_res_edges: bool = False,
                  click_radius: float = 10.0, precision: str | None = "auto", unclaimed_bias: float = 0.0,
-                 zoom: bool = False, vocab_prior: float = 0.0):
+                 zoom: bool = False, vocab_prior: float = 0.0, vocab_share: bool = False):
         self.ckpt = ckpt
         self.binding: Binding = binding_of(ckpt)
         self.net = fold_batchnorm(network_of(ckpt).eval())
@@ -257,6 +288,7 @@ class Parser:
         self.unclaimed_bias = float(unclaimed_bias)  # < 0: fewer pixels left unlabelled
         self.zoom = bool(zoom)  # parse's default: look closer at each clicked small person (person_boxes)
         self.vocab_prior = float(vocab_prior)  # weight of the vocabulary head's prior (with_vocabulary_prior)
+        self.vocab_share = bool(vocab_share)  # the unclaimed probability shared out by meaning (with_vocabulary_share)
         self.use_prev_mask = self.net.cfg.prev_mask
         self.model_version = ckpt.get("model_version", "unknown")
         self.flip = bool(flip)  # test-time flip: mean of the logits of the input and its mirror
@@ -463,6 +495,8 @@ class Parser:
                 sub[int(np.nonzero(slots == self.unclaimed)[0][0])] += self.unclaimed_bias
             if prior and self.vocab_prior:
                 sub = with_vocabulary_prior(sub, slots, logits, prior, self.vocab_prior)
+            if prior and self.vocab_share and self.unclaimed is not None:
+                sub = with_vocabulary_share(sub, slots, logits, prior, self.unclaimed)
             if fill and self.unclaimed is not None and self.unclaimed in slots:
                 sub, slots = self._filled(sub, slots, logits, fill)
             # scores at stride 4 (cheap); labels at the image size
