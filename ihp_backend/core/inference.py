@@ -229,19 +229,18 @@ def with_vocabulary_share(sub: torch.Tensor, slots: np.ndarray, logits: torch.Te
         return sub
     q = torch.softmax(logits[torch.as_tensor(vocab, device=logits.device)].float(), dim=0)
     pos = {v: i for i, v in enumerate(vocab)}
+    owner = torch.zeros(len(slots_list), len(vocab), device=q.device)  # channel x class it stands for
+    for i, ch in enumerate(slots_list):
+        for v in prior.get(ch, ()):
+            owner[i, pos[v]] = 1.0
+    log_mass = torch.log(torch.einsum("cv,vhw->chw", owner, q).clamp(min=floor))
     lp = torch.log_softmax(sub.float(), dim=0)
     u = slots_list.index(unclaimed)
+    gets = torch.as_tensor([i for i, ch in enumerate(slots_list) if ch in prior and ch != unclaimed],
+                           dtype=torch.long, device=lp.device)
     out = lp.clone()
-
-    def log_mass(vs):
-        idx = [pos[v] for v in vs]
-        return torch.log(q[torch.as_tensor(idx, device=q.device)].sum(0).clamp(min=floor)) if idx \
-            else torch.full_like(q[0], float(np.log(floor)))
-
-    for i, ch in enumerate(slots_list):
-        if ch in prior and ch != unclaimed:
-            out[i] = torch.logaddexp(lp[i], lp[u] + log_mass(prior[ch]))
-    out[u] = lp[u] + log_mass(prior[unclaimed])
+    out[gets] = torch.logaddexp(lp[gets], lp[u] + log_mass[gets])
+    out[u] = lp[u] + log_mass[u]
     return out
 
 
