@@ -2,7 +2,7 @@
 progressive protocol's first click (one central click on the largest component of a random
 part, `evaluate.evaluate_progressive`'s order and rng), then the clicked class's recall on the
 clicked component and on the class's other components, and its precision. CCP photos, ccp12.
-    .venv/bin/python experiments/first_click_components.py [--split train] [--limit 60] [--vocab-prior 0.5] [--no-zoom] [--vocab-share 1]
+    .venv/bin/python experiments/first_click_components.py [--split train] [--limit 60] [--vocab-prior 0.5] [--no-zoom] [--vocab-share 0|1]
 About 1 min per 60 photos on 2 cores (one forward per photo).
 """
 import argparse
@@ -41,7 +41,7 @@ def main(argv=None):
     ap.add_argument("--vocab-prior", type=float, default=ParserOptions.vocab_prior)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-zoom", action="store_true")
-    ap.add_argument("--vocab-share", type=int, default=0)
+    ap.add_argument("--vocab-share", type=int, default=int(ParserOptions.vocab_share))
     a = ap.parse_args(argv)
     ds = open_dataset("ccp", os.path.join(SHARED, "data/ccp"), a.split, "ccp12")
     opts = ParserOptions(precision="float32", vocab_prior=a.vocab_prior, zoom=not a.no_zoom,

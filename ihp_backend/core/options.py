@@ -24,8 +24,9 @@ class ParserOptions:
     vocab_prior: float = 0.5  # IHP_VOCAB_PRIOR: weight of the vocabulary head's prior on clicked
     # parts of known names (inference.with_vocabulary_prior; 0: clicks alone; chosen on CCP train,
     # docs/experiments.md)
-    vocab_share: bool = False  # IHP_VOCAB_SHARE: with known names, the unclaimed channel's probability
-    # goes to the clicked label whose class the vocabulary head sees there (inference.with_vocabulary_share)
+    vocab_share: bool = True  # IHP_VOCAB_SHARE: with known names, the unclaimed channel's probability
+    # goes to the clicked label whose class the vocabulary head sees there (inference.with_vocabulary_share;
+    # chosen on CCP train, docs/experiments.md)
 
     def parser_kwargs(self) -> dict:
         """Keyword arguments of ``ihp_backend.core.inference.Parser``."""
