@@ -239,7 +239,7 @@ class IHPModel:
             fill, fill_names = fill_channels(parser.binding, parser.vocab_start, setup.brush_labels,
                                              label_to_slot, arr[:, 2]) if self.settings.fill_known else ({}, {})
             prior = prior_channels(parser.binding, parser.vocab_start, setup.brush_labels, label_to_slot,
-                                   arr[:, 2], parser.unclaimed) if parser.vocab_prior or parser.vocab_share else None
+                                   arr[:, 2], parser.unclaimed) if parser.uses_vocabulary_prior else None
             res = parser.parse(image, arr, allowed_slots=allowed, prev_mask=resolved(prev), fill=fill, prior=prior)
             for stage, sec in res.timings.items():
                 self._add_time(stage, sec)

@@ -82,7 +82,7 @@ class CorePredictor:
             allowed = allowed_slots(self.parser.binding, self.slot_of, slots, self.class_names,
                                     self.parser.unclaimed)
             prior = prior_channels(self.parser.binding, self.parser.vocab_start, self.class_names,
-                                   self.slot_of, slots, self.parser.unclaimed) if self.parser.vocab_prior or self.parser.vocab_share else None
+                                   self.slot_of, slots, self.parser.unclaimed) if self.parser.uses_vocabulary_prior else None
             if self.fill_known:
                 fill, _ = fill_channels(self.parser.binding, self.parser.vocab_start, self.class_names,
                                         self.slot_of, slots)

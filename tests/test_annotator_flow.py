@@ -266,20 +266,19 @@ def test_vocabulary_share_is_served_for_known_names_only(tmp_path, parts_checkpo
     """IHP_VOCAB_SHARE reaches the served parse through the settings: with known names the
     clicked labels gain pixels the unclaimed channel held (names the head does not know get no
     prior channels at all: test_vocab_prior)."""
-    def answers(share, labels=("Hair", "Left-arm")):
+    def answers(share):
+        """The masks answered to the second of two clicks (Hair, then Left-arm)."""
         monkeypatch.setenv("IHP_VOCAB_SHARE", str(share))
         settings = Settings.from_env()
         assert settings.parser_options().vocab_share == bool(share)
-        m = IHPModel(dataclasses.replace(settings, model_dir=str(tmp_path / f"md{share}{labels[0]}"),
+        m = IHPModel(dataclasses.replace(settings, model_dir=str(tmp_path / f"md{share}"),
                                          checkpoint=parts_checkpoint, ls_url=image_server["url"], train_every=1000))
         m.load()
         c = create_app(m, load=False).test_client()
-        out = {}
-        for x, y, lab in [(50, 21, labels[0]), (45, 80, labels[1])]:
+        for x, y, lab in [(50, 21, "Hair"), (45, 80, "Left-arm")]:
             res = c.post("/predict", json=click_body(payloads, x, y, lab))
             assert res.status_code == 200, res.get_data(as_text=True)
-            out = masks_of(res.get_json()["results"][0])
-        return out
+        return masks_of(res.get_json()["results"][0])
 
     off, on = answers(0), answers(1)
     assert set(off) == set(on) and any(on[k].sum() > off[k].sum() for k in on)

@@ -191,53 +191,68 @@ def paste_into(labels: np.ndarray, crop_labels: np.ndarray, box: tuple[int, int,
     return labels
 
 
-def with_vocabulary_prior(sub: torch.Tensor, slots: np.ndarray, logits: torch.Tensor,
-                          prior: dict[int, list[int]], weight: float, floor: float = 1e-4) -> torch.Tensor:
-    """``sub`` (the logits of output channels ``slots``, (S, h, w)) plus ``weight`` times the log of
-    the probability the vocabulary head gives each channel's classes: a product of experts,
-    ``p(c) ~ p_clicks(c) * p_vocab(classes of c) ** weight``. ``prior`` maps an output channel to
-    the vocabulary channels it stands for (a clicked slot: its label's class; the unclaimed
-    channel: the known classes nobody clicked); the vocabulary softmax spans the union of them
-    (the label config's known classes), as in training. Channels not in ``prior`` are unchanged.
-    Probabilities are floored at ``floor`` so that the head alone never vetoes a click."""
+def vocabulary_mass(slots: np.ndarray, logits: torch.Tensor, prior: dict[int, list[int]]):
+    """The probability the vocabulary head gives each output channel's classes, (S, h, w) for the
+    channels ``slots`` (0 where ``prior`` names none), with the vocabulary softmax spanning the
+    union of ``prior``'s classes (the label config's known classes), as in training; and the rows of
+    ``slots`` that ``prior`` names. None when ``prior`` names no class. Shared by
+    ``with_vocabulary_prior`` and ``with_vocabulary_share``, computed once per parse."""
     vocab = sorted({v for vs in prior.values() for v in vs})
-    if not vocab or not weight:
-        return sub
+    if not vocab:
+        return None
     q = torch.softmax(logits[torch.as_tensor(vocab, device=logits.device)].float(), dim=0)
     pos = {v: i for i, v in enumerate(vocab)}
-    out = sub.clone()
-    for i, ch in enumerate(np.asarray(slots).tolist()):
-        if ch in prior:
-            idx = [pos[v] for v in prior[ch]]
-            mass = q[torch.as_tensor(idx, device=q.device)].sum(0) if idx else torch.zeros_like(q[0])
-            out[i] += weight * torch.log(mass.clamp(min=floor))
-    return out
-
-
-def with_vocabulary_share(sub: torch.Tensor, slots: np.ndarray, logits: torch.Tensor,
-                          prior: dict[int, list[int]], unclaimed: int, floor: float = 1e-6) -> torch.Tensor:
-    """Log-probabilities of output channels ``slots`` where the unclaimed channel's probability
-    is shared out by meaning: ``p'(c) = p(c) + p(unclaimed) * q(classes of c)`` for every channel
-    of ``prior`` (a clicked slot: its label's class; Background), and the unclaimed channel keeps
-    ``p(unclaimed) * q(classes nobody clicked)``; ``q`` is the vocabulary head's softmax over the
-    label config's known classes. The slots follow clicks and cannot tell which label space a
-    click means (a click on a face is Face in LIP and Skin in CCP: the arms and legs are a part
-    no click names to them); the head knows the label's name and gives those pixels to it."""
-    vocab = sorted({v for vs in prior.values() for v in vs})
     slots_list = np.asarray(slots).tolist()
-    if not vocab or unclaimed not in slots_list or unclaimed not in prior:
-        return sub
-    q = torch.softmax(logits[torch.as_tensor(vocab, device=logits.device)].float(), dim=0)
-    pos = {v: i for i, v in enumerate(vocab)}
     owner = torch.zeros(len(slots_list), len(vocab), device=q.device)  # channel x class it stands for
     for i, ch in enumerate(slots_list):
         for v in prior.get(ch, ()):
             owner[i, pos[v]] = 1.0
-    log_mass = torch.log(torch.einsum("cv,vhw->chw", owner, q).clamp(min=floor))
+    return torch.einsum("cv,vhw->chw", owner, q), [i for i, ch in enumerate(slots_list) if ch in prior]
+
+
+def with_vocabulary_prior(sub: torch.Tensor, slots: np.ndarray, logits: torch.Tensor,
+                          prior: dict[int, list[int]], weight: float, floor: float = 1e-4,
+                          mass=None) -> torch.Tensor:
+    """``sub`` (the logits of output channels ``slots``, (S, h, w)) plus ``weight`` times the log of
+    the probability the vocabulary head gives each channel's classes: a product of experts,
+    ``p(c) ~ p_clicks(c) * p_vocab(classes of c) ** weight``. ``prior`` maps an output channel to
+    the vocabulary channels it stands for (a clicked slot: its label's class; the unclaimed
+    channel: the known classes nobody clicked); see ``vocabulary_mass`` (``mass``: its answer, if
+    already computed). Channels not in ``prior`` are unchanged. Probabilities are floored at
+    ``floor`` so that the head alone never vetoes a click."""
+    if not weight:
+        return sub
+    mass = vocabulary_mass(slots, logits, prior) if mass is None else mass
+    if mass is None:
+        return sub
+    m, rows = mass
+    out = sub.clone()
+    out[rows] += weight * torch.log(m[rows].clamp(min=floor))
+    return out
+
+
+def with_vocabulary_share(sub: torch.Tensor, slots: np.ndarray, logits: torch.Tensor,
+                          prior: dict[int, list[int]], unclaimed: int, floor: float = 1e-6,
+                          mass=None) -> torch.Tensor:
+    """Log-probabilities of output channels ``slots`` where the unclaimed channel's probability
+    is shared out by meaning: ``p'(c) = p(c) + p(unclaimed) * q(classes of c)`` for every channel
+    of ``prior`` (a clicked slot: its label's class; Background), and the unclaimed channel keeps
+    ``p(unclaimed) * q(classes nobody clicked)``; ``q`` is the vocabulary head's softmax over the
+    label config's known classes (``vocabulary_mass``; ``mass``: its answer, if already computed).
+    The slots follow clicks and cannot tell which label space a click means (a click on a face is
+    Face in LIP and Skin in CCP: the arms and legs are a part no click names to them); the head
+    knows the label's name and gives those pixels to it."""
+    slots_list = np.asarray(slots).tolist()
+    if unclaimed not in slots_list or unclaimed not in prior:
+        return sub
+    mass = vocabulary_mass(slots, logits, prior) if mass is None else mass
+    if mass is None:
+        return sub
+    m, rows = mass
+    log_mass = torch.log(m.clamp(min=floor))
     lp = torch.log_softmax(sub.float(), dim=0)
     u = slots_list.index(unclaimed)
-    gets = torch.as_tensor([i for i, ch in enumerate(slots_list) if ch in prior and ch != unclaimed],
-                           dtype=torch.long, device=lp.device)
+    gets = torch.as_tensor([i for i in rows if i != u], dtype=torch.long, device=lp.device)
     out = lp.clone()
     out[gets] = torch.logaddexp(lp[gets], lp[u] + log_mass[gets])
     out[u] = lp[u] + log_mass[u]
@@ -310,6 +325,12 @@ class Parser:
         self._crops: OrderedDict[tuple, tuple] = OrderedDict()  # zoomed crop parse -> (weakref, labels)
         self._stage: tuple[np.ndarray, torch.Tensor] | None = None
         self._drawn: dict = {"rgb": None, "windows": None, "prev": None}  # what the channels-last buffer holds
+
+    @property
+    def uses_vocabulary_prior(self) -> bool:
+        """Whether a parse wants ``prior`` (``label_rules.prior_channels``): the vocabulary head's
+        prior or share is on."""
+        return bool(self.vocab_prior or self.vocab_share)
 
     @property
     def precision(self) -> str:
@@ -492,10 +513,11 @@ class Parser:
             if self.unclaimed_bias and self.unclaimed is not None and self.unclaimed in slots:
                 sub = sub.clone()
                 sub[int(np.nonzero(slots == self.unclaimed)[0][0])] += self.unclaimed_bias
-            if prior and self.vocab_prior:
-                sub = with_vocabulary_prior(sub, slots, logits, prior, self.vocab_prior)
-            if prior and self.vocab_share and self.unclaimed is not None:
-                sub = with_vocabulary_share(sub, slots, logits, prior, self.unclaimed)
+            mass = vocabulary_mass(slots, logits, prior) if prior and self.uses_vocabulary_prior else None
+            if mass is not None and self.vocab_prior:
+                sub = with_vocabulary_prior(sub, slots, logits, prior, self.vocab_prior, mass=mass)
+            if mass is not None and self.vocab_share and self.unclaimed is not None:
+                sub = with_vocabulary_share(sub, slots, logits, prior, self.unclaimed, mass=mass)
             if fill and self.unclaimed is not None and self.unclaimed in slots:
                 sub, slots = self._filled(sub, slots, logits, fill)
             # scores at stride 4 (cheap); labels at the image size
