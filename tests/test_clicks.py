@@ -179,8 +179,8 @@ def test_pick_precision():
 
 def test_auto_precision_keeps_the_faster_compute_type():
     """``auto`` times the forward in both compute types: a CPU flag alone mispredicted it on
-    one of our machines (bfloat16 1.5x slower there). Here a net that is slow under autocast,
-    then one that is slow without it."""
+    one of our machines (bfloat16 1.5x slower there). Here a net that is slow in bfloat16,
+    then one that is slow in float32 (timed as served: weights and input cast)."""
     from ihp_backend.core.inference import faster_dtype
 
     class Slow(torch.nn.Module):
@@ -189,7 +189,7 @@ def test_auto_precision_keeps_the_faster_compute_type():
             self.slow_in_bf16 = slow_in_bf16
 
         def forward(self, x, features=False):
-            in_bf16 = torch.is_autocast_enabled("cpu")
+            in_bf16 = x.dtype == torch.bfloat16
             time.sleep(0.02 if in_bf16 == self.slow_in_bf16 else 0.001)
             return x
 
@@ -206,7 +206,10 @@ def test_precision_probe_flushes_only_the_forwards():
         "import warnings, torch\n"
         "warnings.simplefilter('error')\n"
         "from ihp_backend.core.inference import faster_dtype\n"
-        "faster_dtype(lambda x, features=False: x * 1.0, torch.zeros(1, 3, 8, 8), flush_denormals=True)\n"
+        "class Net(torch.nn.Module):\n"
+        "    def forward(self, x, features=False):\n"
+        "        return x * 1.0\n"
+        "faster_dtype(Net(), torch.zeros(1, 3, 8, 8), flush_denormals=True)\n"
         "import numpy as np\n"
         "assert np.finfo(np.float32).smallest_subnormal > 0\n"
     )
@@ -238,6 +241,26 @@ def test_bfloat16_parser_matches_float32(tiny_checkpoint):
     la = full.parse(img, clicks).labels
     lb = half.parse(img, clicks).labels
     assert (la == lb).mean() > 0.95
+
+
+def test_bfloat16_weights_cast_once_compute_what_autocast_computes(tiny_checkpoint):
+    """The served bfloat16 forward casts the weights once (``weights_in``) instead of autocast
+    casting them on every call: the logits are autocast's, up to bfloat16 rounding of the order
+    of operations (the default model gave identical ones), and the float32 net is not touched."""
+    from ihp_backend.core.inference import Parser, weights_in
+
+    full = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, precision="float32")
+    net16 = weights_in(full.net, torch.bfloat16)
+    assert weights_in(full.net, torch.float32) is full.net
+    assert net16 is not full.net and all(p.dtype == torch.bfloat16 for p in net16.parameters())
+    assert all(p.dtype == torch.float32 for p in full.net.parameters())
+    x = torch.randn(2, full.net.cfg.in_channels, 64, 48).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = full.net(x, features=True)[0].float()
+        got = net16(x.to(torch.bfloat16), features=True)[0].float()
+    assert (got - ref).abs().max() <= 0.02 * ref.abs().max()
+    assert (got.argmax(1) == ref.argmax(1)).float().mean() > 0.99
 
 
 def test_precision_setting_is_checked(monkeypatch):

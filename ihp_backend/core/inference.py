@@ -1,6 +1,7 @@
 """Clicks + image -> parse. Pure arrays in and out; no HTTP, no Label Studio."""
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import weakref
@@ -15,7 +16,7 @@ from PIL import Image
 
 from .checkpoint import Binding, binding_of, network_of, read_checkpoint
 from .clicks import draw_clicks, network_input, normalise_rgb, scale_clicks
-from .network import fold_batchnorm
+from .network import fold_batchnorm, restricted_first_conv
 from .refine import label_lut, paint_clicks, refined_argmax
 from .options import PRECISIONS
 from .vocabulary import mirrored_channels
@@ -43,10 +44,10 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 def pick_precision(requested: str | None, device: torch.device) -> torch.dtype:
-    """Compute type of the network's forward pass: ``float32``, ``bfloat16`` (autocast), or
-    ``auto``: the bfloat16 candidate on a CPU that has it natively (the default model's forward at
-    544x368 on one avx512_bf16 core: 102 -> 59 ms; CCP val mIoU within 0.2 points at every click
-    count), float32 elsewhere. ``Parser`` then keeps the candidate only if ``faster_dtype``
+    """Compute type of the network's forward pass: ``float32``, ``bfloat16`` (weights and input
+    cast, ``weights_in``), or ``auto``: the bfloat16 candidate on a CPU that has it natively
+    (the default model's forward at 544x368 on one avx512_bf16 core: 102 -> 59 ms; CCP val mIoU
+    within 0.2 points at every click count), float32 elsewhere. ``Parser`` then keeps the candidate only if ``faster_dtype``
     finds it faster on this machine."""
     req = (requested or "auto").strip().lower()
     if req not in PRECISIONS:
@@ -71,25 +72,54 @@ def denormals_flushed(enabled: bool = True):
             torch.set_flush_denormal(False)
 
 
+def weights_in(net: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``net`` with its weights stored in ``dtype`` (a copy; ``net`` itself when float32). Fed a
+    ``dtype`` input it computes what autocast computes (each conv in ``dtype``) without casting
+    every weight on every call: for the default model at 576x384 the same logits to the last bit,
+    2-4% faster on 2 avx512_bf16 cores (``bench/forward.py``, B against A)."""
+    return net if dtype == torch.float32 else copy.deepcopy(net).to(dtype)
+
+
 def faster_dtype(net: torch.nn.Module, x: torch.Tensor, dtypes=(torch.float32, torch.bfloat16),
                  repeats: int = 3, flush_denormals: bool = False) -> torch.dtype:
-    """The compute type (autocast) in which ``net`` runs ``x`` faster, timed here: one warm-up
-    forward each, then ``repeats`` interleaved rounds, median per type. A CPU flag is not enough:
-    two machines reporting the same ``avx512_bf16`` flag measured the default's forward at
-    544x368 102 -> 59 ms and 149 -> 212 ms going from float32 to bfloat16. ``flush_denormals``
-    times what the served forward runs; only the forwards run flushed (numpy computed its
-    float limits as zero when it first ran inside the flushed block, and kept them)."""
+    """The compute type in which ``net`` (its weights cast by ``weights_in``, as served) runs
+    ``x`` faster, timed here: one warm-up forward each, then ``repeats`` interleaved rounds,
+    median per type. A CPU flag is not enough: two machines reporting the same ``avx512_bf16``
+    flag measured the default's forward at 544x368 102 -> 59 ms and 149 -> 212 ms going from
+    float32 to bfloat16. ``flush_denormals`` times what the served forward runs; only the
+    forwards run flushed (numpy computed its float limits as zero when it first ran inside the
+    flushed block, and kept them)."""
     times: dict = {d: [] for d in dtypes}
+    nets = {d: weights_in(net, d) for d in dtypes}
+    inputs = {d: x.to(d) for d in dtypes}
     with torch.inference_mode():
         for r in range(repeats + 1):
             for d in dtypes:
                 t0 = time.perf_counter()
-                with denormals_flushed(flush_denormals), \
-                        torch.autocast(x.device.type, dtype=d, enabled=d != torch.float32):
-                    net(x, features=True)
+                with denormals_flushed(flush_denormals):
+                    nets[d](inputs[d], features=True)
                 if r:
                     times[d].append(time.perf_counter() - t0)
     return min(dtypes, key=lambda d: float(np.median(times[d])))
+
+
+def read_channels(num_slots: int, clicks: np.ndarray, prev: np.ndarray | None,
+                  prev_mask: bool) -> tuple[list[int], list[int]]:
+    """The network input channels a forward must read, and those that are all ones: RGB, the maps
+    of clicked slots, the previous-prediction planes of the labels ``prev`` holds are read; the map
+    of a slot without a click is 1 everywhere (paper Eq. 1 saturated) and the plane of an absent
+    label 0 everywhere, so they need no reading (``restricted_first_conv``)."""
+    k = num_slots
+    clicked = sorted({int(s) for s in np.asarray(clicks).reshape(-1, 3)[:, 2]} & set(range(k)))
+    keep = [0, 1, 2] + [3 + s for s in clicked]
+    if prev_mask:
+        present = []
+        if prev is not None:
+            counts = np.bincount(np.clip(np.asarray(prev).ravel(), -1, k).astype(np.int64) + 1, minlength=k + 2)
+            present = [s for s in range(k) if counts[s + 1]]
+        keep += [3 + k + s for s in present]
+    ones = [3 + s for s in range(k) if s not in clicked]
+    return keep, ones
 
 
 def network_size(hw: tuple[int, int], max_side: int, multiple: int = 16) -> tuple[int, int]:
@@ -311,7 +341,7 @@ class Parser:
         self.refine = bool(refine)  # labels refined along the photo's colour edges (refine.py)
         self.full_res_edges = bool(full_res_edges)  # ... enlarged with boundaries between network pixels
         self.click_radius = float(click_radius)  # each click claims a disk this big (network pixels)
-        self.dtype = pick_precision(precision, self.device)  # the forward's compute type (autocast)
+        self.dtype = pick_precision(precision, self.device)  # the forward's compute type (weights_in)
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(int(threads))
         if self.dtype != torch.float32 and (precision or "auto").strip().lower() == "auto":
@@ -320,6 +350,8 @@ class Parser:
             probe = torch.zeros((1, self.net.cfg.in_channels) + hw, device=self.device)
             self.dtype = faster_dtype(self.net, probe.contiguous(memory_format=torch.channels_last),
                                       flush_denormals=self.device.type == "cpu")
+        self._first_conv = self.net.encoder.first_conv()  # float32: restricted_first_conv sums its weights
+        self.net = weights_in(self.net, self.dtype)  # the forward's weights, cast once
         self._lock = threading.Lock()
         self._resized: OrderedDict[int, tuple] = OrderedDict()  # id(image) -> (weakref, hw, small)
         self._crops: OrderedDict[tuple, tuple] = OrderedDict()  # zoomed crop parse -> (weakref, labels)
@@ -386,7 +418,7 @@ class Parser:
             else:
                 x = self._redraw_input((1, n) + tuple(hw), rgb, c, pm)
             t1 = time.perf_counter()
-            out = self._forward_locked(x)[0]
+            out = self._forward_locked(x, read_channels(self.num_slots, c, pm, self.use_prev_mask))[0]
             if timings is not None:
                 timings["input"] = t1 - t0
                 timings["forward"] = time.perf_counter() - t1
@@ -465,16 +497,34 @@ class Parser:
         values = np.concatenate([slots[keep], np.asarray([fill[c] for c in chans])])
         return torch.cat([lp[keep], lp_fill]), values
 
-    def _forward_locked(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_locked(self, x: torch.Tensor, channels: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
+        """The network on ``x``; with ``channels`` (``read_channels``, on the CPU) it reads only
+        those input channels, through the first conv restricted to them
+        (``restricted_first_conv``): the default's first conv reads 51 channels at the network
+        size, most of them constant (``bench/forward.py``)."""
         _, dev = self._staging(tuple(x.shape))
         if x is not dev:
             self._drawn = {"rgb": None, "windows": None, "prev": None}  # the buffer no longer holds our drawing
             dev.copy_(x)
-        with denormals_flushed(self.device.type == "cpu"), \
-                torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            out = self.net(dev, features=True)[0].float()
+        first = None
+        b, c, h, w = dev.shape
+        if channels is None or self.device.type != "cpu" or len(channels[0]) > c - 8:
+            x = dev.to(self.dtype)  # the net's weights are in self.dtype (weights_in)
+        else:
+            keep, ones = channels
+            first = restricted_first_conv(self._first_conv, keep, ones).to(self.dtype)
+            # channels-last memory seen as (pixels, channels): numpy takes the columns in one pass
+            # (torch's channel indexing on this layout took 6-30 ms)
+            taken = np.take(dev.permute(0, 2, 3, 1).reshape(-1, c).numpy(), keep, axis=1)
+            x = torch.empty((b * h * w, first.in_channels), dtype=self.dtype)
+            x[:, :len(keep)] = torch.from_numpy(taken)
+            if ones:
+                x[:, len(keep)] = 1.0
+            x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # channels-last (B, C', h, w)
+        with denormals_flushed(self.device.type == "cpu"):
+            out = self.net(x, features=True, first_conv=first)[0].float()
             if self.flip:  # flip keeps channels-last
-                mirrored = self.net(dev.flip(-1), features=True)[0].float().flip(-1)
+                mirrored = self.net(x.flip(-1), features=True, first_conv=first)[0].float().flip(-1)
                 out = 0.5 * (out + (mirrored if self.mirror is None else mirrored[:, self.mirror]))
         return out
 

@@ -109,8 +109,17 @@ class _Encoder(nn.Module):
             self.high = nn.Sequential(net.layer2, net.layer3, net.layer4)
             self.low_channels, self.high_channels = 256, 2048
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        low = self.low(x)
+    def forward(self, x: torch.Tensor, first_conv: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stride-4, stride-16) features; ``first_conv`` replaces the first conv (an input in
+        another channel layout, ``restricted_first_conv``)."""
+        if first_conv is None:
+            low = self.low(x)
+        else:
+            # mobilenet: low[0] = (conv, norm, activation), then blocks; resnet: low = (conv1, bn1, ...)
+            stem = list(self.low[0])[1:] if self.name == "mobilenet_v3_large" else []
+            low = first_conv(x)
+            for m in stem + list(self.low)[1:]:
+                low = m(low)
         return low, self.high(low)
 
     def first_conv(self) -> nn.Conv2d:
@@ -156,9 +165,10 @@ class IHPNet(nn.Module):
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = 0.1
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (logits at stride 4, decoder features at stride 4)."""
-        low, high = self.encoder(x)
+    def forward_features(self, x: torch.Tensor, first_conv: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits at stride 4, decoder features at stride 4); ``first_conv`` as in
+        ``_Encoder.forward``."""
+        low, high = self.encoder(x, first_conv)
         ctx = self.aspp(high)
         ctx = F.interpolate(ctx, size=low.shape[-2:], mode="bilinear", align_corners=False)
         feats = self.decoder(torch.cat([ctx, self.low_proj(low)], dim=1))
@@ -168,10 +178,11 @@ class IHPNet(nn.Module):
             logits = torch.cat([logits[:, :v], logits[:, v:] + self.vocab_branch(feats)], dim=1)
         return logits, feats
 
-    def forward(self, x: torch.Tensor, features: bool = False):
+    def forward(self, x: torch.Tensor, features: bool = False, first_conv: nn.Module | None = None):
         """Logits at the input resolution; with ``features=True`` the stride-4
-        (logits, decoder features) pair instead (the form DDP training calls)."""
-        logits, feats = self.forward_features(x)
+        (logits, decoder features) pair instead (the form DDP training calls). ``first_conv``
+        (serving) runs an input of fewer channels, ``restricted_first_conv``."""
+        logits, feats = self.forward_features(x, first_conv)
         if features:
             return logits, feats
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
@@ -179,6 +190,29 @@ class IHPNet(nn.Module):
 
 def build_network(cfg: NetConfig) -> IHPNet:
     return IHPNet(cfg)
+
+
+def restricted_first_conv(conv: nn.Conv2d, keep, ones) -> nn.Conv2d:
+    """``conv`` for an input made of its channels ``keep`` (in that order) and, when ``ones`` is
+    not empty, one last channel of ones standing for the channels ``ones``; valid for inputs whose
+    ``ones`` channels are constant 1 and whose other left-out channels are 0 (the maps of slots
+    nobody clicked, paper Eq. 1 saturated; the previous-prediction planes of absent labels).
+    Weight ``[W[:, keep], sum of W[:, c] over ones]``: a conv is linear in its input channels and
+    zero-pads each alike, so the output is ``conv``'s up to float rounding, at a fraction of the
+    work (the default's 7x7 first conv reads 51 channels at the full network size)."""
+    if conv.groups != 1:
+        raise ValueError("restricted_first_conv needs a dense conv (groups=1)")
+    keep, ones = list(keep), list(ones)
+    w = conv.weight.detach()
+    parts = [w[:, keep]] + ([w[:, ones].sum(dim=1, keepdim=True)] if ones else [])
+    out = nn.Conv2d(len(keep) + (1 if ones else 0), conv.out_channels, conv.kernel_size, conv.stride,
+                    conv.padding, conv.dilation, conv.groups, bias=conv.bias is not None,
+                    padding_mode=conv.padding_mode).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat(parts, dim=1))
+        if conv.bias is not None:
+            out.bias.copy_(conv.bias.detach())
+    return out.to(memory_format=torch.channels_last)
 
 
 def fold_batchnorm(net: nn.Module) -> nn.Module:

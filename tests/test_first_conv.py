@@ -1,0 +1,68 @@
+"""The served forward reads only the input channels that carry information (the RGB planes, the
+maps of clicked slots, the previous-prediction planes of labels present) through a first conv
+restricted to them; it must compute what the whole input through the whole first conv computes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ihp_backend.core.checkpoint import Binding, make_checkpoint, save_checkpoint
+from ihp_backend.core.clicks import IMAGENET_MEAN, IMAGENET_STD, network_input, scale_clicks
+from ihp_backend.core.inference import Parser, network_size, read_channels
+from ihp_backend.core.network import NetConfig, build_network, restricted_first_conv
+
+
+def test_restricted_conv_equals_the_whole_conv_on_ones_and_zeros():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(9, 5, 7, stride=2, padding=3, bias=True)
+    x = torch.randn(2, 9, 20, 17)
+    x[:, [3, 4, 7]] = 1.0  # constant ones (unclicked maps)
+    x[:, [5, 8]] = 0.0  # absent labels
+    keep, ones = [0, 1, 2, 6], [3, 4, 7]
+    small = restricted_first_conv(conv, keep, ones)
+    assert small.in_channels == 5
+    compact = torch.cat([x[:, keep], torch.ones(2, 1, 20, 17)], dim=1)
+    assert torch.allclose(small(compact), conv(x), atol=1e-5)  # the borders' zero padding included
+    none = restricted_first_conv(conv, [0, 1, 2, 3, 4, 6, 7], [])
+    assert none.in_channels == 7 and torch.allclose(none(x[:, [0, 1, 2, 3, 4, 6, 7]]), conv(x), atol=1e-5)
+    with pytest.raises(ValueError, match="dense"):
+        restricted_first_conv(torch.nn.Conv2d(4, 4, 3, groups=2), [0], [1])
+
+
+def test_read_channels():
+    clicks = np.array([[5, 5, 2], [9, 1, 0], [3, 3, 2]], float)
+    prev = np.array([[-1, 1, 1], [4, 4, 9]])  # 9: the unclaimed channel (>= num_slots) is no plane
+    keep, ones = read_channels(6, clicks, prev, prev_mask=True)
+    assert keep == [0, 1, 2, 3 + 0, 3 + 2, 9 + 1, 9 + 4]
+    assert ones == [3 + 1, 3 + 3, 3 + 4, 3 + 5]
+    keep, ones = read_channels(6, np.zeros((0, 3)), None, prev_mask=True)
+    assert keep == [0, 1, 2] and ones == [3, 4, 5, 6, 7, 8]
+    assert read_channels(6, clicks, prev, prev_mask=False)[0] == [0, 1, 2, 3, 5]
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_large", "resnet50"])
+def test_served_logits_are_those_of_the_whole_input(tmp_path, backbone):
+    """A click sequence with previous predictions, through ``Parser.logits`` (restricted first
+    conv, in-place input) against ``Parser.forward`` on the freshly built full input."""
+    torch.manual_seed(3)
+    cfg = NetConfig(num_slots=8, backbone=backbone, aspp_channels=16, decoder_channels=16, low_level_channels=8,
+                    prev_mask=True, unclaimed=True)
+    ck = make_checkpoint(build_network(cfg).eval(), Binding("shuffled", 8, ["background", "part"]), 64,
+                         IMAGENET_MEAN, IMAGENET_STD, "tiny-prev", {"note": "random weights"})
+    path = str(tmp_path / "tiny_prev.pt")
+    save_checkpoint(ck, path)
+    parser = Parser.from_file(path, threads=1, max_side=64, precision="float32")
+    rng = np.random.default_rng(4)
+    img = rng.integers(0, 255, (80, 60, 3), dtype=np.uint8)
+    hw = network_size(img.shape[:2], parser.max_side)
+    small, rgb = parser._network_image(img, hw)
+    prev = None
+    for clicks in ([(10, 10, 1)], [(10, 10, 1), (50, 30, 5)], [(50, 30, 5), (70, 50, 0)], []):
+        arr = np.asarray(clicks, float).reshape(-1, 3)
+        got = parser.logits(img, arr, prev)
+        c = scale_clicks(arr, img.shape[:2], hw) if len(arr) else np.zeros((0, 3))
+        ref = parser.forward(network_input(small, c, 8, prev, True, parser.mean, parser.std, rgb=rgb)[None])[0]
+        assert torch.allclose(got, ref, atol=1e-4), float((got - ref).abs().max())
+        prev = parser.parse(img, arr).network_labels
+        assert prev is not None and 0 < len(np.unique(prev)) < 8  # some planes present, some absent
