@@ -351,6 +351,7 @@ class Parser:
             self.dtype = faster_dtype(self.net, probe.contiguous(memory_format=torch.channels_last),
                                       flush_denormals=self.device.type == "cpu")
         self._first_conv = self.net.encoder.first_conv()  # float32: restricted_first_conv sums its weights
+        self._first_convs: OrderedDict[tuple, torch.nn.Module] = OrderedDict()  # (keep, ones) -> restricted conv
         self.net = weights_in(self.net, self.dtype)  # the forward's weights, cast once
         self._lock = threading.Lock()
         self._resized: OrderedDict[int, tuple] = OrderedDict()  # id(image) -> (weakref, hw, small)
@@ -512,7 +513,13 @@ class Parser:
             x = dev.to(self.dtype)  # the net's weights are in self.dtype (weights_in)
         else:
             keep, ones = channels
-            first = restricted_first_conv(self._first_conv, keep, ones).to(self.dtype)
+            key = (tuple(keep), tuple(ones))
+            first = self._first_convs.pop(key, None)  # kept across clicks: the same sets recur
+            if first is None:
+                first = restricted_first_conv(self._first_conv, keep, ones).to(self.dtype)
+            self._first_convs[key] = first
+            while len(self._first_convs) > 8:
+                self._first_convs.popitem(last=False)
             # channels-last memory seen as (pixels, channels): numpy takes the columns in one pass
             # (torch's channel indexing on this layout took 6-30 ms)
             taken = np.take(dev.permute(0, 2, 3, 1).reshape(-1, c).numpy(), keep, axis=1)

@@ -205,9 +205,9 @@ def restricted_first_conv(conv: nn.Conv2d, keep, ones) -> nn.Conv2d:
     keep, ones = list(keep), list(ones)
     w = conv.weight.detach()
     parts = [w[:, keep]] + ([w[:, ones].sum(dim=1, keepdim=True)] if ones else [])
-    out = nn.Conv2d(len(keep) + (1 if ones else 0), conv.out_channels, conv.kernel_size, conv.stride,
-                    conv.padding, conv.dilation, conv.groups, bias=conv.bias is not None,
-                    padding_mode=conv.padding_mode).to(device=w.device, dtype=w.dtype)
+    out = nn.utils.skip_init(nn.Conv2d, len(keep) + (1 if ones else 0), conv.out_channels, conv.kernel_size,
+                             conv.stride, conv.padding, conv.dilation, conv.groups, bias=conv.bias is not None,
+                             padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype)  # no random init
     with torch.no_grad():
         out.weight.copy_(torch.cat(parts, dim=1))
         if conv.bias is not None:
