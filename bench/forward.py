@@ -4,11 +4,13 @@ clicked parts (and the previous prediction, as an annotator's clicks come):
 A. the whole 51-channel input, autocast to bfloat16 (the forward up to 1f7a9dc);
 B. the whole input, the weights cast to bfloat16 once (``weights_in``);
 C. what ``Parser`` runs now: B with the first conv restricted to the channels that carry
-   information (``read_channels``, ``restricted_first_conv``).
+   information (``read_channels``, ``restricted_first_conv``) when they are fewer than 20,
+   else B itself.
 
-Prints the medians, the ratios and the largest logit difference of C from A (in float32 too).
+Each round runs A, B and C in a random order. Prints the medians, the ratios and the largest
+logit difference of C from A (in float32 too).
 
-    .venv/bin/python bench/forward.py [--checkpoint PATH] [--repeats 20] [--threads 2]
+    .venv/bin/python bench/forward.py [--checkpoint PATH] [--repeats 40] [--threads 2]
 
 Not a test: absolute numbers drift on shared machines; compare the ratios of one run.
 """
@@ -43,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="ihp_backend/models/default.pt")
     ap.add_argument("--photo", default=str(PHOTO))
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     ckpt = read_checkpoint(args.checkpoint)
@@ -81,14 +83,19 @@ def main() -> None:
             agree = {k: round(float((o.argmax(1) == whole32.argmax(1)).float().mean()), 5)
                      for k, o in (("A", out_a), ("C", out_c))}
             diff32 = float((exact._forward_locked(dev.clone(), channels) - whole32).abs().max())
-            for r in range(args.repeats + 1):
-                for name, f in (("A", run_a), ("B", run_b), ("C", run_c)):
+            order = np.random.default_rng(n)
+            for r in range(args.repeats + 1):  # each round in its own random order
+                runs = [("A", run_a), ("B", run_b), ("C", run_c)]
+                for i in order.permutation(3):
+                    name, f = runs[i]
                     t0 = time.perf_counter()
                     f()
                     if r:
                         times[name].append((time.perf_counter() - t0) * 1000)
         med = {k: round(statistics.median(v), 1) for k, v in times.items()}
-        rows[n] = {"ms_p50": med, "input_channels_read": len(channels[0]) + (1 if channels[1] else 0),
+        restricted = len(channels[0]) < 20  # Parser's rule (_forward_locked)
+        read = len(channels[0]) + (1 if channels[1] else 0) if restricted else dev.shape[1]
+        rows[n] = {"ms_p50": med, "input_channels_read": read,
                    "ratio_c_over_a": round(med["C"] / med["A"], 3), "ratio_b_over_a": round(med["B"] / med["A"], 3),
                    "max_logit_diff_c_vs_a_bf16": round(diff16, 4), "max_logit_diff_float32": diff32,
                    "argmax_agreement_with_float32": agree, "b_logits_identical_to_a": a_is_b}
