@@ -4,7 +4,8 @@ clicked parts (and the previous prediction, as an annotator's clicks come):
 A. the whole 51-channel input, autocast to bfloat16 (the forward up to 1f7a9dc);
 B. the whole input, the weights cast to bfloat16 once (``weights_in``);
 C. what ``Parser`` runs now: B with the first conv restricted to the channels that carry
-   information (``read_channels``, ``restricted_first_conv``) when they are fewer than 20,
+   information (``read_channels``, ``restricted_first_conv``; the clicked maps as ones plus
+   their click windows, ``map_patches``, ``conv_of_patches``) when they are fewer than 20,
    else B itself.
 
 Each round runs A, B and C in a random order. Prints the medians, the ratios and the largest
@@ -61,7 +62,8 @@ def main() -> None:
         prev = served.parse(image, clicks[:-1]).network_labels  # the answer before the last click
         served.logits(image, clicks, prev)  # draws the input buffer C reads and A / B read whole
         dev = served._stage[1]
-        channels = read_channels(served.num_slots, scale_clicks(clicks, image.shape[:2], hw), prev, True)
+        channels = read_channels(served.num_slots, scale_clicks(clicks, image.shape[:2], hw), prev, True,
+                                 clicked_maps=served.flip)  # as Parser.logits asks
 
         def run_a():
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -82,7 +84,8 @@ def main() -> None:
             # bfloat16's own rounding as the scale: how often A's and C's argmax differ from float32's
             agree = {k: round(float((o.argmax(1) == whole32.argmax(1)).float().mean()), 5)
                      for k, o in (("A", out_a), ("C", out_c))}
-            diff32 = float((exact._forward_locked(dev.clone(), channels) - whole32).abs().max())
+            served32 = exact.logits(image, clicks, prev)[None]  # the served path, in float32
+            diff32 = float((served32 - whole32).abs().max())
             order = np.random.default_rng(n)
             for r in range(args.repeats + 1):  # each round in its own random order
                 runs = [("A", run_a), ("B", run_b), ("C", run_c)]

@@ -9,8 +9,9 @@ import torch
 
 from ihp_backend.core.checkpoint import Binding, make_checkpoint, save_checkpoint
 from ihp_backend.core.clicks import IMAGENET_MEAN, IMAGENET_STD, network_input, scale_clicks
-from ihp_backend.core.inference import Parser, network_size, read_channels
-from ihp_backend.core.network import NetConfig, build_network, restricted_first_conv
+from ihp_backend.core.clicks import draw_clicks
+from ihp_backend.core.inference import Parser, map_patches, network_size, read_channels
+from ihp_backend.core.network import NetConfig, build_network, conv_of_patches, restricted_first_conv
 
 
 def test_restricted_conv_equals_the_whole_conv_on_ones_and_zeros():
@@ -39,6 +40,42 @@ def test_read_channels():
     keep, ones = read_channels(6, np.zeros((0, 3)), None, prev_mask=True)
     assert keep == [0, 1, 2] and ones == [3, 4, 5, 6, 7, 8]
     assert read_channels(6, clicks, prev, prev_mask=False)[0] == [0, 1, 2, 3, 5]
+    keep, ones = read_channels(6, clicks, prev, prev_mask=True, clicked_maps=False)  # maps as windows
+    assert keep == [0, 1, 2, 9 + 1, 9 + 4] and ones == [3, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("stride,padding", [(2, 3), (1, 3), (2, 0)])
+def test_conv_of_patches_adds_up_to_the_conv_of_the_whole(stride, padding):
+    """Patches anywhere (at the borders too, and overlapping in the output) of zero planes: the
+    terms placed in an empty output give the conv of the whole planes."""
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(4, 5, 7, stride=stride, padding=padding, bias=False)
+    planes = torch.zeros(4, 30, 23)
+    patches = []
+    for ch, y0, x0, h, w in [(0, 0, 0, 6, 5), (1, 10, 7, 9, 9), (1, 24, 18, 6, 5), (3, 12, 9, 4, 11), (0, 3, 2, 5, 5)]:
+        vals = torch.randn(h, w)
+        planes[ch, y0:y0 + h, x0:x0 + w] += vals
+        patches.append((ch, y0, x0, vals))
+    whole = conv(planes[None])[0]
+    out = torch.zeros_like(whole)
+    for rows, cols, t in conv_of_patches(conv, patches, tuple(whole.shape[1:])):
+        out[:, rows, cols] += t
+    assert torch.allclose(out, whole, atol=1e-5)
+
+
+def test_map_patches_merge_a_slots_overlapping_windows():
+    """Two clicks of one slot whose windows overlap give one box holding their minimum; a far
+    click of that slot and another slot's click give boxes of their own; the patches rebuild
+    the maps exactly as 1 plus them."""
+    maps = np.ones((3, 100, 80), np.float32)
+    clicks = np.array([[20, 20, 1], [26, 24, 1], [90, 70, 1], [10, 60, 2]], float)
+    windows = draw_clicks(maps, clicks)
+    patches = map_patches(maps, windows)
+    assert [p[0] for p in patches] == [4, 4, 5]
+    rebuilt = np.ones_like(maps)
+    for ch, y0, x0, vals in patches:
+        rebuilt[ch - 3, y0:y0 + vals.shape[0], x0:x0 + vals.shape[1]] += vals.numpy()
+    assert np.allclose(rebuilt, maps, atol=1e-6)  # (1 + (m - 1)) rounds in float32
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v3_large", "resnet50"])

@@ -16,7 +16,7 @@ from PIL import Image
 
 from .checkpoint import Binding, binding_of, network_of, read_checkpoint
 from .clicks import draw_clicks, network_input, normalise_rgb, scale_clicks
-from .network import fold_batchnorm, restricted_first_conv
+from .network import conv_of_patches, fold_batchnorm, restricted_first_conv
 from .refine import label_lut, paint_clicks, refined_argmax
 from .options import PRECISIONS
 from .vocabulary import mirrored_channels
@@ -104,13 +104,16 @@ def faster_dtype(net: torch.nn.Module, x: torch.Tensor, dtypes=(torch.float32, t
 
 
 def read_channels(num_slots: int, clicks: np.ndarray, prev: np.ndarray | None,
-                  prev_mask: bool) -> tuple[list[int], list[int]]:
+                  prev_mask: bool, clicked_maps: bool = True) -> tuple[list[int], list[int]]:
     """The network input channels a forward must read, and those that are all ones: RGB, the maps
     of clicked slots, the previous-prediction planes of the labels ``prev`` holds are read; the map
     of a slot without a click is 1 everywhere (paper Eq. 1 saturated) and the plane of an absent
-    label 0 everywhere, so they need no reading (``restricted_first_conv``)."""
+    label 0 everywhere, so they need no reading (``restricted_first_conv``). With
+    ``clicked_maps=False`` every map counts as ones: the caller adds what the clicks changed, in
+    their windows (``map_patches``, ``conv_of_patches``)."""
     k = num_slots
-    clicked = sorted({int(s) for s in np.asarray(clicks).reshape(-1, 3)[:, 2]} & set(range(k)))
+    clicked = sorted({int(s) for s in np.asarray(clicks).reshape(-1, 3)[:, 2]} & set(range(k))) \
+        if clicked_maps else []
     keep = [0, 1, 2] + [3 + s for s in clicked]
     if prev_mask:
         present = []
@@ -120,6 +123,28 @@ def read_channels(num_slots: int, clicks: np.ndarray, prev: np.ndarray | None,
         keep += [3 + k + s for s in present]
     ones = [3 + s for s in range(k) if s not in clicked]
     return keep, ones
+
+
+def map_patches(maps: np.ndarray, windows) -> list[tuple[int, int, int, torch.Tensor]]:
+    """What the clicks changed in the maps (``maps`` (num_slots, h, w), ``windows`` as
+    ``draw_clicks`` returns them): [(input channel, y0, x0, map - 1 there)], the overlapping
+    windows of a slot merged into one box (a map is a minimum over its clicks, not a sum)."""
+    boxes: dict[int, list[list[int]]] = {}
+    for s, ys, xs in windows:
+        box = [ys.start, ys.stop, xs.start, xs.stop]
+        mine = boxes.setdefault(int(s), [])
+        merged = True
+        while merged:
+            merged = False
+            for other in mine:
+                if box[0] < other[1] and other[0] < box[1] and box[2] < other[3] and other[2] < box[3]:
+                    mine.remove(other)
+                    box = [min(box[0], other[0]), max(box[1], other[1]), min(box[2], other[2]), max(box[3], other[3])]
+                    merged = True
+                    break
+        mine.append(box)
+    return [(3 + s, y0, x0, torch.from_numpy(maps[s, y0:y1, x0:x1] - np.float32(1.0)))
+            for s, bs in sorted(boxes.items()) for y0, y1, x0, x1 in bs]
 
 
 def network_size(hw: tuple[int, int], max_side: int, multiple: int = 16) -> tuple[int, int]:
@@ -311,6 +336,21 @@ def mirror_permutation(cfg, binding: Binding) -> torch.Tensor | None:
     return None if perm == sorted(perm) else torch.as_tensor(perm)
 
 
+class _PlusTerms(torch.nn.Module):
+    """A first conv whose output gets ``terms`` [(rows, cols, (O, r, c))] added (batch 1):
+    ``conv_of_patches``'s click windows."""
+
+    def __init__(self, conv: torch.nn.Module, terms):
+        super().__init__()
+        self.conv, self.terms = conv, terms
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        for rows, cols, t in self.terms:
+            y[0, :, rows, cols] += t
+        return y
+
+
 class Parser:
     """Holds one network and runs it; thread-safe (one forward at a time per Parser)."""
 
@@ -419,7 +459,9 @@ class Parser:
             else:
                 x = self._redraw_input((1, n) + tuple(hw), rgb, c, pm)
             t1 = time.perf_counter()
-            out = self._forward_locked(x, read_channels(self.num_slots, c, pm, self.use_prev_mask))[0]
+            # the clicked maps are read as their windows unless a mirrored pass needs them whole
+            channels = read_channels(self.num_slots, c, pm, self.use_prev_mask, clicked_maps=self.flip)
+            out = self._forward_locked(x, channels)[0]
             if timings is not None:
                 timings["input"] = t1 - t0
                 timings["forward"] = time.perf_counter() - t1
@@ -509,8 +551,9 @@ class Parser:
             dev.copy_(x)
         first = None
         b, c, h, w = dev.shape
+        windows = self._drawn["windows"]  # None unless the buffer holds our drawing
         # above ~20 channels read the restricted path measured no faster here (bench/forward.py)
-        if channels is None or self.device.type != "cpu" or len(channels[0]) >= 20:
+        if channels is None or self.device.type != "cpu" or len(channels[0]) >= 20 or b != 1 or windows is None:
             x = dev.to(self.dtype)  # the net's weights are in self.dtype (weights_in)
         else:
             keep, ones = channels
@@ -529,6 +572,14 @@ class Parser:
             if ones:
                 x[:, len(keep)] = 1.0
             x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # channels-last (B, C', h, w)
+            unread = [win for win in windows if 3 + win[0] in ones]  # clicked maps taken as ones
+            if unread:
+                conv = self._first_conv
+                out_hw = tuple((n + 2 * p - k) // st + 1 for n, p, k, st in
+                               zip((h, w), conv.padding, conv.kernel_size, conv.stride))
+                terms = [(rows, cols, t.to(self.dtype)) for rows, cols, t in
+                         conv_of_patches(conv, map_patches(dev[0, 3:3 + self.num_slots].numpy(), unread), out_hw)]
+                first = _PlusTerms(first, terms)
         with denormals_flushed(self.device.type == "cpu"):
             out = self.net(x, features=True, first_conv=first)[0].float()
             if self.flip:  # flip keeps channels-last

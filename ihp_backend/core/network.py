@@ -215,6 +215,32 @@ def restricted_first_conv(conv: nn.Conv2d, keep, ones) -> nn.Conv2d:
     return out.to(memory_format=torch.channels_last)
 
 
+def conv_of_patches(conv: nn.Conv2d, patches, out_hw: tuple[int, int]) -> list[tuple[slice, slice, torch.Tensor]]:
+    """``conv`` (no bias; dilation 1, groups 1) of input channels that are zero everywhere but in
+    ``patches`` [(channel, y0, x0, values (h, w) tensor)], patch by patch, as [(output rows,
+    output cols, (out_channels, r, c) tensor)]: added to the conv of the rest of the input, the
+    conv of the whole (a conv is linear in its input). A click changes its slot's map (paper
+    Eq. 1) only in a small window: a map is 1 plus such patches (``Parser`` reads the 1 through
+    ``restricted_first_conv``'s plane of ones)."""
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    ho, wo = out_hw
+    w = conv.weight.detach()
+    terms = []
+    for ch, y0, x0, vals in patches:
+        y1, x1 = y0 + vals.shape[0], x0 + vals.shape[1]
+        o0, o1 = max(0, -(-(y0 - kh + 1 + ph) // sh)), min(ho - 1, (y1 - 1 + ph) // sh)  # outputs that see it
+        q0, q1 = max(0, -(-(x0 - kw + 1 + pw) // sw)), min(wo - 1, (x1 - 1 + pw) // sw)
+        if o0 > o1 or q0 > q1:
+            continue
+        iy0, ix0 = sh * o0 - ph, sw * q0 - pw  # their receptive field, padding included
+        iy1, ix1 = sh * o1 - ph + kh, sw * q1 - pw + kw
+        buf = torch.zeros((1, 1, iy1 - iy0, ix1 - ix0), dtype=w.dtype, device=w.device)
+        ya, yb, xa, xb = max(y0, iy0), min(y1, iy1), max(x0, ix0), min(x1, ix1)
+        buf[0, 0, ya - iy0:yb - iy0, xa - ix0:xb - ix0] = vals[ya - y0:yb - y0, xa - x0:xb - x0]
+        terms.append((slice(o0, o1 + 1), slice(q0, q1 + 1), F.conv2d(buf, w[:, ch:ch + 1], stride=conv.stride)[0]))
+    return terms
+
+
 def fold_batchnorm(net: nn.Module) -> nn.Module:
     """Fold every BatchNorm that directly follows a Conv2d in a Sequential into that conv
     (inference only: uses the running statistics). Same outputs up to float rounding, fewer
