@@ -47,8 +47,8 @@ def pick_precision(requested: str | None, device: torch.device) -> torch.dtype:
     """Compute type of the network's forward pass: ``float32``, ``bfloat16`` (weights and input
     cast, ``weights_in``), or ``auto``: the bfloat16 candidate on a CPU that has it natively
     (the default model's forward at 544x368 on one avx512_bf16 core: 102 -> 59 ms; CCP val mIoU
-    within 0.2 points at every click count), float32 elsewhere. ``Parser`` then keeps the candidate only if ``faster_dtype``
-    finds it faster on this machine."""
+    within 0.2 points at every click count), float32 elsewhere. ``Parser`` then keeps the
+    candidate only if ``faster_dtype`` finds it faster on this machine."""
     req = (requested or "auto").strip().lower()
     if req not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
@@ -541,10 +541,11 @@ class Parser:
         return torch.cat([lp[keep], lp_fill]), values
 
     def _forward_locked(self, x: torch.Tensor, channels: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
-        """The network on ``x``; with ``channels`` (``read_channels``, on the CPU) it reads only
-        those input channels, through the first conv restricted to them
-        (``restricted_first_conv``): the default's first conv reads 51 channels at the network
-        size, most of them constant (``bench/forward.py``)."""
+        """The network on ``x``; with ``channels`` (``read_channels``, on the CPU, ``x`` drawn by
+        ``_redraw_input``) it reads only those input channels, through the first conv restricted
+        to them (``restricted_first_conv``), and adds the click windows of the maps it took as
+        ones (``map_patches``, ``conv_of_patches``): the default's first conv reads 51 channels at
+        the network size, most of them constant (``bench/forward.py``)."""
         _, dev = self._staging(tuple(x.shape))
         if x is not dev:
             self._drawn = {"rgb": None, "windows": None, "prev": None}  # the buffer no longer holds our drawing
@@ -574,6 +575,8 @@ class Parser:
             x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # channels-last (B, C', h, w)
             unread = [win for win in windows if 3 + win[0] in ones]  # clicked maps taken as ones
             if unread:
+                if self.flip:  # the windows' terms are not mirrored: read_channels(clicked_maps=True)
+                    raise ValueError("with test-time flip the clicked maps must be read whole")
                 conv = self._first_conv
                 out_hw = tuple((n + 2 * p - k) // st + 1 for n, p, k, st in
                                zip((h, w), conv.padding, conv.kernel_size, conv.stride))
