@@ -58,7 +58,7 @@ def test_conv_of_patches_adds_up_to_the_conv_of_the_whole(stride, padding):
         patches.append((ch, y0, x0, vals))
     whole = conv(planes[None])[0]
     out = torch.zeros_like(whole)
-    for rows, cols, t in conv_of_patches(conv, patches, tuple(whole.shape[1:])):
+    for rows, cols, t in conv_of_patches(conv, patches, tuple(planes.shape[1:])):
         out[:, rows, cols] += t
     assert torch.allclose(out, whole, atol=1e-5)
 

@@ -577,11 +577,9 @@ class Parser:
             if unread:
                 if self.flip:  # the windows' terms are not mirrored: read_channels(clicked_maps=True)
                     raise ValueError("with test-time flip the clicked maps must be read whole")
-                conv = self._first_conv
-                out_hw = tuple((n + 2 * p - k) // st + 1 for n, p, k, st in
-                               zip((h, w), conv.padding, conv.kernel_size, conv.stride))
+                patches = map_patches(dev[0, 3:3 + self.num_slots].numpy(), unread)
                 terms = [(rows, cols, t.to(self.dtype)) for rows, cols, t in
-                         conv_of_patches(conv, map_patches(dev[0, 3:3 + self.num_slots].numpy(), unread), out_hw)]
+                         conv_of_patches(self._first_conv, patches, (h, w))]
                 first = _PlusTerms(first, terms)
         with denormals_flushed(self.device.type == "cpu"):
             out = self.net(x, features=True, first_conv=first)[0].float()

@@ -215,15 +215,15 @@ def restricted_first_conv(conv: nn.Conv2d, keep, ones) -> nn.Conv2d:
     return out.to(memory_format=torch.channels_last)
 
 
-def conv_of_patches(conv: nn.Conv2d, patches, out_hw: tuple[int, int]) -> list[tuple[slice, slice, torch.Tensor]]:
-    """``conv`` (no bias; dilation 1, groups 1) of input channels that are zero everywhere but in
-    ``patches`` [(channel, y0, x0, values (h, w) tensor)], patch by patch, as [(output rows,
+def conv_of_patches(conv: nn.Conv2d, patches, in_hw: tuple[int, int]) -> list[tuple[slice, slice, torch.Tensor]]:
+    """``conv`` (no bias; dilation 1, groups 1) of an ``in_hw`` input whose channels are zero
+    everywhere but in ``patches`` [(channel, y0, x0, values (h, w) tensor)], patch by patch, as [(output rows,
     output cols, (out_channels, r, c) tensor)]: added to the conv of the rest of the input, the
     conv of the whole (a conv is linear in its input). A click changes its slot's map (paper
     Eq. 1) only in a small window: a map is 1 plus such patches (``Parser`` reads the 1 through
     ``restricted_first_conv``'s plane of ones)."""
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-    ho, wo = out_hw
+    ho, wo = ((n + 2 * p - k) // st + 1 for n, p, k, st in zip(in_hw, (ph, pw), (kh, kw), (sh, sw)))
     w = conv.weight.detach()
     terms = []
     for ch, y0, x0, vals in patches:
