@@ -108,14 +108,16 @@ class QueueJobs:
             return None
 
     def _alive(self, job, project: str) -> bool:
-        status = job.get_status(refresh=True)
+        # status and start time read together: refreshing the status alone left ``started_at`` as
+        # fetched, None for a job a worker took since, which looked dead and got a second job
+        job.refresh()
+        status = job.get_status(refresh=False)
         if status in ("queued", "deferred", "scheduled"):
             return True
         if status == "started":
-            if run_locked(self.settings, self.registry, project):
-                return True
-            started = job.started_at.timestamp() if job.started_at else 0.0
-            return time.time() - started < self.STALE_START  # picking the lock up, or dead
+            if run_locked(self.settings, self.registry, project) or job.started_at is None:
+                return True  # running, or a worker is starting it now
+            return time.time() - job.started_at.timestamp() < self.STALE_START  # picking the lock up, or dead
         return False
 
     def start(self, project: str) -> str:

@@ -164,3 +164,30 @@ def test_worker_killed_mid_training_is_retried_and_loses_nothing(team):
     wait_for(lambda: len(reg.versions("5")) == 1 and store.pending("5", 1000) is None, 300, "the retried run")
     time.sleep(3)  # (a late duplicate would add a second version)
     assert len(reg.versions("5")) == 1 and len(store.samples(5)) == 12
+
+
+def test_a_job_a_worker_is_starting_is_alive(tmp_path):
+    """A replica asking while a worker takes the job sees it STARTED: it must read the start
+    time of that moment, not the one it fetched before (None then), or it enqueues a second run
+    (seen once in CI: two finished jobs for one request pair). A STARTED job that holds no run
+    lock long after its start died with its worker."""
+    from datetime import datetime, timedelta, timezone
+    from ihp_backend.jobs import QueueJobs
+    from ihp_backend.registry import Registry
+    from ihp_backend.settings import Settings
+
+    class Job:
+        def __init__(self, started_at):
+            self.started_at, self._now = None, started_at  # as fetched before the worker took it
+
+        def refresh(self):
+            self.started_at = self._now
+
+        def get_status(self, refresh=True):
+            return "started"
+
+    jobs = object.__new__(QueueJobs)  # no Redis needed for this decision
+    jobs.settings, jobs.registry = Settings(model_dir=str(tmp_path)), Registry(str(tmp_path))
+    now = datetime.now(timezone.utc)
+    assert jobs._alive(Job(now), "4")
+    assert not jobs._alive(Job(now - timedelta(seconds=60)), "4")
