@@ -281,6 +281,8 @@ def phone_case(a):
                 "json_kb_per_click_max": round(max(c[2] for c in later) / 1024, 1),
                 "ccp_clicks_2_to_n_ms_p50": round(pct([c[0] for c in ccp_later], 50), 1),
                 "ccp_json_kb_per_click_p50": round(float(np.median([c[2] for c in ccp_later])) / 1024, 1),
+                "ccp_stages_ms_p50": {k: round(pct([c[1].get(k, 0.0) for c in ccp_later], 50), 1)
+                                      for k in sorted({k for c in ccp_later for k in c[1]})},
                 "peak_rss_mb_per_worker": [round(m, 1) for m in (status_mb(p) for p in children(proc.pid)) if m],
             }
             out[name] = res
@@ -292,7 +294,7 @@ def phone_case(a):
                   f"last {res['stages_ms_p50_last_click']}); first click {res['first_click_ms_p50']} ms "
                   f"{res['first_click_stages_ms_p50']}; JSON {res['json_kb_per_click_p50']} KB per click "
                   f"(max {res['json_kb_per_click_max']}); CCP photo clicks 2-{a.clicks} p50 "
-                  f"{res['ccp_clicks_2_to_n_ms_p50']} ms, JSON {res['ccp_json_kb_per_click_p50']} KB; "
+                  f"{res['ccp_clicks_2_to_n_ms_p50']} ms {res['ccp_stages_ms_p50']}, JSON {res['ccp_json_kb_per_click_p50']} KB; "
                   f"peak RSS {res['peak_rss_mb_per_worker']} MB", file=sys.stderr)
         print(json.dumps(out))
     finally:

@@ -6,7 +6,9 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import wraps
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -351,8 +353,40 @@ class _PlusTerms(torch.nn.Module):
         return y
 
 
+class TorchThread:
+    """Runs calls on one long-lived thread. On the CPU PyTorch's OpenMP keeps a team of worker
+    threads per calling thread, so forwards called from whichever of a server's request threads
+    took the request each wake a different team: with 4 request threads the served forward took
+    ~85 ms against ~60 ms from one thread (CCP photo, 2 cores, ``bench/latency.py --case ccp``).
+    A call made on the thread itself runs directly (no deadlock on nested calls)."""
+
+    def __init__(self, name: str = "ihp-torch"):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._ident: int | None = None
+
+    def _call(self, fn, args, kwargs):
+        self._ident = threading.get_ident()
+        return fn(*args, **kwargs)
+
+    def run(self, fn, *args, **kwargs):
+        if threading.get_ident() == self._ident:
+            return fn(*args, **kwargs)
+        return self._pool.submit(self._call, fn, args, kwargs).result()
+
+
+def on_torch_thread(method):
+    """A ``Parser`` method run on the Parser's ``TorchThread`` (on the CPU; elsewhere directly)."""
+    @wraps(method)
+    def run(self, *args, **kwargs):
+        if self._torch_thread is None:
+            return method(self, *args, **kwargs)
+        return self._torch_thread.run(method, self, *args, **kwargs)
+    return run
+
+
 class Parser:
-    """Holds one network and runs it; thread-safe (one forward at a time per Parser)."""
+    """Holds one network and runs it; thread-safe (one forward at a time per Parser, every
+    forward on one thread: ``TorchThread``)."""
 
     def __init__(self, ckpt: dict, device: str | None = None, max_side: int | None = None,
                  threads: int | None = None, flip: bool = False, refine: bool = True, full_res_edges: bool = False,
@@ -362,6 +396,7 @@ class Parser:
         self.binding: Binding = binding_of(ckpt)
         self.net = fold_batchnorm(network_of(ckpt).eval())
         self.device = pick_device(device)
+        self._torch_thread = TorchThread() if self.device.type == "cpu" else None
         # channels-last: measured 57 -> 45 ms (1 thread) and 30 -> 20 ms (2 threads) per forward
         self.net.to(self.device, memory_format=torch.channels_last)
         self.max_side = int(max_side or ckpt.get("input_size", 512))
@@ -436,6 +471,7 @@ class Parser:
     def from_file(cls, path: str, **kw) -> "Parser":
         return cls(read_checkpoint(path), **kw)
 
+    @on_torch_thread
     def logits(self, image: np.ndarray, clicks, prev_mask: np.ndarray | None = None,
                timings: dict | None = None) -> torch.Tensor:
         """Network logits (num_slots, h/4, w/4) at the decoder's stride 4 of the network size
@@ -467,6 +503,7 @@ class Parser:
                 timings["forward"] = time.perf_counter() - t1
             return out
 
+    @on_torch_thread
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network on a (B, C, h, w) input batch -> stride-4 logits (B, num_slots, h/4, w/4)."""
         with self._lock, torch.inference_mode():
@@ -588,6 +625,7 @@ class Parser:
                 out = 0.5 * (out + (mirrored if self.mirror is None else mirrored[:, self.mirror]))
         return out
 
+    @on_torch_thread
     def parse(self, image: np.ndarray, clicks, allowed_slots=None,
               prev_mask: np.ndarray | None = None, fill: dict[int, int] | None = None,
               zoom: bool | None = None, prior: dict[int, list[int]] | None = None) -> ParseResult:

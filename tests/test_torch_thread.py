@@ -1,0 +1,72 @@
+"""Every forward of a Parser runs on one thread, whichever thread asks (``TorchThread``)."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ihp_backend.core.inference import Parser, TorchThread
+from tests.conftest import person_image
+
+
+def test_calls_from_many_threads_run_on_one_thread_and_nested_calls_run_directly():
+    runner = TorchThread()
+    seen: list[int] = []
+
+    def inner():
+        seen.append(threading.get_ident())
+        return 2
+
+    def outer():
+        seen.append(threading.get_ident())
+        return runner.run(inner) + 1  # nested: would deadlock if it were queued
+
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(runner.run(outer))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert answers == [3, 3, 3, 3]
+    assert len(seen) == 8 and len(set(seen)) == 1
+    assert seen[0] not in {t.ident for t in threads} | {threading.get_ident()}
+
+
+def test_exceptions_reach_the_caller():
+    def fails():
+        raise ValueError("bad click")
+
+    try:
+        TorchThread().run(fails)
+    except ValueError as e:
+        assert str(e) == "bad click"
+    else:
+        raise AssertionError("no exception")
+
+
+def test_parser_forwards_from_request_threads_run_on_one_thread(tiny_checkpoint, monkeypatch):
+    parser = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, precision="float32")
+    image, _ = person_image()
+    forward = parser._forward_locked
+    idents: list[int] = []
+
+    def recorded(*args, **kwargs):
+        idents.append(threading.get_ident())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(parser, "_forward_locked", recorded)
+    results = {}
+
+    def click(i):
+        results[i] = parser.parse(image, np.array([[50.0, 160.0, 1], [120.0, 160.0, 2]]), zoom=False).labels
+
+    threads = [threading.Thread(target=click, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    click(3)  # and from this thread
+    assert len(idents) == 4 and len(set(idents)) == 1
+    assert idents[0] != threading.get_ident()
+    for i in range(1, 4):
+        np.testing.assert_array_equal(results[i], results[0])
