@@ -41,9 +41,11 @@ class ModelPool:
         """Load the default checkpoint (blocking). Records the error instead of raising."""
         t0 = time.time()
         try:
-            self.parser = Parser.from_file(self.settings.checkpoint, **self._parser_options())
-            log.info("model %s loaded from %s in %.1fs", self.parser.model_version,
-                     self.settings.checkpoint, time.time() - t0)
+            parser = Parser.from_file(self.settings.checkpoint, **self._parser_options())
+            warm = parser.warm_up()  # before /predict may use it: the first click is not the slow one
+            self.parser = parser
+            log.info("model %s loaded from %s in %.1fs (%.1fs of it warming up)", parser.model_version,
+                     self.settings.checkpoint, time.time() - t0, warm)
         except Exception as e:  # reported by /health and by every /predict
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("could not load %s: %s", self.settings.checkpoint, self.load_error)
@@ -103,6 +105,7 @@ class ModelPool:
     def _load_project(self, p: str, info: dict) -> None:
         try:
             parser = Parser.from_file(info["path"], **self._parser_options())
+            parser.warm_up()
             with self._lock:
                 self._project_parsers[p] = parser
             log.info("project %s now serves %s", p, parser.model_version)
