@@ -51,6 +51,19 @@ def default_torch_threads(workers: int | None = None) -> int:
 from .core.options import PRECISIONS, ParserOptions  # noqa: F401 (PRECISIONS: re-exported)
 
 
+def _edge_refiner(value: str | None) -> str | None:
+    """IHP_EDGE_REFINER: unset or empty = the default (``ParserOptions.edge_refiner``), "0" = none,
+    else a file written by ``model_training.train_edges``, which must exist."""
+    v = (value or "").strip()
+    if not v:
+        return ParserOptions.edge_refiner
+    if v.lower() in ("0", "off", "none"):
+        return None
+    if not os.path.isfile(v):
+        raise SystemExit(f"IHP_EDGE_REFINER: no such file {v!r}")
+    return v
+
+
 def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     v = os.environ.get(name, "").strip().lower() or default
     if v not in choices:
@@ -87,6 +100,8 @@ class Settings:
     unclaimed_bias: float = 0.0  # added to the unclaimed logit (IHP_UNCLAIMED_BIAS)
     vocab_prior: float = ParserOptions.vocab_prior  # the vocabulary head's prior on clicked known names (IHP_VOCAB_PRIOR)
     vocab_share: bool = ParserOptions.vocab_share  # unclaimed pixels to the clicked known label seen there (IHP_VOCAB_SHARE)
+    edge_refiner: str | None = ParserOptions.edge_refiner  # IHP_EDGE_REFINER: boundaries re-decided by a trained refiner
+    edge_side: int = ParserOptions.edge_side  # IHP_EDGE_SIDE: its working size's longer side
     redis_url: str = ""  # IHP_REDIS_URL: click history and previous predictions in Redis
     database_url: str = field(default="", repr=False)  # IHP_DATABASE_URL: annotations, requests, versions in PostgreSQL
     fit_queue: str = ""  # IHP_FIT_QUEUE: fit runs as RQ jobs on this queue of IHP_REDIS_URL ("" = a local process)
@@ -115,7 +130,8 @@ class Settings:
                              click_radius=self.click_radius, precision=self.precision,
                              threads=self.torch_threads or default_torch_threads(),
                              unclaimed_bias=self.unclaimed_bias, zoom=self.zoom, vocab_prior=self.vocab_prior,
-                             vocab_share=self.vocab_share)
+                             vocab_share=self.vocab_share, edge_refiner=self.edge_refiner,
+                             edge_side=self.edge_side)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -165,4 +181,6 @@ class Settings:
             unclaimed_bias=_float("IHP_UNCLAIMED_BIAS", 0.0),
             vocab_prior=_float("IHP_VOCAB_PRIOR", ParserOptions.vocab_prior),
             vocab_share=bool(_int("IHP_VOCAB_SHARE", int(ParserOptions.vocab_share))),
+            edge_refiner=_edge_refiner(os.environ.get("IHP_EDGE_REFINER")),
+            edge_side=_int("IHP_EDGE_SIDE", ParserOptions.edge_side),
         )

@@ -515,6 +515,10 @@ def main(argv=None):
                          "phone-size photos with known labels, for full-resolution boundary F1")
     ap.add_argument("--side-by-side", type=int, default=1, metavar="N",
                     help="photos of N people: N consecutive samples side by side in one image")
+    ap.add_argument("--edge-refiner", default=None,
+                    help="a trained edge refiner (model_training.train_edges; the backend's IHP_EDGE_REFINER)")
+    ap.add_argument("--edge-side", type=int, default=ParserOptions.edge_side,
+                    help="the edge refiner's working size, longer side (IHP_EDGE_SIDE)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--include", action="append", default=[],
@@ -536,7 +540,8 @@ def main(argv=None):
         opts = ParserOptions(max_side=a.max_side, flip=a.flip, refine=not a.no_refine,
                              full_res_edges=a.full_res_edges, click_radius=a.click_radius, precision=a.precision, threads=a.threads,
                              unclaimed_bias=a.unclaimed_bias, zoom=not a.no_zoom, vocab_prior=a.vocab_prior,
-                             vocab_share=bool(a.vocab_share))
+                             vocab_share=bool(a.vocab_share), edge_refiner=a.edge_refiner or None,
+                             edge_side=a.edge_side)
         parser = Parser.from_file(ck, **opts.parser_kwargs())
         predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}",
                                         zero_click=a.zero_click, fill_known=a.fill_known))

@@ -18,8 +18,9 @@ from PIL import Image
 
 from .checkpoint import Binding, binding_of, network_of, read_checkpoint
 from .clicks import draw_clicks, network_input, normalise_rgb, scale_clicks
+from .edges import load_edge_refiner, refine_edges, work_size
 from .network import conv_of_patches, fold_batchnorm, restricted_first_conv
-from .refine import label_lut, paint_clicks, refined_argmax
+from .refine import label_lut, nearest_resize, paint_clicks, refined_argmax
 from .options import PRECISIONS
 from .vocabulary import mirrored_channels
 
@@ -391,7 +392,8 @@ class Parser:
     def __init__(self, ckpt: dict, device: str | None = None, max_side: int | None = None,
                  threads: int | None = None, flip: bool = False, refine: bool = True, full_res_edges: bool = False,
                  click_radius: float = 10.0, precision: str | None = "auto", unclaimed_bias: float = 0.0,
-                 zoom: bool = False, vocab_prior: float = 0.0, vocab_share: bool = False):
+                 zoom: bool = False, vocab_prior: float = 0.0, vocab_share: bool = False,
+                 edge_refiner: str | None = None, edge_side: int = 1152):
         self.ckpt = ckpt
         self.binding: Binding = binding_of(ckpt)
         self.net = fold_batchnorm(network_of(ckpt).eval())
@@ -416,6 +418,8 @@ class Parser:
         self.refine = bool(refine)  # labels refined along the photo's colour edges (refine.py)
         self.full_res_edges = bool(full_res_edges)  # ... enlarged with boundaries between network pixels
         self.click_radius = float(click_radius)  # each click claims a disk this big (network pixels)
+        self.edge_net = load_edge_refiner(edge_refiner) if edge_refiner else None  # core.edges (refine only)
+        self.edge_side = int(edge_side)  # ... run at the photo's size up to this longer side
         self.dtype = pick_precision(precision, self.device)  # the forward's compute type (weights_in)
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(int(threads))
@@ -466,6 +470,26 @@ class Parser:
             while len(self._resized) > 16:
                 self._resized.popitem(last=False)
         return small, rgb
+
+    def _work_image(self, image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+        """``image`` at the edge refiner's working size (the photo itself when it is that size),
+        kept per image object like ``_network_image``'s copy."""
+        if tuple(image.shape[:2]) == tuple(hw):
+            return image
+        key = ("work", id(image))
+        with self._lock:
+            hit = self._resized.get(key)
+            if hit is not None and hit[0]() is image and hit[1] == hw:
+                return hit[2]
+        work = resize_image(image, hw)
+        try:
+            with self._lock:
+                self._resized[key] = (weakref.ref(image), hw, work, None)
+                while len(self._resized) > 16:
+                    self._resized.popitem(last=False)
+        except TypeError:
+            pass
+        return work
 
     @classmethod
     def from_file(cls, path: str, **kw) -> "Parser":
@@ -691,8 +715,13 @@ class Parser:
             hw = network_size(image.shape[:2], self.max_side)
             if self.refine:
                 small, _ = self._network_image(image, hw)
-                labels = refined_argmax(sub.cpu(), small, image.shape[:2], values=slots,
-                                        smooth_edges=self.full_res_edges)
+                edges = self.edge_net is not None
+                work = work_size(image.shape[:2], self.edge_side) if edges else image.shape[:2]
+                labels = refined_argmax(sub.cpu(), small, work, values=slots, smooth_edges=self.full_res_edges)
+                if edges:
+                    labels = refine_edges(labels, self._work_image(image, tuple(work)), self.edge_net)
+                    if tuple(work) != image.shape[:2]:
+                        labels = nearest_resize(labels, image.shape[:2])
             else:
                 labels = upsampled_argmax(sub.cpu(), image.shape[:2], values=slots)
             if self.click_radius > 0 and len(clicks):

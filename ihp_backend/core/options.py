@@ -28,6 +28,10 @@ class ParserOptions:
     # goes to the clicked label whose class the vocabulary head sees there (inference.with_vocabulary_share;
     # chosen on CCP train, docs/experiments.md)
 
+    edge_refiner: str | None = None  # IHP_EDGE_REFINER: a trained edge refiner (core.edges) re-decides
+    # the pixels along boundaries at the photo's size up to edge_side (model_training.train_edges)
+    edge_side: int = 1152  # IHP_EDGE_SIDE: the longer side of the edge refiner's working size
+
     def parser_kwargs(self) -> dict:
         """Keyword arguments of ``ihp_backend.core.inference.Parser``."""
         return asdict(self)

@@ -1,0 +1,68 @@
+"""The edge refiner's band bookkeeping (``ihp_backend.core.edges``) on arrays."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ihp_backend.core.edges import (EdgeRefinerNet, boundary_band, load_edge_refiner, refine_edges,
+                                    save_edge_refiner, work_size)
+
+
+def two_labels(h=70, w=90, split=41):
+    labels = np.full((h, w), 3, np.int64)
+    labels[:, split:] = 7
+    rgb = np.zeros((h, w, 3), np.uint8)
+    rgb[:, :split] = (200, 30, 30)
+    rgb[:, split:] = (30, 30, 200)
+    return labels, rgb
+
+
+def test_band_is_the_pixels_near_another_label():
+    labels, _ = two_labels()
+    band = boundary_band(labels, 3)
+    cols = np.nonzero(band.any(0))[0]
+    assert cols.tolist() == list(range(41 - 3, 41 + 3)) and band[:, 38:44].all()
+
+
+def test_an_untrained_refiner_keeps_the_labels():
+    labels, rgb = two_labels()
+    labels[20:30, 10:20] = 5  # a third label, a junction-free island
+    out = refine_edges(labels, rgb, EdgeRefinerNet(width=8), tile=16)
+    np.testing.assert_array_equal(out, labels)
+
+
+class Contrary(EdgeRefinerNet):
+    """Claims every pixel for the labels that do not hold it."""
+
+    def forward(self, rgb, mask):
+        return -mask
+
+
+def test_only_band_pixels_are_redecided_whatever_the_tiling():
+    labels, rgb = two_labels()
+    want = labels.copy()
+    band = boundary_band(labels, 3)
+    want[band & (labels == 3)] = 7
+    want[band & (labels == 7)] = 3
+    for tile in (8, 16, 32, 64):
+        np.testing.assert_array_equal(refine_edges(labels, rgb, Contrary(width=4), tile=tile), want)
+
+
+def test_saved_refiner_loads_with_its_config(tmp_path):
+    net = EdgeRefinerNet(width=8, dilations=(1, 2))
+    torch.nn.init.normal_(net.head.weight)
+    path = str(tmp_path / "edges.pt")
+    save_edge_refiner(net, path, {"note": "test"})
+    back = load_edge_refiner(path)
+    x, m = torch.rand(1, 3, 20, 20) - 0.5, torch.ones(1, 1, 20, 20)
+    assert back.halo == 3
+    torch.testing.assert_close(back(x, m), net(x, m))
+    torch.save({"format": "other"}, str(tmp_path / "bad.pt"))
+    with pytest.raises(ValueError):
+        load_edge_refiner(str(tmp_path / "bad.pt"))
+
+
+def test_work_size_caps_the_longer_side_only():
+    assert work_size((830, 550), 1152) == (830, 550)
+    assert work_size((3320, 2200), 1152) == (1152, 763)
