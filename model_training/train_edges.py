@@ -93,10 +93,11 @@ def sample_batch(pairs, bands, rng, batch: int, size: int, scales, band_width: i
 
 
 def train(pairs, steps: int, batch: int = 24, size: int = 64, scales=(1.0, 1.5), band_width: int = 3,
-          lr: float = 2e-3, seed: int = 0, width: int = 24) -> tuple[EdgeRefinerNet, list[float]]:
+          lr: float = 2e-3, seed: int = 0, width: int = 24, dilations=(1, 2, 4, 8, 1)
+          ) -> tuple[EdgeRefinerNet, list[float]]:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = EdgeRefinerNet(width=width)
+    net = EdgeRefinerNet(width=width, dilations=dilations)
     halo = net.halo
     bands = [np.nonzero(boundary_band(served.astype(np.int64), band_width)) for _, served, _ in pairs]
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -131,6 +132,9 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dilations", type=int, nargs="+", default=[1, 2, 4, 8, 1])
+    ap.add_argument("--cache", default=None,
+                    help="an .npz of the served parses: read if it exists, else written (step 1 once)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     if a.threads:
@@ -138,12 +142,21 @@ def main(argv=None):
     t0 = time.time()
     ds = open_dataset(a.kind, a.data, "train", a.merge)
     stop = len(ds) if a.limit is None else min(len(ds), a.hold_out + a.limit)
-    parser = Parser.from_file(a.checkpoint, **ParserOptions(threads=a.threads).parser_kwargs())
-    pairs = served_pairs(parser, ds, range(a.hold_out, stop), a.seed)
-    del parser
-    net, losses = train(pairs, a.steps, a.batch, lr=a.lr, seed=a.seed, width=a.width)
+    if a.cache and os.path.exists(a.cache):
+        z = np.load(a.cache, allow_pickle=False)
+        n = int(z["n"])
+        pairs = [(z[f"image_{i}"], z[f"served_{i}"], z[f"gt_{i}"]) for i in range(n)]
+    else:
+        parser = Parser.from_file(a.checkpoint, **ParserOptions(threads=a.threads).parser_kwargs())
+        pairs = served_pairs(parser, ds, range(a.hold_out, stop), a.seed)
+        del parser
+        if a.cache:
+            np.savez(a.cache, n=len(pairs), **{f"{k}_{i}": arr for i, p in enumerate(pairs)
+                                              for k, arr in zip(("image", "served", "gt"), p)})
+    net, losses = train(pairs, a.steps, a.batch, lr=a.lr, seed=a.seed, width=a.width, dilations=a.dilations)
     meta = {"checkpoint": os.path.basename(a.checkpoint), "data": f"{a.kind}:train[{a.hold_out}:{stop}]",
             "merge": a.merge, "steps": a.steps, "batch": a.batch, "lr": a.lr, "seed": a.seed,
+            "width": a.width, "dilations": a.dilations,
             "served_maps": len(pairs), "loss_first_100": float(np.mean(losses[:100])),
             "loss_last_100": float(np.mean(losses[-100:])), "minutes": round((time.time() - t0) / 60, 1)}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -66,3 +66,23 @@ def test_saved_refiner_loads_with_its_config(tmp_path):
 def test_work_size_caps_the_longer_side_only():
     assert work_size((830, 550), 1152) == (830, 550)
     assert work_size((3320, 2200), 1152) == (1152, 763)
+
+
+def test_parser_with_an_untrained_refiner_serves_what_it_served(tiny_checkpoint, tmp_path):
+    """The plumbing: working size, cached working photo, the refiner cast like the network."""
+    from ihp_backend.core.inference import Parser
+    from tests.conftest import person_image
+    path = str(tmp_path / "edges.pt")
+    save_edge_refiner(EdgeRefinerNet(width=8, dilations=(1, 2)), path)
+    image, _ = person_image()
+    clicks = np.array([[50.0, 160.0, 1], [120.0, 160.0, 2]])
+    plain = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, precision="float32")
+    for side in (1152, 100):  # the photo's size; a smaller working size, enlarged after
+        edged = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, precision="float32",
+                                 edge_refiner=path, edge_side=side)
+        a = plain.parse(image, clicks, zoom=False).labels
+        b = edged.parse(image, clicks, zoom=False).labels
+        if side >= max(image.shape[:2]):
+            np.testing.assert_array_equal(a, b)
+        else:  # labels decided at 100 px and enlarged: the same parse, coarser
+            assert b.shape == a.shape and (a == b).mean() > 0.9

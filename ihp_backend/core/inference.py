@@ -432,6 +432,8 @@ class Parser:
         self._first_conv = self.net.encoder.first_conv()  # float32: restricted_first_conv sums its weights
         self._first_convs: OrderedDict[tuple, torch.nn.Module] = OrderedDict()  # (keep, ones) -> restricted conv
         self.net = weights_in(self.net, self.dtype)  # the forward's weights, cast once
+        if self.edge_net is not None:
+            self.edge_net = weights_in(self.edge_net, self.dtype).to(self.device, memory_format=torch.channels_last)
         self._lock = threading.Lock()
         self._resized: OrderedDict[int, tuple] = OrderedDict()  # id(image) -> (weakref, hw, small)
         self._crops: OrderedDict[tuple, tuple] = OrderedDict()  # zoomed crop parse -> (weakref, labels)
