@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CHECKPOINT = os.path.join(PACKAGE_DIR, "models", "default.pt")
+SHIPPED_EDGE_REFINER = os.path.join(PACKAGE_DIR, "models", "edge_refiner.pt")  # IHP_EDGE_REFINER=1
 
 
 def _int(name: str, default: int) -> int:
@@ -53,12 +54,15 @@ from .core.options import PRECISIONS, ParserOptions  # noqa: F401 (PRECISIONS: r
 
 def _edge_refiner(value: str | None) -> str | None:
     """IHP_EDGE_REFINER: unset or empty = the default (``ParserOptions.edge_refiner``), "0" = none,
-    else a file written by ``model_training.train_edges``, which must exist."""
+    "1" = the one shipped beside the default model, else a file written by
+    ``model_training.train_edges``, which must exist."""
     v = (value or "").strip()
     if not v:
         return ParserOptions.edge_refiner
     if v.lower() in ("0", "off", "none"):
         return None
+    if v == "1":
+        return SHIPPED_EDGE_REFINER
     if not os.path.isfile(v):
         raise SystemExit(f"IHP_EDGE_REFINER: no such file {v!r}")
     return v

@@ -86,3 +86,17 @@ def test_parser_with_an_untrained_refiner_serves_what_it_served(tiny_checkpoint,
             np.testing.assert_array_equal(a, b)
         else:  # labels decided at 100 px and enlarged: the same parse, coarser
             assert b.shape == a.shape and (a == b).mean() > 0.9
+
+
+def test_the_shipped_refiner_is_one_setting_away(monkeypatch, tmp_path):
+    from ihp_backend.settings import SHIPPED_EDGE_REFINER, Settings
+    monkeypatch.setenv("IHP_EDGE_REFINER", "1")
+    assert Settings.from_env().parser_options().edge_refiner == SHIPPED_EDGE_REFINER
+    assert load_edge_refiner(SHIPPED_EDGE_REFINER).halo == 3
+    monkeypatch.setenv("IHP_EDGE_REFINER", "0")
+    assert Settings.from_env().edge_refiner is None
+    monkeypatch.setenv("IHP_EDGE_REFINER", str(tmp_path / "missing.pt"))
+    with pytest.raises(SystemExit):
+        Settings.from_env()
+    monkeypatch.delenv("IHP_EDGE_REFINER")
+    assert Settings.from_env().edge_refiner is None  # off by default
