@@ -358,7 +358,8 @@ class TorchThread:
     """Runs calls on one long-lived thread. On the CPU PyTorch's OpenMP keeps a team of worker
     threads per calling thread, so forwards called from whichever of a server's request threads
     took the request each wake a different team: with 4 request threads the served forward took
-    ~85 ms against ~60 ms from one thread (CCP photo, 2 cores, ``bench/latency.py --case ccp``).
+    ~85 ms against ~60 ms from one thread (CCP photo, 2 cores; ``bench/latency.py --case 12mp``
+    A/B: a CCP-size click 0.72x).
     A call made on the thread itself runs directly (no deadlock on nested calls)."""
 
     def __init__(self, name: str = "ihp-torch"):
@@ -435,7 +436,7 @@ class Parser:
         if self.edge_net is not None:
             self.edge_net = weights_in(self.edge_net, self.dtype).to(self.device, memory_format=torch.channels_last)
         self._lock = threading.Lock()
-        self._resized: OrderedDict[int, tuple] = OrderedDict()  # id(image) -> (weakref, hw, small)
+        self._resized: OrderedDict[tuple, tuple] = OrderedDict()  # (kind, id(image)) -> (weakref, hw, value)
         self._crops: OrderedDict[tuple, tuple] = OrderedDict()  # zoomed crop parse -> (weakref, labels)
         self._stage: tuple[np.ndarray, torch.Tensor] | None = None
         self._drawn: dict = {"rgb": None, "windows": None, "prev": None}  # what the channels-last buffer holds
@@ -451,47 +452,38 @@ class Parser:
         """The forward's compute type by name ("float32" or "bfloat16")."""
         return str(self.dtype).removeprefix("torch.")
 
-    def _network_image(self, image: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """The image resized to network size and its normalised RGB planes, cached per image
-        object (the fetcher hands the same cached array for every click of a task, so a click
-        costs neither a resize nor a normalisation)."""
-        key = id(image)
+    def _per_image(self, kind: str, image: np.ndarray, hw: tuple[int, int], make):
+        """``make()`` for ``image`` at ``hw``, cached per image object and ``kind`` (the fetcher
+        hands the same cached array for every click of a task, so a click redoes no resize)."""
+        key = (kind, id(image))
         with self._lock:
             hit = self._resized.get(key)
             if hit is not None and hit[0]() is image and hit[1] == hw:
                 self._resized.move_to_end(key)
-                return hit[2], hit[3]
-        small = resize_image(image, hw)
-        rgb = normalise_rgb(small, self.mean, self.std)
+                return hit[2]
+        value = make()
         try:
             ref = weakref.ref(image)
         except TypeError:
-            return small, rgb
+            return value
         with self._lock:
-            self._resized[key] = (ref, hw, small, rgb)
+            self._resized[key] = (ref, hw, value)
             while len(self._resized) > 16:
                 self._resized.popitem(last=False)
-        return small, rgb
+        return value
+
+    def _network_image(self, image: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The image resized to network size and its normalised RGB planes (``_per_image``)."""
+        def make():
+            small = resize_image(image, hw)
+            return small, normalise_rgb(small, self.mean, self.std)
+        return self._per_image("network", image, hw, make)
 
     def _work_image(self, image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-        """``image`` at the edge refiner's working size (the photo itself when it is that size),
-        kept per image object like ``_network_image``'s copy."""
+        """``image`` at the edge refiner's working size (the photo itself when it is that size)."""
         if tuple(image.shape[:2]) == tuple(hw):
             return image
-        key = ("work", id(image))
-        with self._lock:
-            hit = self._resized.get(key)
-            if hit is not None and hit[0]() is image and hit[1] == hw:
-                return hit[2]
-        work = resize_image(image, hw)
-        try:
-            with self._lock:
-                self._resized[key] = (weakref.ref(image), hw, work, None)
-                while len(self._resized) > 16:
-                    self._resized.popitem(last=False)
-        except TypeError:
-            pass
-        return work
+        return self._per_image("work", image, tuple(hw), lambda: resize_image(image, hw))
 
     @classmethod
     def from_file(cls, path: str, **kw) -> "Parser":
