@@ -65,12 +65,15 @@ class LocalJobs:
         self.settings, self.registry = settings, registry
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, project: str) -> str:
+    def start(self, project: str, due=None) -> str:
+        """Start the project's fit run unless one runs; ``due`` as in ``QueueJobs.start``."""
         if run_locked(self.settings, self.registry, project):
             return "running"  # the running job picks the new request up when it finishes
         old = self.procs.get(project)
         if old is not None and old.poll() is None:
             return "running"
+        if due is not None and not due():
+            return "not-due"
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         with open(os.path.join(self.registry.project_dir(project), "job.log"), "ab") as logf:
             self.procs[project] = subprocess.Popen(fit_command(self.settings, project), cwd=root, stdout=logf,
@@ -120,7 +123,11 @@ class QueueJobs:
             return time.time() - job.started_at.timestamp() < self.STALE_START  # picking the lock up, or dead
         return False
 
-    def start(self, project: str) -> str:
+    def start(self, project: str, due=None) -> str:
+        """Enqueue the project's fit run unless one is queued or running. ``due`` (a callable;
+        the store's pending check) is asked again once the current job is seen not alive: a
+        job that has just released its run lock but is not yet FINISHED consumed the requests
+        the caller saw pending, and a second run would find nothing to do."""
         import redis
         from rq import Retry
         try:
@@ -133,6 +140,8 @@ class QueueJobs:
                 job = self.current_job(project)
                 if job is not None and self._alive(job, project):
                     return "queued" if job.get_status() != "started" else "running"
+                if due is not None and not due():
+                    return "not-due"
                 job = self.queue.enqueue("ihp_backend.jobs.run_queued_fit", project,
                                          job_id=f"ihp-fit-{project}-{uuid.uuid4().hex[:12]}",
                                          job_timeout=FIT_JOB_TIMEOUT, retry=Retry(max=3),

@@ -183,12 +183,15 @@ class Webhooks:
         except ValueError:
             return "invalid-project"
         st = self._store
+
+        def due() -> bool:
+            return st is not None and st.pending(p, self.settings.train_every) is not None
         try:
-            if st is None or st.pending(p, self.settings.train_every) is None:
+            if not due():
                 return "not-due"
+            return self.jobs.start(p, due=due)  # asked again once no run is seen alive
         except StoreBusy:
             return "store-busy"
-        return self.jobs.start(p)
 
     def status(self) -> dict:
         """Per project: samples stored, the job's state and progress, the serving version."""

@@ -34,7 +34,10 @@ def sweep(settings: Settings, jobs: QueueJobs, store) -> dict[str, str]:
         log.warning("sweep: store unreachable: %s", e)
         return out
     for p in due:
-        out[p] = jobs.start(p)
+        try:  # asked again once no run is seen alive: one that just ended consumed the request
+            out[p] = jobs.start(p, due=lambda p=p: store.pending(p, settings.train_every) is not None)
+        except StoreBusy as e:
+            log.warning("sweep: store unreachable: %s", e)
     return out
 
 

@@ -191,3 +191,55 @@ def test_a_job_a_worker_is_starting_is_alive(tmp_path):
     now = datetime.now(timezone.utc)
     assert jobs._alive(Job(now), "4")
     assert not jobs._alive(Job(now - timedelta(seconds=60)), "4")
+
+
+def test_a_job_that_just_released_its_lock_gets_no_second_run(tmp_path):
+    """The run releases its lock after consuming the requests and a moment before RQ marks it
+    FINISHED; a sweep or webhook that saw the request pending before asks in that moment. The
+    job looks dead (STARTED, no lock, started long ago): ``start`` must ask the store again and
+    enqueue nothing (seen in CI: two finished RQ jobs, one version). A request still pending
+    then (a killed run) is enqueued again."""
+    from datetime import datetime, timedelta, timezone
+    from ihp_backend.jobs import QueueJobs
+    from ihp_backend.registry import Registry
+    from ihp_backend.settings import Settings
+
+    class Job:
+        id, started_at = "ihp-fit-4-old", datetime.now(timezone.utc) - timedelta(seconds=60)
+
+        def refresh(self):
+            pass
+
+        def get_status(self, refresh=True):
+            return "started"
+
+    class Redis:
+        def __init__(self):
+            self.kv = {}
+
+        def set(self, k, v, nx=False, ex=None):
+            if nx and k in self.kv:
+                return False
+            self.kv[k] = v
+            return True
+
+        def get(self, k):
+            return self.kv.get(k)
+
+        def delete(self, k):
+            self.kv.pop(k, None)
+
+    class Queue:
+        def __init__(self):
+            self.enqueued = []
+
+        def enqueue(self, *a, job_id, **kw):
+            self.enqueued.append(job_id)
+            return type("J", (), {"id": job_id})()
+
+    jobs = object.__new__(QueueJobs)
+    jobs.settings = Settings(model_dir=str(tmp_path), fit_queue="q")
+    jobs.registry, jobs.redis, jobs.queue = Registry(str(tmp_path)), Redis(), Queue()
+    jobs.current_job = lambda project: Job()
+    assert jobs.start("4", due=lambda: False) == "not-due" and jobs.queue.enqueued == []
+    assert jobs.start("4", due=lambda: True) == "queued" and len(jobs.queue.enqueued) == 1
