@@ -242,6 +242,8 @@ def paint_clicks(labels: np.ndarray, image: np.ndarray, clicks, radius: float, c
         yy, xx = np.ogrid[ys, xs]
         near = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius * radius
         diff = image[ys, xs].astype(np.float32) - image[cy, cx].astype(np.float32)
-        near &= (diff * diff).sum(-1) <= (255.0 * colour_tol) ** 2
+        # einsum, not (diff * diff).sum(-1): numpy's reduction over a last axis of 3 was most of
+        # a 12 MP click's 0.7 ms per click here
+        near &= np.einsum("ijk,ijk->ij", diff, diff) <= (255.0 * colour_tol) ** 2
         labels[ys, xs][near] = int(value)
     return labels
