@@ -28,7 +28,7 @@ from model_training.finetune import fine_tune, in_holdout
 from .annotations import open_annotation_store
 from .core.checkpoint import read_checkpoint
 from .core.ls_format import parse_label_config
-from .jobs import project_run_lock
+from .jobs import RUN_LOCK_WAIT, project_run_lock
 from .registry import PostgresRegistry, Registry, open_registry
 from .settings import DEFAULT_CHECKPOINT, Settings
 
@@ -94,7 +94,7 @@ def fit_project(settings: Settings, project: str, max_corrections: int = 5, stan
     store = open_annotation_store(settings.database_url, settings.model_dir)
     results = []
     while True:
-        with project_run_lock(settings, reg, project) as got:
+        with project_run_lock(settings, reg, project, wait=RUN_LOCK_WAIT) as got:
             if not got:
                 return results or [{"status": "busy", "project": project}]
             results += run_pending(settings, project, max_corrections, standard)

@@ -31,9 +31,26 @@ def _lock_key(project: str) -> int:
     return int.from_bytes(hashlib.sha256(f"ihp-fit:{project}".encode()).digest()[:8], "big", signed=True)
 
 
+RUN_LOCK_WAIT = 5.0  # seconds a run keeps asking for its lock (see project_run_lock)
+
+
 @contextmanager
-def project_run_lock(settings, registry, project: str):
-    """Yields True when this process now holds the project's run lock, False when another does."""
+def project_run_lock(settings, registry, project: str, wait: float = 0.0):
+    """Yields True when this process now holds the project's run lock, False when another does.
+    ``run_locked`` asks by taking the lock for a moment, so a run that started just then would
+    find it taken and end without work (seen in CI: the job done in 6 ms, the sweep's second job
+    trained): runs pass ``wait`` (``RUN_LOCK_WAIT``) and ask again every 50 ms until then."""
+    deadline = time.monotonic() + wait
+    while True:
+        with _try_run_lock(settings, registry, project) as got:
+            if got or time.monotonic() >= deadline:
+                yield got
+                return
+        time.sleep(0.05)
+
+
+@contextmanager
+def _try_run_lock(settings, registry, project: str):
     if settings.database_url:
         import psycopg
         db = psycopg.connect(settings.database_url, autocommit=True)
@@ -47,9 +64,16 @@ def project_run_lock(settings, registry, project: str):
             yield got
 
 
-def run_locked(settings, registry, project: str) -> bool:
-    with project_run_lock(settings, registry, project) as got:
-        return not got
+def run_locked(settings, registry, project: str, tries: int = 3) -> bool:
+    """Whether a run holds the project's lock. Asked by taking it for a moment, so two askers
+    can meet: it is taken ``tries`` times 10 ms apart before the answer is yes."""
+    for i in range(tries):
+        if i:
+            time.sleep(0.01)
+        with _try_run_lock(settings, registry, project) as got:
+            if got:
+                return False
+    return True
 
 
 def fit_command(settings, project: str) -> list[str]:
@@ -170,7 +194,7 @@ def run_queued_fit(project: str) -> list[dict]:
     from .registry import Registry
     from .settings import Settings
     settings = Settings.from_env()
-    with project_run_lock(settings, Registry(settings.model_dir), project) as got:
+    with project_run_lock(settings, Registry(settings.model_dir), project, wait=RUN_LOCK_WAIT) as got:
         if not got:
             return [{"status": "busy", "project": project}]
         from .fit_job import fit_project, run_pending

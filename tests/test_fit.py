@@ -185,3 +185,43 @@ def test_start_training_spawns_job_and_kill9_loses_nothing(tmp_path, tiny_checkp
     assert m2.jobs["8"].returncode == 0, open(os.path.join(m.registry.project_dir("8"), "job.log")).read()[-2000:]
     assert len(m2.registry.versions("8")) == 1
     assert m2.store.pending("8", 1000) is None
+
+
+def test_a_run_waits_out_a_lock_probe(tmp_path):
+    """``run_locked`` asks by taking the run lock for a moment. A run starting in that moment
+    must wait it out, not end without work (seen in CI: a fit job done in 6 ms, its request
+    trained by a second job); two askers that meet must not see a run."""
+    import threading
+    from ihp_backend.jobs import RUN_LOCK_WAIT, project_run_lock, run_locked
+    from ihp_backend.locks import project_lock
+    settings, reg = Settings(model_dir=str(tmp_path)), Registry(str(tmp_path))
+    path = os.path.join(reg.project_dir("7"), "train.lock")
+    held, release = threading.Event(), threading.Event()
+
+    def probe(seconds):
+        with project_lock(path) as got:
+            assert got
+            held.set()
+            release.wait(seconds)
+
+    for wait, expect in ((0.0, False), (RUN_LOCK_WAIT, True)):
+        held.clear()
+        t = threading.Thread(target=probe, args=(0.3,))
+        t.start()
+        held.wait(5)
+        with project_run_lock(settings, reg, "7", wait=wait) as got:
+            assert got is expect
+        t.join()
+    held.clear()
+    t = threading.Thread(target=probe, args=(0.012,))  # another asker's moment
+    t.start()
+    held.wait(5)
+    assert not run_locked(settings, reg, "7", tries=50)  # asks again 10 ms apart (margin for a loaded CI)
+    t.join()
+    held.clear()
+    t = threading.Thread(target=probe, args=(5.0,))  # a run
+    t.start()
+    held.wait(5)
+    assert run_locked(settings, reg, "7")
+    release.set()
+    t.join()
