@@ -8,6 +8,7 @@ Studio itself calls /setup, /predict and /webhook. Run alone with:
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -245,6 +246,9 @@ def test_browser_click_shows_brush_suggestion(stack, project, ccp_val):
 
 
 DOCS = os.path.join(ROOT, "docs", "annotator_flow")
+# IHP_BROWSER_PROFILE=<folder>: the annotator-flow test saves a Chromium CPU profile of each click
+# (click to suggestions drawn) there, for bench/frontend_profile.py
+PROFILE_DIR = os.environ.get("IHP_BROWSER_PROFILE")
 
 
 def _suggested_masks(d, h, w):
@@ -391,12 +395,20 @@ def test_browser_annotator_flow_click_accept_click_submit(stack, project, ccp_va
             if ctrl:
                 chain = chain.key_up(Keys.CONTROL)
             d.execute_script(WATCH_CLICK_JS)
+            if PROFILE_DIR:  # bench/frontend_profile.py reads these
+                d.execute_cdp_cmd("Profiler.enable", {})
+                d.execute_cdp_cmd("Profiler.setSamplingInterval", {"interval": 200})
+                d.execute_cdp_cmd("Profiler.start", {})
             t0 = time.time()
             chain.perform()
             wait_for(lambda: d.execute_script(
                 "return window.Htx.annotationStore.selected.suggestions.size > 0"), 60, "suggestions", 0.02)
             d.execute_script("return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
             timings.append(time.time() - t0)  # click sent -> suggestions in the store and two frames drawn
+            if PROFILE_DIR:
+                os.makedirs(PROFILE_DIR, exist_ok=True)
+                with open(os.path.join(PROFILE_DIR, f"click_{len(timings)}.cpuprofile"), "w") as f:
+                    json.dump(d.execute_cdp_cmd("Profiler.stop", {})["profile"], f)
             stages.append(wait_for(lambda: d.execute_script(READ_CLICK_JS), 10, "the in-page timings", 0.05))
             time.sleep(0.3)
             return _suggested_masks(d, h, w)
