@@ -72,7 +72,7 @@ class IHPModel:
                 self.history = self._memory_history
         self.fetcher = ImageFetcher(FetchSettings(
             ls_url=s.ls_url, api_key=s.api_key, allowed_hosts=s.allowed_hosts, local_root=s.local_root,
-            max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels))
+            max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels), cache_bytes=s.image_cache_mb << 20)
         self.projects: dict[str, dict] = {}
         self.registry = open_registry(s)
         self.pool = ModelPool(s, self.registry)

@@ -93,6 +93,7 @@ class Settings:
     local_root: str = ""
     max_image_pixels: int = 40_000_000
     max_image_bytes: int = 50 * 1024 * 1024
+    image_cache_mb: int = 128  # decoded photos kept per worker (IHP_IMAGE_CACHE_MB; 12 MP = 34 MB each)
     history_ttl: float = 24 * 3600
     max_clicks: int = 500
     load_wait: float = 60.0
@@ -157,6 +158,7 @@ class Settings:
             local_root=os.environ.get("IHP_LOCAL_ROOT", ""),
             max_image_pixels=_int("IHP_MAX_IMAGE_PIXELS", 40_000_000),
             max_image_bytes=_int("IHP_MAX_IMAGE_BYTES", 50 * 1024 * 1024),
+            image_cache_mb=_int("IHP_IMAGE_CACHE_MB", 128),
             history_ttl=_float("IHP_HISTORY_TTL", 24 * 3600),
             max_clicks=_int("IHP_MAX_CLICKS", 500),
             load_wait=_float("IHP_LOAD_WAIT", 60.0),

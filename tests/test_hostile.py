@@ -239,3 +239,21 @@ def test_secrets_never_in_logs_or_responses(tmp_path, tiny_checkpoint, image_ser
     assert image_server["handler"].seen_headers[-1]["Authorization"] == "Token SECRET-KEY-4242"
     for t in texts + [caplog.text]:
         assert "SECRET-KEY-4242" not in t
+
+
+def test_decoded_photo_cache_is_bounded_in_bytes(tmp_path):
+    """Phone photos are 34 MB each decoded: the cache keeps what fits in its bytes (the newest
+    always), not 16 of them; a photo evicted is fetched and decoded again when asked."""
+    for i in range(4):
+        Image.fromarray(np.full((400, 500, 3), 40 * i, np.uint8)).save(tmp_path / f"p{i}.png")
+    one = 400 * 500 * 3
+    f = ImageFetcher(FetchSettings(local_root=str(tmp_path)), cache_bytes=2 * one)
+    urls = [f"/data/local-files/?d=p{i}.png" for i in range(4)]
+    got = [f.get(u) for u in urls]
+    assert list(f._cache) == urls[2:] and sum(a.nbytes for a in f._cache.values()) <= 2 * one
+    assert f.get(urls[3]) is got[3]  # cached: the same array
+    again = f.get(urls[0])
+    assert again is not got[0] and np.array_equal(again, got[0]) and list(f._cache) == [urls[3], urls[0]]
+    tiny = ImageFetcher(FetchSettings(local_root=str(tmp_path)), cache_bytes=1)
+    assert tiny.get(urls[1]) is tiny.get(urls[1])  # the newest stays even above the bound
+    assert Settings.from_env().image_cache_mb == 128
