@@ -8,8 +8,8 @@ per click, from the click to the suggestions drawn; each also opens in Chrome De
 
 Prints, per profile, the sampled milliseconds of script by the browser work that the backend's
 answer causes: canvas allocation (``setSize``/``scale`` under Konva's ``Layer.add``: a layer of
-the stage's size per brush region), PNG encoding (``toDataURL``), ``getImageData``, and the
-largest self times. Not a test: sampled times on a shared machine are noisy.
+the stage's size per brush region), PNG encoding (``toDataURL``), ``getImageData``, the accepted
+regions serialised back to RLE (``Region2RLE``), and the largest self times. Not a test: sampled times on a shared machine are noisy.
 """
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ import argparse
 import collections
 import json
 
-# (label, native function, a caller that must be on its stack or None)
+# (label, the sampled function or None for any, a function that must be on its stack or None)
 KINDS = (("layer canvas allocated (Konva Layer.add -> setSize)", "scale", "add"),
          ("region image encoded to PNG (toDataURL)", "toDataURL", None),
-         ("region pixels read back (getImageData)", "getImageData", None))
+         ("region pixels read back (getImageData)", "getImageData", None),
+         ("accepted regions re-encoded to RLE (Region2RLE)", None, "Region2RLE"))
 
 
 def load(path: str) -> dict:
@@ -45,7 +46,7 @@ def summarise(prof: dict, top: int = 8) -> dict:
         name = cf["functionName"] or "(anonymous)"
         self_ms[f"{name} {cf['url'].rsplit('/', 1)[-1][:24]}"] += dt / 1000
         for label, fn, caller in KINDS:
-            if name == fn and (caller is None or caller in stack(parent.get(nid))):
+            if (fn is None or name == fn) and (caller is None or caller in stack(parent.get(nid))):
                 kinds[label] += dt / 1000
     idle = sum(v for k, v in self_ms.items() if k.startswith("(idle)"))
     return {"sampled_ms": round(sum(self_ms.values()), 1), "busy_ms": round(sum(self_ms.values()) - idle, 1),
