@@ -23,11 +23,9 @@ max_requests_jitter = max_requests // 10
 
 
 def post_fork(server, worker):
-    """Cap glibc malloc arenas per worker (IHP_MALLOC_ARENAS, default 2): with several request
-    threads glibc would otherwise keep up to 8 x cores arenas of freed memory around."""
-    if _s.malloc_arenas > 0:
-        try:
-            import ctypes
-            ctypes.CDLL("libc.so.6").mallopt(-8, _s.malloc_arenas)  # M_ARENA_MAX
-        except (OSError, AttributeError):
-            pass  # not glibc
+    """glibc malloc per worker, before it loads anything (``ihp_backend.core.allocator``): arenas
+    capped (IHP_MALLOC_ARENAS, default 2: with several request threads glibc would otherwise keep
+    up to 8 x cores arenas of freed memory around), and freed memory kept for the next forward
+    (IHP_MALLOC_KEEP_MB, default 256: each forward faulted ~60 MB of pages in again without it)."""
+    from ihp_backend.core.allocator import tune_malloc  # ctypes only: no torch import
+    tune_malloc(max(0, _s.malloc_arenas), max(0, _s.malloc_keep_mb))

@@ -52,7 +52,8 @@ from ihp_backend.core.clicks import network_input, scale_clicks  # noqa: E402
 from ihp_backend.core.inference import Parser, network_size, resize_image  # noqa: E402
 from ihp_backend.core.ls_format import brush_results, interactive_label_config, label_map_to_rles, parse_label_config  # noqa: E402
 from ihp_backend.core.options import PRECISIONS  # noqa: E402
-from ihp_backend.settings import DEFAULT_CHECKPOINT, default_torch_threads, default_workers  # noqa: E402
+from ihp_backend.core.allocator import tune_malloc  # noqa: E402
+from ihp_backend.settings import DEFAULT_CHECKPOINT, Settings, default_torch_threads, default_workers  # noqa: E402
 
 CCP = os.path.join(os.path.dirname(ROOT), "shared", "data", "ccp")
 LIP_CONFIG = open(os.path.join(ROOT, "label_config.xml")).read()
@@ -366,6 +367,8 @@ def main():
     ap.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="the forward's compute type, in process and in the backend (IHP_PRECISION)")
     a = ap.parse_args()
+    s = Settings.from_env()
+    tune_malloc(s.malloc_arenas, s.malloc_keep_mb)  # the in-process numbers run as a served worker does
     if a.case == "12mp":  # the setting: one worker with all cores, ten clicks per task
         a.workers, a.clicks = 1, a.clicks or 10
         a.threads = a.threads or default_torch_threads(1)

@@ -32,6 +32,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from ihp_backend.core.allocator import tune_malloc
 from ihp_backend.core.label_rules import allowed_slots, fill_channels, prior_channels, zero_click_channels
 from ihp_backend.core.options import PRECISIONS, ParserOptions
 
@@ -461,6 +462,7 @@ def plot(results: list[EvalResult], standard: float, out_dir: str) -> list[str]:
 
 
 def main(argv=None):
+    tune_malloc(keep_mb=256)  # as a served worker runs the network (core.allocator)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="data set root")
     ap.add_argument("--kind", default="ccp",

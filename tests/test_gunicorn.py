@@ -162,3 +162,35 @@ def test_sigkilled_worker_is_replaced_and_history_survives(live, payloads):
     samples = sqlite3.connect(str(tmp_path / "model_dir" / "annotations.db")).execute(
         "SELECT COUNT(*) FROM samples").fetchone()[0]
     assert samples == 1
+
+
+@pytest.mark.skipif(not os.path.exists(DEFAULT_CHECKPOINT) or not os.path.exists("/proc/self/stat"),
+                    reason="needs the embedded default model and Linux's /proc")
+def test_a_served_worker_reuses_freed_memory_across_clicks(tmp_path):
+    """With glibc's own thresholds a worker's forward faulted ~10,000 fresh pages in on most
+    clicks (its thread's arena handed the freed activations back each time: ~12% of the
+    forward; bench/malloc.py); gunicorn's post_fork now keeps them (IHP_MALLOC_KEEP_MB)."""
+    from PIL import Image
+    from bench.latency import LIP_CONFIG, PHONE_LABELS, children, click_body, clicks_for
+    from bench.malloc import minor_faults
+    from tests.conftest import person_image
+    img, _ = person_image()
+    photo = np.asarray(Image.fromarray(img).resize((550, 830)))
+    root = tmp_path / "files"
+    root.mkdir()
+    Image.fromarray(photo).save(root / "p.jpg", quality=95)
+    proc, url = start_live({"MODEL_DIR": str(tmp_path / "model_dir"), "IHP_LOCAL_ROOT": str(root)}, workers=1)
+    try:
+        pid = children(proc.pid)[0]
+        faults = []
+        s = requests.Session()
+        for y, x, lab in clicks_for(830, 550, 10, PHONE_LABELS, 1):
+            f0 = minor_faults(pid)
+            r = s.post(url + "/predict", json=click_body(1, "/data/local-files/?d=p.jpg", LIP_CONFIG, 550, 830,
+                                                         100 * x / 550, 100 * y / 830, lab, "t.malloc"), timeout=60)
+            assert r.status_code == 200, r.text
+            faults.append(minor_faults(pid) - f0)
+        # a click after the first two (fetch, first buffers): 73 faults at the median here, 10,126 before
+        assert np.median(faults[2:]) < 2000, faults
+    finally:
+        stop(proc)
