@@ -70,3 +70,27 @@ def test_parser_forwards_from_request_threads_run_on_one_thread(tiny_checkpoint,
     assert idents[0] != threading.get_ident()
     for i in range(1, 4):
         np.testing.assert_array_equal(results[i], results[0])
+
+
+def test_parsers_build_and_run_their_networks_on_the_process_torch_thread(tiny_checkpoint, monkeypatch):
+    """One OpenMP team per process: a network built on another thread left that thread a team,
+    and libgomp then let the forward's team idle between parallel regions (12% slower forwards,
+    bench/forward_thread.py). Every CPU Parser shares TorchThread.shared() and builds there."""
+    import ihp_backend.core.inference as inference
+    built_on: list[int] = []
+    fold = inference.fold_batchnorm
+
+    def recorded(net):
+        built_on.append(threading.get_ident())
+        return fold(net)
+
+    monkeypatch.setattr(inference, "fold_batchnorm", recorded)
+    a = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, precision="float32")
+    b = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, precision="float32")
+    shared = TorchThread.shared()
+    assert a._torch_thread is shared and b._torch_thread is shared
+    assert len(built_on) == 2 and set(built_on) == {shared.run(threading.get_ident)}
+    assert built_on[0] != threading.get_ident()
+    # a forked child (threads do not survive a fork) gets a thread of its own
+    monkeypatch.setattr(TorchThread, "_shared", (-1, shared))
+    assert TorchThread.shared() is not shared

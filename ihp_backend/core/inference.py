@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import time
 import weakref
@@ -360,11 +361,29 @@ class TorchThread:
     took the request each wake a different team: with 4 request threads the served forward took
     ~85 ms against ~60 ms from one thread (CCP photo, 2 cores; ``bench/latency.py --case 12mp``
     A/B: a CCP-size click 0.72x).
-    A call made on the thread itself runs directly (no deadlock on nested calls)."""
+    A call made on the thread itself runs directly (no deadlock on nested calls).
+
+    ``shared()`` is the process's one such thread, which every CPU ``Parser`` uses, for building
+    its network too: libgomp counts the OpenMP threads of all teams, and once they outnumber the
+    cores it spins only ~100 times before a worker sleeps between two parallel regions. A second
+    team (the thread that built the network kept one) left the forward's team idle 13% of the
+    time (CPU / wall 1.72 instead of 1.99) and the forward 12-15% slower than on the main thread
+    (``bench/forward_thread.py``)."""
+
+    _shared: tuple[int, "TorchThread"] | None = None
+    _shared_lock = threading.Lock()
 
     def __init__(self, name: str = "ihp-torch"):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
         self._ident: int | None = None
+
+    @classmethod
+    def shared(cls) -> "TorchThread":
+        """The process's torch thread (a new one in a forked child: threads do not survive a fork)."""
+        with cls._shared_lock:
+            if cls._shared is None or cls._shared[0] != os.getpid():
+                cls._shared = (os.getpid(), cls())
+            return cls._shared[1]
 
     def _call(self, fn, args, kwargs):
         self._ident = threading.get_ident()
@@ -397,11 +416,14 @@ class Parser:
                  edge_refiner: str | None = None, edge_side: int = 1152):
         self.ckpt = ckpt
         self.binding: Binding = binding_of(ckpt)
-        self.net = fold_batchnorm(network_of(ckpt).eval())
         self.device = pick_device(device)
-        self._torch_thread = TorchThread() if self.device.type == "cpu" else None
-        # channels-last: measured 57 -> 45 ms (1 thread) and 30 -> 20 ms (2 threads) per forward
-        self.net.to(self.device, memory_format=torch.channels_last)
+        self._torch_thread = TorchThread.shared() if self.device.type == "cpu" else None
+        on_thread = self._torch_thread.run if self._torch_thread is not None else (lambda f, *a: f(*a))
+        # built on the torch thread: torch ops run on another thread would give it an OpenMP team
+        # of its own (TorchThread); channels-last: measured 57 -> 45 ms (1 thread) and 30 -> 20 ms
+        # (2 threads) per forward
+        self.net = on_thread(lambda: fold_batchnorm(network_of(ckpt).eval()).to(
+            self.device, memory_format=torch.channels_last))
         self.max_side = int(max_side or ckpt.get("input_size", 512))
         self.mean, self.std = ckpt["mean"], ckpt["std"]
         self.num_slots = self.net.cfg.num_slots
@@ -424,17 +446,19 @@ class Parser:
         self.dtype = pick_precision(precision, self.device)  # the forward's compute type (weights_in)
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(int(threads))
+            on_thread(torch.set_num_threads, int(threads))  # the thread whose team runs the forwards
         if self.dtype != torch.float32 and (precision or "auto").strip().lower() == "auto":
             # auto: keep bfloat16 only if it is faster here, at the serving size (1-3 s once)
             hw = network_size((2 * self.max_side // 3, self.max_side), self.max_side)
             probe = torch.zeros((1, self.net.cfg.in_channels) + hw, device=self.device)
-            self.dtype = faster_dtype(self.net, probe.contiguous(memory_format=torch.channels_last),
-                                      flush_denormals=self.device.type == "cpu")
+            self.dtype = on_thread(lambda: faster_dtype(self.net, probe.contiguous(memory_format=torch.channels_last),
+                                                        flush_denormals=self.device.type == "cpu"))
         self._first_conv = self.net.encoder.first_conv()  # float32: restricted_first_conv sums its weights
         self._first_convs: OrderedDict[tuple, torch.nn.Module] = OrderedDict()  # (keep, ones) -> restricted conv
-        self.net = weights_in(self.net, self.dtype)  # the forward's weights, cast once
+        self.net = on_thread(weights_in, self.net, self.dtype)  # the forward's weights, cast once
         if self.edge_net is not None:
-            self.edge_net = weights_in(self.edge_net, self.dtype).to(self.device, memory_format=torch.channels_last)
+            self.edge_net = on_thread(lambda: weights_in(self.edge_net, self.dtype).to(
+                self.device, memory_format=torch.channels_last))
         self._lock = threading.Lock()
         self._resized: OrderedDict[tuple, tuple] = OrderedDict()  # (kind, id(image)) -> (weakref, hw, value)
         self._crops: OrderedDict[tuple, tuple] = OrderedDict()  # zoomed crop parse -> (weakref, labels)
