@@ -146,9 +146,29 @@ class IHPModel:
             raise RequestError("'params.context' must be an object or null")
         self._request.timings = {}
         try:
-            return [self._predict_task(t, context, setup, project) for t in tasks]
+            return self._answer_in_time(tasks, lambda t: self._predict_task(t, context, setup, project))
         except SharedStateUnavailable as e:
             raise RequestError(f"{e}; retry the click", status=503) from None
+
+    def _answer_in_time(self, tasks: list, answer) -> list:
+        """``answer(task)`` for each task until ``IHP_BATCH_SECONDS`` have passed (the first task
+        always), then ``[]`` (no prediction) for the rest. Label Studio sends every task selected
+        for "Retrieve predictions" in one request and gives up after 100 s (ML_TIMEOUT_PREDICT),
+        storing nothing; answered in time, it stores what came back, and the next "Retrieve
+        predictions" sends only the tasks without a prediction of this model version."""
+        budget = self.settings.batch_seconds
+        t0 = time.monotonic()
+        out: list = []
+        for task in tasks:
+            if out and budget > 0 and time.monotonic() - t0 > budget:
+                break
+            out.append(answer(task))
+        if len(out) < len(tasks):
+            log.warning("batch of %d tasks: %d answered within IHP_BATCH_SECONDS=%g s, %d left without a "
+                        "prediction; run \"Retrieve predictions\" again for them", len(tasks), len(out), budget,
+                        len(tasks) - len(out))
+            out += [[] for _ in tasks[len(out):]]
+        return out
 
     def last_timings(self) -> dict[str, float]:
         """Seconds per stage of this thread's last ``predict`` (summed over its tasks): history,

@@ -97,6 +97,7 @@ class Settings:
     history_ttl: float = 24 * 3600
     max_clicks: int = 500
     load_wait: float = 60.0
+    batch_seconds: float = 60.0  # IHP_BATCH_SECONDS: a batch /predict answers the tasks parsed within this time
     train_every: int = 10
     return_background: bool = False  # answer a Background brush region too (IHP_RETURN_BACKGROUND)
     zero_click: bool = True  # batch predictions parse known label names with no click (IHP_ZERO_CLICK)
@@ -163,6 +164,7 @@ class Settings:
             history_ttl=_float("IHP_HISTORY_TTL", 24 * 3600),
             max_clicks=_int("IHP_MAX_CLICKS", 500),
             load_wait=_float("IHP_LOAD_WAIT", 60.0),
+            batch_seconds=_float("IHP_BATCH_SECONDS", 60.0),
             train_every=_int("IHP_TRAIN_EVERY", 10),
             return_background=bool(_int("IHP_RETURN_BACKGROUND", 0)),
             zero_click=bool(_int("IHP_ZERO_CLICK", 1)),

@@ -95,6 +95,30 @@ def test_zero_click_parse_for_known_names(client, payloads):
     assert np.sum(list(ms.values()), axis=0).max() <= 1
 
 
+def test_a_batch_answers_what_fits_its_time_and_leaves_the_rest_for_the_next_retrieve(
+        tmp_path, parts_checkpoint, image_server, payloads, caplog):
+    """Label Studio sends every task selected for "Retrieve predictions" in one request and
+    stores nothing if the answer takes over 100 s (ML_TIMEOUT_PREDICT); it then sends only the
+    tasks without this model version's prediction. So a batch answers the tasks it parses
+    within IHP_BATCH_SECONDS (the first always) and [] (no prediction) for the rest."""
+    body = copy.deepcopy(payloads["/predict"]["body"])
+    body["tasks"] = [dict(copy.deepcopy(body["tasks"][0]), id=100 + i) for i in range(3)]
+    answers = {}
+    for seconds in (1e-9, 0.0):  # the smallest budget; 0 = no limit
+        m = IHPModel(Settings(model_dir=str(tmp_path / f"md{seconds}"), checkpoint=parts_checkpoint,
+                              ls_url=image_server["url"], train_every=1000, batch_seconds=seconds))
+        m.load()
+        with caplog.at_level("WARNING", logger="ihp_backend"):
+            r = create_app(m, load=False).test_client().post("/predict", json=body)
+        assert r.status_code == 200
+        answers[seconds] = r.get_json()["results"]
+    first, *rest = answers[1e-9]
+    assert isinstance(first, dict) and first["result"] and rest == [[], []]
+    assert "2 left without a prediction" in caplog.text
+    assert all(isinstance(a, dict) and a["result"] for a in answers[0.0])
+    assert answers[0.0][0]["result"] == first["result"]
+
+
 def test_unknown_names_get_no_prediction_not_an_empty_one(client, payloads):
     body = copy.deepcopy(payloads["/predict"]["body"])
     for a, b in [("Hair", "Fur"), ("Face", "Snout"), ("Left-arm", "Paw")]:

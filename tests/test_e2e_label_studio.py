@@ -57,7 +57,8 @@ def stack(tmp_path_factory, ccp_val):
     ls = runner.start(str(tmp / "ls-data"), str(files))
     ls_seconds = time.time() - t0
     env = {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token, "IHP_LOCAL_ROOT": str(files),
-           "IHP_TRAIN_EVERY": "1000", "IHP_FIT_STEPS": "4", "IHP_FIT_HOLDOUT": "0.5"}
+           "IHP_TRAIN_EVERY": "1000", "IHP_FIT_STEPS": "4", "IHP_FIT_HOLDOUT": "0.5",
+           "IHP_BATCH_SECONDS": "1e-9"}  # a batch answers one task (test_retrieve_predictions_...)
     try:
         proc, backend = start_gunicorn(tmp, DEFAULT_CHECKPOINT, env)
     except Exception:
@@ -479,14 +480,36 @@ def test_browser_annotator_flow_click_accept_click_submit(stack, project, ccp_va
              .get(key, {}).get("samples", 0) > samples_before, 30, "/webhook to store the submitted annotation")
 
 
-def test_retrieve_predictions_without_clicks_does_not_fail(stack, project):
-    out = api(stack, "POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project['id']}",
-              json={"selectedItems": {"all": True, "excluded": []}})
-    assert "processed_items" in out or "detail" in out
-    task = project["sdk"].tasks.get(project["tasks"][0].id)
-    assert task.predictions, "Label Studio stored no prediction"
-    assert task.predictions[0]["model_version"] if isinstance(task.predictions[0], dict) else \
-        task.predictions[0].model_version
+def test_retrieve_predictions_without_clicks_resumes_where_a_batch_stopped(stack, project):
+    """"Retrieve predictions" on every task, twice. The backend runs with IHP_BATCH_SECONDS=1e-9:
+    a batch answers its first task and leaves the rest without a prediction (as it does when its
+    tasks take longer than the budget, default 60 s, under Label Studio's 100 s). Label Studio
+    stores the one zero-click parse, and the second retrieve sends only the tasks still
+    without this model version's prediction: one more task gets one. (Listing or opening tasks
+    with "evaluate predictions automatically" on asks for predictions too: off while counting.)"""
+    pid = project["id"]
+    was = api(stack, "GET", f"/api/projects/{pid}")["evaluate_predictions_automatically"]
+    api(stack, "PATCH", f"/api/projects/{pid}", json={"evaluate_predictions_automatically": False})
+    everything = {"selectedItems": {"all": True, "excluded": []}}
+    try:
+        api(stack, "POST", f"/api/dm/actions?id=delete_tasks_predictions&project={pid}", json=everything)
+
+        def predictions() -> list:
+            out = api(stack, "GET", f"/api/predictions/?project={pid}")
+            return out if isinstance(out, list) else out.get("results", [])
+
+        assert predictions() == []
+        counts = []
+        for _ in range(2):
+            out = api(stack, "POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}", json=everything)
+            assert "processed_items" in out or "detail" in out
+            counts.append(len(predictions()))
+        assert counts == [1, 2], counts
+        stored = predictions()
+        assert len({p["task"] for p in stored}) == 2
+        assert all(p["model_version"] and p["result"] for p in stored), "an empty prediction was stored"
+    finally:
+        api(stack, "PATCH", f"/api/projects/{pid}", json={"evaluate_predictions_automatically": was})
 
 
 def wait_for(predicate, timeout, what, every: float = 1.0):
