@@ -26,6 +26,11 @@ answers the same clicks, task by task in turn, so A and B are measured back to b
 is the crowd case (issue 31): three CCP photos side by side (1650 x 830), clicks on each
 person in turn, one worker, served with ``IHP_ZOOM=1`` (each clicked small person parsed again
 on their own region) and ``IHP_ZOOM=0``, task by task in turn; p50 / p95 per click.
+
+    .venv/bin/python bench/latency.py --case batch [--tasks 40]
+
+is "Retrieve predictions" on that many CCP val photos in one request (one worker, no time
+budget): seconds per task, and how many tasks fit ``IHP_BATCH_SECONDS``' default of 60 s.
 Not a test: absolute numbers drift on shared machines; compare the ratios of one run.
 """
 from __future__ import annotations
@@ -350,11 +355,40 @@ def crowd_case(a):
             stop(proc)
 
 
+def batch_case(a):
+    """'Retrieve predictions' as Label Studio sends it: ``--tasks`` CCP val photos (each a file of
+    its own, so each is fetched and decoded) in one /predict with no context and the LIP config,
+    to one worker; prints seconds per task and how many tasks fit IHP_BATCH_SECONDS' default."""
+    ids = [line.split()[0] for line in open(os.path.join(CCP, "val.txt")) if line.strip()][:a.tasks]
+    tmp = tempfile.mkdtemp()
+    for i in ids:
+        os.link(os.path.join(CCP, "images", i + ".jpg"), os.path.join(tmp, i + ".jpg"))
+    proc, url = start_backend(a.checkpoint, {"MODEL_DIR": os.path.join(tmp, "md"), "IHP_LOCAL_ROOT": tmp,
+                                             "IHP_BATCH_SECONDS": "0"}, workers=1)
+    try:
+        body = {"tasks": [{"id": k + 1, "data": {"image": f"/data/local-files/?d={i}.jpg"}} for k, i in enumerate(ids)],
+                "project": "bench.batch", "label_config": LIP_CONFIG, "params": {"context": None}}
+        t0 = time.perf_counter()
+        r = requests.post(url + "/predict", json=body, timeout=3600)
+        seconds = time.perf_counter() - t0
+        r.raise_for_status()
+        answered = sum(1 for x in r.json()["results"] if x)
+        per = seconds / len(ids)
+        out = {"tasks": len(ids), "answered": answered, "seconds": round(seconds, 1),
+               "seconds_per_task": round(per, 3), "tasks_within_60_s": int(60 / per)}
+        print(f"'Retrieve predictions' on {len(ids)} CCP photos: {seconds:.1f} s, {per * 1000:.0f} ms per task; "
+              f"about {out['tasks_within_60_s']} tasks per 60 s (IHP_BATCH_SECONDS)", file=sys.stderr)
+        print(json.dumps(out))
+    finally:
+        stop(proc)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", choices=("ccp", "12mp", "crowd"), default="ccp",
+    ap.add_argument("--case", choices=("ccp", "12mp", "crowd", "batch"), default="ccp",
                     help="ccp: the CCP-size measurements; 12mp: the phone-photo case (one worker); "
-                         "crowd: three people in one photo, zoom on and off (one worker)")
+                         "crowd: three people in one photo, zoom on and off (one worker); batch: "
+                         "'Retrieve predictions' on --tasks photos in one request (one worker)")
     ap.add_argument("--tasks", type=int, default=5, help="12mp: tasks (photos) per backend")
     ap.add_argument("--baseline-root", help="12mp: a second source tree to serve the same clicks (A/B)")
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
@@ -377,6 +411,8 @@ def main():
         a.workers, a.clicks = 1, a.clicks or 10
         a.threads = a.threads or default_torch_threads(1)
         return crowd_case(a)
+    if a.case == "batch":
+        return batch_case(a)
     a.clicks = a.clicks or 12
     a.workers = a.workers or default_workers()
     a.threads = a.threads or default_torch_threads(a.workers)

@@ -94,3 +94,23 @@ def test_parsers_build_and_run_their_networks_on_the_process_torch_thread(tiny_c
     # a forked child (threads do not survive a fork) gets a thread of its own
     monkeypatch.setattr(TorchThread, "_shared", (-1, shared))
     assert TorchThread.shared() is not shared
+
+
+def test_the_precision_probe_runs_on_the_torch_thread(tiny_checkpoint, monkeypatch):
+    """precision 'auto' on a CPU with native bfloat16 times both types at load: on the torch
+    thread, its probe input too (filling it is a parallel op that would give the caller a team)."""
+    import torch
+
+    import ihp_backend.core.inference as inference
+    seen: list[int] = []
+    real = inference.faster_dtype
+
+    def recorded(net, x, **kw):
+        seen.append(threading.get_ident())
+        return real(net, x, repeats=1, **kw)
+
+    monkeypatch.setattr(inference, "pick_precision", lambda precision, device: torch.bfloat16)
+    monkeypatch.setattr(inference, "faster_dtype", recorded)
+    p = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, precision="auto")
+    assert seen == [TorchThread.shared().run(threading.get_ident)]
+    assert p.dtype in (torch.float32, torch.bfloat16)

@@ -450,9 +450,9 @@ class Parser:
         if self.dtype != torch.float32 and (precision or "auto").strip().lower() == "auto":
             # auto: keep bfloat16 only if it is faster here, at the serving size (1-3 s once)
             hw = network_size((2 * self.max_side // 3, self.max_side), self.max_side)
-            probe = torch.zeros((1, self.net.cfg.in_channels) + hw, device=self.device)
-            self.dtype = on_thread(lambda: faster_dtype(self.net, probe.contiguous(memory_format=torch.channels_last),
-                                                        flush_denormals=self.device.type == "cpu"))
+            self.dtype = on_thread(lambda: faster_dtype(  # the probe too: filling it is a parallel op
+                self.net, torch.zeros((1, self.net.cfg.in_channels) + hw, device=self.device).contiguous(
+                    memory_format=torch.channels_last), flush_denormals=self.device.type == "cpu"))
         self._first_conv = self.net.encoder.first_conv()  # float32: restricted_first_conv sums its weights
         self._first_convs: OrderedDict[tuple, torch.nn.Module] = OrderedDict()  # (keep, ones) -> restricted conv
         self.net = on_thread(weights_in, self.net, self.dtype)  # the forward's weights, cast once
