@@ -50,6 +50,7 @@ def default_torch_threads(workers: int | None = None) -> int:
 
 
 from .core.options import PRECISIONS, ParserOptions  # noqa: F401 (PRECISIONS: re-exported)
+from .core.allocator import DEFAULT_KEEP_MB
 
 
 def _edge_refiner(value: str | None) -> str | None:
@@ -124,7 +125,7 @@ class Settings:
     access_log: str | None = "-"  # IHP_ACCESS_LOG ("" turns it off)
     max_requests: int = 5000  # IHP_MAX_REQUESTS: a worker is replaced after this many
     malloc_arenas: int = 2  # IHP_MALLOC_ARENAS
-    malloc_keep_mb: int = 256  # IHP_MALLOC_KEEP_MB: freed memory glibc keeps for the next forward (core.allocator)
+    malloc_keep_mb: int = DEFAULT_KEEP_MB  # IHP_MALLOC_KEEP_MB: freed memory glibc keeps for the next forward (core.allocator)
     # the fit job (ihp_backend.fit_job)
     fit_steps: int = 250  # IHP_FIT_STEPS
     fit_holdout: float = 0.2  # IHP_FIT_HOLDOUT
@@ -183,7 +184,7 @@ class Settings:
             access_log=os.environ.get("IHP_ACCESS_LOG", "-") or None,
             max_requests=_int("IHP_MAX_REQUESTS", 5000),
             malloc_arenas=_int("IHP_MALLOC_ARENAS", 2),
-            malloc_keep_mb=_int("IHP_MALLOC_KEEP_MB", 256),
+            malloc_keep_mb=_int("IHP_MALLOC_KEEP_MB", DEFAULT_KEEP_MB),
             fit_steps=_int("IHP_FIT_STEPS", 250),
             fit_holdout=_float("IHP_FIT_HOLDOUT", 0.2),
             fit_threads=_int("IHP_FIT_THREADS", 1),

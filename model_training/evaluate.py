@@ -462,7 +462,7 @@ def plot(results: list[EvalResult], standard: float, out_dir: str) -> list[str]:
 
 
 def main(argv=None):
-    tune_malloc(keep_mb=256)  # as a served worker runs the network (core.allocator)
+    tune_malloc()  # freed memory kept, as in a served worker (core.allocator)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="data set root")
     ap.add_argument("--kind", default="ccp",

@@ -15,9 +15,10 @@ import ctypes.util
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8  # <malloc.h>
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit (HEAP_MAX_SIZE / 2)
 HEAP_MAX = 64 << 20  # the size of a thread arena's heaps on 64-bit
+DEFAULT_KEEP_MB = 256  # IHP_MALLOC_KEEP_MB's default (settings.Settings)
 
 
-def tune_malloc(arenas: int = 0, keep_mb: int = 256) -> bool:
+def tune_malloc(arenas: int = 0, keep_mb: int = DEFAULT_KEEP_MB) -> bool:
     """Keep freed memory for reuse instead of handing it back to the kernel after each forward:
     blocks under 32 MB come from the heap (``M_MMAP_THRESHOLD``), up to ``keep_mb`` MB of free
     memory at a heap's top stays mapped (``M_TRIM_THRESHOLD``), and a thread arena's heap that
