@@ -20,7 +20,8 @@ is the phone-photo case (issue 29) instead: a CCP photo upscaled 5x (2750 x 4150
 per click index p50 of the request and of every Server-Timing stage, the JSON size per click
 (also at CCP size), the first click on a new photo (fetch + decode + parse) and peak RSS. With
 ``--baseline-root`` (e.g. a ``git worktree`` of an older commit) a second backend from that tree
-answers the same clicks, task by task in turn, so A and B are measured back to back.
+answers the same clicks, task by task in turn, so A and B are measured back to back;
+``--baseline-env KEY=VALUE`` gives that second backend (this tree by default) a setting.
     .venv/bin/python bench/latency.py --case crowd [--tasks 5]
 
 is the crowd case (issue 31): three CCP photos side by side (1650 x 830), clicks on each
@@ -244,14 +245,16 @@ def phone_case(a):
     Image.fromarray(photo).save(os.path.join(tmp, "photo.jpg"), quality=95)
     Image.fromarray(big).save(os.path.join(tmp, "phone.jpg"), quality=92)
     roots = {"this tree": ROOT}
-    if a.baseline_root:
-        roots["baseline"] = os.path.abspath(a.baseline_root)
+    if a.baseline_root or a.baseline_env:
+        roots["baseline"] = os.path.abspath(a.baseline_root or ROOT)
     backends = {}
     try:
         for name, root in roots.items():
-            backends[name] = start_backend(a.checkpoint, {"MODEL_DIR": os.path.join(tmp, "md_" + name[:4]),
-                                                          "IHP_LOCAL_ROOT": tmp, "IHP_TORCH_THREADS": str(a.threads),
-                                                          "IHP_PRECISION": a.precision}, workers=1, root=root)
+            env = {"MODEL_DIR": os.path.join(tmp, "md_" + name[:4]), "IHP_LOCAL_ROOT": tmp,
+                   "IHP_TORCH_THREADS": str(a.threads), "IHP_PRECISION": a.precision}
+            if name == "baseline":
+                env.update(kv.split("=", 1) for kv in a.baseline_env)
+            backends[name] = start_backend(a.checkpoint, env, workers=1, root=root)
         h, w = big.shape[:2]
         per = {n: {"clicks": [], "first": [], "ccp": []} for n in backends}
         for t in range(a.tasks):
@@ -392,6 +395,9 @@ def main():
                          "'Retrieve predictions' on --tasks photos in one request (one worker)")
     ap.add_argument("--tasks", type=int, default=5, help="12mp: tasks (photos) per backend")
     ap.add_argument("--baseline-root", help="12mp: a second source tree to serve the same clicks (A/B)")
+    ap.add_argument("--baseline-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="12mp: the second backend (this tree unless --baseline-root) with this setting, "
+                         "e.g. IHP_ASPP_RANK=0 (repeatable)")
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     ap.add_argument("--clicks", type=int, default=None, help="clicks per task (default 12; 12mp: 10)")
     ap.add_argument("--repeats", type=int, default=5)

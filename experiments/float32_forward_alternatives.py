@@ -8,12 +8,15 @@ against the served eager channels-last forward, on stride-4 logits at 576 x 384:
    200-223, compared with float32 on photos 0-23 (stride-4 argmax agreement over the 12 slots
    and the unclaimed channel);
 4. the ASPP's dilated 3x3 convs as one matrix product per tap over only the pixels whose tap
-   falls inside the map (at 36 x 24 most dilation-18 taps fall in the zero padding); exact.
+   falls inside the map (at 36 x 24 most dilation-18 taps fall in the zero padding); exact;
+5. ``torch.compile`` (inductor, C++ on the CPU) of the stride-4 forward (``--compile``: about a
+   minute to compile).
 
     PYTHONPATH=. .venv/bin/python experiments/float32_forward_alternatives.py [--photos 24]
 
 Prints medians of interleaved runs. Not a test. Measured on 2026-12-07 (docs/performance.md,
-"On a CPU without native bfloat16"): none is worth serving.
+"On a CPU without native bfloat16" and "The ASPP through one shared low-rank projection"): none is
+worth serving; what was, the ASPP factored at rank 128, is experiments/aspp_low_rank.py.
 """
 from __future__ import annotations
 
@@ -131,11 +134,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="ihp_backend/models/default.pt")
     ap.add_argument("--photos", type=int, default=24)
+    ap.add_argument("--compile", action="store_true", help="5. also time torch.compile of the forward")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)  # as the served forward runs (inference.denormals_flushed)
-    parser = Parser(read_checkpoint(a.checkpoint), **ParserOptions(threads=2, precision="float32", zoom=False).parser_kwargs())
+    parser = Parser(read_checkpoint(a.checkpoint), **ParserOptions(threads=2, precision="float32", zoom=False,
+                                                                    aspp_rank=0).parser_kwargs())  # the exact ASPP
     net = parser.net
     x = torch.randn(1, net.cfg.in_channels, 576, 384).contiguous(memory_format=torch.channels_last)
     eager = StrideFour(net).eval()
@@ -145,6 +150,14 @@ def main() -> None:
     for _ in range(2):
         print(f"1-2. stride-4 forward: eager channels-last {timed(eager, x):.1f} ms, NCHW "
               f"{timed(nchw, x.contiguous()):.1f} ms, TorchScript frozen {timed(frozen, x):.1f} ms")
+    if a.compile:
+        t = time.perf_counter()
+        compiled = torch.compile(eager)
+        with torch.inference_mode():
+            diff = float((compiled(x) - eager(x)).abs().max())
+        print(f"5. torch.compile: {time.perf_counter() - t:.0f} s to compile, largest difference {diff:.1e}")
+        for _ in range(3):
+            print(f"5. stride-4 forward: eager {timed(eager, x):.1f} ms, compiled {timed(compiled, x):.1f} ms")
 
     ids = [line.strip() for line in open(f"{CCP}/train.txt")]
     stem = nn.Sequential(*list(net.encoder.low[0])[1:], *list(net.encoder.low)[1:])

@@ -64,7 +64,7 @@ class ModelPool:
             return None
         return {"device": str(p.device), "precision": p.precision,
                 "max_side": p.max_side, "refine": p.refine, "click_radius": p.click_radius, "flip": p.flip,
-                "edge_refiner": p.edge_net is not None,
+                "edge_refiner": p.edge_net is not None, "aspp_rank": p.aspp_rank,
                 "threads": torch.get_num_threads() if p.device.type == "cpu" else None}
 
     def ready(self) -> Parser:

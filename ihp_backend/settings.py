@@ -109,6 +109,7 @@ class Settings:
     vocab_share: bool = ParserOptions.vocab_share  # unclaimed pixels to the clicked known label seen there (IHP_VOCAB_SHARE)
     edge_refiner: str | None = ParserOptions.edge_refiner  # IHP_EDGE_REFINER: boundaries re-decided by a trained refiner
     edge_side: int = ParserOptions.edge_side  # IHP_EDGE_SIDE: its working size's longer side
+    aspp_rank: int = ParserOptions.aspp_rank  # IHP_ASPP_RANK: the ASPP factored at load (0: exact)
     redis_url: str = ""  # IHP_REDIS_URL: click history and previous predictions in Redis
     database_url: str = field(default="", repr=False)  # IHP_DATABASE_URL: annotations, requests, versions in PostgreSQL
     fit_queue: str = ""  # IHP_FIT_QUEUE: fit runs as RQ jobs on this queue of IHP_REDIS_URL ("" = a local process)
@@ -139,7 +140,7 @@ class Settings:
                              threads=self.torch_threads or default_torch_threads(),
                              unclaimed_bias=self.unclaimed_bias, zoom=self.zoom, vocab_prior=self.vocab_prior,
                              vocab_share=self.vocab_share, edge_refiner=self.edge_refiner,
-                             edge_side=self.edge_side)
+                             edge_side=self.edge_side, aspp_rank=self.aspp_rank)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -194,4 +195,5 @@ class Settings:
             vocab_share=bool(_int("IHP_VOCAB_SHARE", int(ParserOptions.vocab_share))),
             edge_refiner=_edge_refiner(os.environ.get("IHP_EDGE_REFINER")),
             edge_side=_int("IHP_EDGE_SIDE", ParserOptions.edge_side),
+            aspp_rank=_int("IHP_ASPP_RANK", ParserOptions.aspp_rank),
         )

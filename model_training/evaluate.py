@@ -521,6 +521,9 @@ def main(argv=None):
                     help="a trained edge refiner (model_training.train_edges; the backend's IHP_EDGE_REFINER)")
     ap.add_argument("--edge-side", type=int, default=ParserOptions.edge_side,
                     help="the edge refiner's working size, longer side (IHP_EDGE_SIDE)")
+    ap.add_argument("--aspp-rank", type=int, default=ParserOptions.aspp_rank,
+                    help="the ASPP's branches read one shared projection of this rank, made at load "
+                         "(the backend's IHP_ASPP_RANK; 0: the exact ASPP)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--include", action="append", default=[],
@@ -543,7 +546,7 @@ def main(argv=None):
                              full_res_edges=a.full_res_edges, click_radius=a.click_radius, precision=a.precision, threads=a.threads,
                              unclaimed_bias=a.unclaimed_bias, zoom=not a.no_zoom, vocab_prior=a.vocab_prior,
                              vocab_share=bool(a.vocab_share), edge_refiner=a.edge_refiner or None,
-                             edge_side=a.edge_side)
+                             edge_side=a.edge_side, aspp_rank=a.aspp_rank)
         parser = Parser.from_file(ck, **opts.parser_kwargs())
         predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}",
                                         zero_click=a.zero_click, fill_known=a.fill_known))

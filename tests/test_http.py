@@ -1,5 +1,6 @@
 """The Flask app through its test client, driven by the payloads a real Label Studio sent."""
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -168,3 +169,28 @@ def test_flip_setting_reaches_the_network(tmp_path, tiny_checkpoint, image_serve
     assert m.parser.flip
     r = create_app(m, load=False).test_client().post("/predict", json=click_body(payloads, 40, 50, "Hair"))
     assert r.status_code == 200 and r.get_json()["results"][0]["result"]
+
+
+def test_the_aspp_rank_setting_reaches_the_served_network(tmp_path, tiny_checkpoint, image_server, payloads,
+                                                          monkeypatch):
+    """IHP_ASPP_RANK: the served network's ASPP is factored at that rank (network.low_rank_aspp)
+    or exact with 0, /health says which, and both answer a click."""
+    from ihp_backend.core.network import LowRankASPP
+
+    def served(rank):
+        monkeypatch.setenv("IHP_ASPP_RANK", str(rank))
+        settings = Settings.from_env()
+        assert settings.parser_options().aspp_rank == rank
+        m = IHPModel(dataclasses.replace(settings, model_dir=str(tmp_path / f"md{rank}"),
+                                         checkpoint=tiny_checkpoint, ls_url=image_server["url"]))
+        m.load()
+        c = create_app(m, load=False).test_client()
+        r = c.post("/predict", json=click_body(payloads, 50, 21, "Hair"))
+        assert r.status_code == 200 and r.get_json()["results"][0]["result"]
+        return m.parser, c.get("/health").get_json()["inference"]["aspp_rank"]
+
+    exact, reported = served(0)
+    assert not isinstance(exact.net.aspp, LowRankASPP) and reported == 0
+    factored, reported = served(24)
+    assert isinstance(factored.net.aspp, LowRankASPP) and factored.net.aspp.reduce.out_channels == 24
+    assert reported == 24

@@ -135,3 +135,31 @@ def test_widening_the_decoder_keeps_what_the_network_computes_and_then_learns():
     with pytest.raises(ValueError, match="cannot widen"):  # the ASPP width is fixed
         load_widening(build_network(NetConfig(num_slots=5, aspp_channels=24, decoder_channels=16,
                                               low_level_channels=8)), a.state_dict())
+
+
+def test_the_low_rank_aspp_computes_what_the_aspp_does_when_its_kernels_have_that_rank():
+    """network.low_rank_aspp: branches whose kernels all read the same rank-16 projection of the
+    input are factored exactly at rank 16; at a lower rank the ASPP keeps its interface; a rank
+    that saves no work returns the ASPP itself."""
+    from ihp_backend.core.network import LowRankASPP, fold_batchnorm, low_rank_aspp, with_low_rank_aspp
+    torch.manual_seed(0)
+    net = fold_batchnorm(build_network(NetConfig(num_slots=4, aspp_channels=8, decoder_channels=8)).eval())
+    shared = torch.randn(16, net.encoder.high_channels) / 30  # what every tap reads
+    with torch.no_grad():
+        for branch in list(net.aspp.convs)[:4]:
+            w = branch[0].weight
+            w.copy_((torch.randn(w.shape[2], w.shape[3], w.shape[0], 16) @ shared).permute(2, 3, 0, 1))
+        x = torch.randn(1, net.encoder.high_channels, 9, 7)
+        ref = net.aspp(x)
+        exact = low_rank_aspp(net.aspp, 16)
+        assert isinstance(exact, LowRankASPP) and exact.reduce.out_channels == 16
+        assert [b[0].dilation for b in exact.branches] == [(1, 1), (6, 6), (12, 12), (18, 18)]
+        assert torch.allclose(exact(x), ref, atol=1e-4), float((exact(x) - ref).abs().max())
+        feats = torch.rand(net.encoder.high_channels, 500)
+        aware = low_rank_aspp(net.aspp, 16, input_moment=feats @ feats.T / 500)  # fitted to such inputs
+        assert torch.allclose(aware(x), ref, atol=1e-4), float((aware(x) - ref).abs().max())
+        low = low_rank_aspp(net.aspp, 4)
+        assert low(x).shape == ref.shape and not torch.allclose(low(x), ref, atol=1e-4)
+    assert low_rank_aspp(net.aspp, 10_000) is net.aspp  # more work than the ASPP: unchanged
+    assert with_low_rank_aspp(net, 0).aspp is net.aspp
+    assert isinstance(with_low_rank_aspp(net, 16).aspp, LowRankASPP)

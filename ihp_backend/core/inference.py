@@ -20,7 +20,7 @@ from PIL import Image
 from .checkpoint import Binding, binding_of, network_of, read_checkpoint
 from .clicks import draw_clicks, network_input, normalise_rgb, scale_clicks
 from .edges import load_edge_refiner, refine_edges, work_size
-from .network import conv_of_patches, fold_batchnorm, restricted_first_conv
+from .network import LowRankASPP, conv_of_patches, fold_batchnorm, restricted_first_conv, with_low_rank_aspp
 from .refine import label_lut, nearest_resize, paint_clicks, refined_argmax
 from .options import PRECISIONS
 from .vocabulary import mirrored_channels
@@ -413,7 +413,7 @@ class Parser:
                  threads: int | None = None, flip: bool = False, refine: bool = True, full_res_edges: bool = False,
                  click_radius: float = 10.0, precision: str | None = "auto", unclaimed_bias: float = 0.0,
                  zoom: bool = False, vocab_prior: float = 0.0, vocab_share: bool = False,
-                 edge_refiner: str | None = None, edge_side: int = 1152):
+                 edge_refiner: str | None = None, edge_side: int = 1152, aspp_rank: int = 0):
         self.ckpt = ckpt
         self.binding: Binding = binding_of(ckpt)
         self.device = pick_device(device)
@@ -422,8 +422,9 @@ class Parser:
         # built on the torch thread: torch ops run on another thread would give it an OpenMP team
         # of its own (TorchThread); channels-last: measured 57 -> 45 ms (1 thread) and 30 -> 20 ms
         # (2 threads) per forward
-        self.net = on_thread(lambda: fold_batchnorm(network_of(ckpt).eval()).to(
+        self.net = on_thread(lambda: with_low_rank_aspp(fold_batchnorm(network_of(ckpt).eval()), aspp_rank).to(
             self.device, memory_format=torch.channels_last))
+        self.aspp_rank = int(aspp_rank) if isinstance(self.net.aspp, LowRankASPP) else 0  # 0: the exact ASPP
         self.max_side = int(max_side or ckpt.get("input_size", 512))
         self.mean, self.std = ckpt["mean"], ckpt["std"]
         self.num_slots = self.net.cfg.num_slots

@@ -266,6 +266,79 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     return net
 
 
+class LowRankASPP(nn.Module):
+    """torchvision's ASPP (Chen et al. 2018, DeepLabV3+) whose four conv branches read one
+    shared projection of the input to ``rank`` channels (``low_rank_aspp``)."""
+
+    def __init__(self, reduce: nn.Conv2d, branches: nn.ModuleList, pooling: nn.Module, project: nn.Module):
+        super().__init__()
+        self.reduce, self.branches, self.pooling, self.project = reduce, branches, pooling, project
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.reduce(x)
+        return self.project(torch.cat([b(z) for b in self.branches] + [self.pooling(x)], dim=1))
+
+
+def aspp_saves_work(in_channels: int, taps_times_out: int, rank: int) -> bool:
+    """Whether a shared rank-``rank`` projection needs fewer multiply-adds than the branches
+    reading all ``in_channels`` (``taps_times_out``: every branch's kernel taps x outputs)."""
+    return 0 < rank and rank * (in_channels + taps_times_out) < in_channels * taps_times_out
+
+
+def low_rank_aspp(aspp: nn.Module, rank: int, input_moment: torch.Tensor | None = None) -> nn.Module:
+    """The ASPP with its branches' kernels factored through one shared 1x1 projection to
+    ``rank`` channels (serving only; data-free, at load).
+
+    The 1x1 and the three dilated 3x3 branches all read the same input (960 channels on the
+    MobileNetV3 default); their 28 kernel taps stacked as one matrix M (taps x outputs, inputs)
+    are close to low rank. The truncated SVD M ~ Q P (P: ``rank`` x inputs) turns P into one 1x1
+    conv and Q into each branch's conv over ``rank`` channels: the same ops, about a third of
+    the ASPP's time at rank 128 (docs/performance.md). Zero padding stays zero (P has no bias);
+    the image-pooling branch and the projection are kept as they are. Returns ``aspp`` itself
+    when the rank would save nothing. ``input_moment`` (E[x x^T] of the ASPP's input pixels, if
+    known) makes the factorization minimise the error on such inputs instead of on the kernels
+    (experiments/aspp_low_rank.py: rank 64 then does what rank 128 does without it).
+    """
+    *branches, pooling = aspp.convs
+    convs = [b[0] for b in branches]
+    weights = [c.weight.detach().double() for c in convs]
+    m = torch.cat([w.permute(2, 3, 0, 1).reshape(-1, w.shape[1]) for w in weights])
+    if not aspp_saves_work(m.shape[1], m.shape[0], rank):
+        return aspp
+    if input_moment is None:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        p, q = vh[:rank], u[:, :rank] * s[:rank]
+    else:  # M x ~ Q P x for x with that second moment C: the SVD of M C^1/2
+        ev, evec = torch.linalg.eigh(input_moment.double())
+        ev = ev.clamp_min(float(ev.max()) * 1e-7)
+        root, inv_root = (evec * ev.sqrt()) @ evec.T, (evec * ev.rsqrt()) @ evec.T
+        u, s, vh = torch.linalg.svd(m @ root, full_matrices=False)
+        p, q = vh[:rank] @ inv_root, u[:, :rank] * s[:rank]
+    dev, dtype = convs[0].weight.device, convs[0].weight.dtype
+    reduce = nn.Conv2d(m.shape[1], rank, 1, bias=False).to(dev)
+    new_branches, row = nn.ModuleList(), 0
+    with torch.no_grad():
+        reduce.weight.copy_(p.to(dtype)[:, :, None, None])
+        for conv, branch, w in zip(convs, branches, weights):
+            out, _, kh, kw = w.shape
+            block = q[row:row + kh * kw * out].reshape(kh, kw, out, rank).permute(2, 3, 0, 1)
+            row += kh * kw * out
+            c = nn.Conv2d(rank, out, (kh, kw), conv.stride, conv.padding, conv.dilation,
+                          bias=conv.bias is not None).to(dev)
+            c.weight.copy_(block.to(dtype))
+            if conv.bias is not None:
+                c.bias.copy_(conv.bias)
+            new_branches.append(nn.Sequential(c, *list(branch)[1:]))
+    return LowRankASPP(reduce, new_branches, pooling, aspp.project).train(aspp.training)
+
+
+def with_low_rank_aspp(net: IHPNet, rank: int) -> IHPNet:
+    """``net`` with its ASPP factored at ``rank`` (``low_rank_aspp``; 0: unchanged). In place."""
+    if rank:
+        net.aspp = low_rank_aspp(net.aspp, int(rank))
+    return net
+
+
 def load_widening(net: IHPNet, state_dict: dict) -> dict[str, tuple[tuple, tuple]]:
     """Load ``state_dict`` into ``net``, which may be *wider* than the network it came from:
     more input channels (e.g. the previous-prediction input added), a wider stride-4 decoder

@@ -31,6 +31,8 @@ class ParserOptions:
     edge_refiner: str | None = None  # IHP_EDGE_REFINER: a trained edge refiner (core.edges) re-decides
     # the pixels along boundaries at the photo's size up to edge_side (model_training.train_edges)
     edge_side: int = 1152  # IHP_EDGE_SIDE: the longer side of the edge refiner's working size
+    aspp_rank: int = 128  # IHP_ASPP_RANK: the ASPP's branches read one shared rank-128 projection of
+    # their input (network.low_rank_aspp, made at load; 0: the exact ASPP; docs/performance.md)
 
     def parser_kwargs(self) -> dict:
         """Keyword arguments of ``ihp_backend.core.inference.Parser``."""
