@@ -28,6 +28,7 @@ from model_training.finetune import fine_tune, in_holdout
 from .annotations import open_annotation_store
 from .core.checkpoint import read_checkpoint
 from .core.ls_format import parse_label_config
+from .core.options import ParserOptions
 from .jobs import RUN_LOCK_WAIT, project_run_lock
 from .registry import PostgresRegistry, Registry, open_registry
 from .settings import DEFAULT_CHECKPOINT, Settings
@@ -35,7 +36,9 @@ from .settings import DEFAULT_CHECKPOINT, Settings
 
 def run_once(model_dir: str, project: str, default_checkpoint: str, steps: int, holdout: float,
              max_corrections: int, standard: float, status, overrides: dict | None = None,
-             database_url: str = "") -> dict:
+             database_url: str = "", options: ParserOptions | None = None) -> dict:
+    """One fit run for ``project``; ``options``: how the gate runs parent and candidate (the
+    server's ``Settings.parser_options()``, so a version is promoted on what is served)."""
     store = open_annotation_store(database_url, model_dir)
     reg = PostgresRegistry(model_dir, database_url) if database_url else Registry(model_dir)
     store.decode_pending(project)
@@ -52,7 +55,7 @@ def run_once(model_dir: str, project: str, default_checkpoint: str, steps: int, 
     parent = read_checkpoint(reg.serving_path(project) or default_checkpoint)
     version = reg.new_version_name(project)
     cand, metrics, promoted = fine_tune(parent, labels, train_s, held, version, model_dir, steps,
-                                        max_corrections, standard, status, overrides)
+                                        max_corrections, standard, status, overrides, options=options)
     reg.add_version(project, version, cand, metrics, promote=promoted)
     return {"status": "done", "version": version, "promoted": promoted, "metrics": metrics["gate"],
             "parent": parent.get("model_version")}
@@ -75,7 +78,8 @@ def run_pending(settings: Settings, project: str, max_corrections: int = 5, stan
             res = run_once(settings.model_dir, project, checkpoint, settings.fit_steps, settings.fit_holdout,
                            max_corrections, standard,
                            lambda st: reg.write_job(project, {**st, "pid": os.getpid(), "started": t0}),
-                           database_url=settings.database_url)
+                           database_url=settings.database_url,
+                           options=dataclasses.replace(settings.parser_options(), threads=settings.fit_threads))
         except Exception as e:  # recorded for /health; the request stays pending for a retry
             reg.write_job(project, {"phase": "failed", "error": f"{type(e).__name__}: {e}",
                                     "trace": traceback.format_exc()[-2000:], "finished": time.time()})

@@ -22,6 +22,7 @@ import numpy as np
 
 from ihp_backend.core.checkpoint import Binding, binding_of, read_checkpoint
 from ihp_backend.core.inference import Parser
+from ihp_backend.core.options import ParserOptions
 
 from .datasets import LIP_FLIP, ParsingDataset
 from .evaluate import CorePredictor, EvalConfig, evaluate
@@ -84,12 +85,15 @@ def promote(parent_result, candidate_result) -> bool:
 
 def fine_tune(parent: dict, labels: list[str], train_samples: list[dict], held_samples: list[dict],
               version: str, workdir: str, steps: int, max_corrections: int = 5, standard: float = 0.85,
-              status=lambda st: None, overrides: dict | None = None) -> tuple[dict, dict, bool]:
+              status=lambda st: None, overrides: dict | None = None,
+              options: ParserOptions | None = None) -> tuple[dict, dict, bool]:
     """Fine-tune ``parent`` (a checkpoint dict) on a project's samples (``{"task", "image",
     "labels", "classes"}``, labels in the config's class indices) with the project's class-aware
-    binding, then evaluate parent and candidate on ``held_samples`` with the NoC harness.
-    Returns (candidate checkpoint, metrics, promoted by the gate). No storage: the caller (the
-    server's fit job) reads the samples and records the version."""
+    binding, then evaluate parent and candidate on ``held_samples`` with the NoC harness, both
+    run with ``options`` (the fit job passes the server's, so the gate judges what is served;
+    None: ``ParserOptions()``, the served defaults). Returns (candidate checkpoint, metrics,
+    promoted by the gate). No storage: the caller (the server's fit job) reads the samples and
+    records the version."""
     binding, slot_of = project_binding(parent, labels)
     ds = ArrayDataset([s["image"] for s in train_samples], [to_slots(s, slot_of) for s in train_samples],
                       binding.class_names, LIP_FLIP)
@@ -119,8 +123,9 @@ def fine_tune(parent: dict, labels: list[str], train_samples: list[dict], held_s
         idx[binding.class_names.index(n)] = i
     gts = [(s["image"], idx[to_slots(s, slot_of)]) for s in held_samples]
     ecfg = EvalConfig(standard=standard, max_corrections=max_corrections, min_area=16)
-    r_parent = evaluate(CorePredictor(Parser(parent), classes), gts, classes, ecfg, progress=False)
-    r_cand = evaluate(CorePredictor(Parser(cand), classes), gts, classes, ecfg, progress=False)
+    run = (options or ParserOptions()).parser_kwargs()
+    r_parent = evaluate(CorePredictor(Parser(parent, **run), classes), gts, classes, ecfg, progress=False)
+    r_cand = evaluate(CorePredictor(Parser(cand, **run), classes), gts, classes, ecfg, progress=False)
     metrics = {"parent": r_parent.summary(), "candidate": r_cand.summary(),
                "gate": {"metric": "mean mIoU over k=0..K", "parent": score(r_parent), "candidate": score(r_cand)}}
     cand["training"]["metrics"] = metrics

@@ -148,6 +148,30 @@ def test_run_once_trains_evaluates_and_records_a_version(app_model, tiny_checkpo
         assert pred["model_version"] == res["version"] and len(pred["result"]) >= 1 and 0 < pred["score"] <= 1
 
 
+def test_the_gate_runs_parent_and_candidate_as_the_server_serves(app_model, tiny_checkpoint, monkeypatch):
+    """run_once's ``options`` (the fit job passes the server's parser options) are how the gate
+    runs both networks: a version is promoted on what the backend would serve."""
+    import model_training.finetune as finetune
+    from ihp_backend.core.options import ParserOptions
+    client, m = app_model
+    fill_project(m, client, 9, 8)
+    built, real = [], finetune.Parser
+
+    def recording(ckpt, **kw):
+        built.append(kw)
+        return real(ckpt, **kw)
+    monkeypatch.setattr(finetune, "Parser", recording)
+    served = ParserOptions(click_radius=3.0, zoom=False, aspp_rank=16, threads=1)
+    res = run_once(m.settings.model_dir, "9", tiny_checkpoint, steps=2, holdout=0.3, max_corrections=1,
+                   standard=0.85, status=lambda st: None,
+                   overrides={"sample": {"crop": [96, 128], "base_scale": 0.5, "scale_range": [0.9, 1.1],
+                                         "binding": "fixed", "strategy": "central", "min_area": 4},
+                              "iterative": {"enabled": False}, "batch_size": 2, "input_size": 128},
+                   database_url=m.settings.database_url, options=served)
+    assert res["status"] == "done", res
+    assert built == [served.parser_kwargs()] * 2  # parent and candidate
+
+
 def test_start_training_spawns_job_and_kill9_loses_nothing(tmp_path, tiny_checkpoint, monkeypatch):
     monkeypatch.setenv("IHP_FIT_STEPS", "400")
     m = IHPModel(Settings(model_dir=str(tmp_path / "md"), checkpoint=tiny_checkpoint, train_every=1000))
