@@ -8,7 +8,7 @@ ASPP's time at 576 x 384 in float32.
 
 Inputs are the served forward's (experiments/float32_forward_alternatives.served_inputs: random
 clicks on 1-11 slots, the click before as the previous prediction): photos 200-231 for the
-moment, 0-23 for the agreement. Prints medians of interleaved runs. Not a test.
+moment, 0-23 for the agreement. Any backbone (``--checkpoint``): check a rank before serving it. Prints medians of interleaved runs. Not a test.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from experiments.float32_forward_alternatives import CCP, served_inputs
 from ihp_backend.core.checkpoint import read_checkpoint
@@ -42,12 +41,17 @@ def main() -> None:
                                                                     aspp_rank=0).parser_kwargs())
     net = parser.net
     ids = [line.strip() for line in open(f"{CCP}/train.txt")]
-    stem = nn.Sequential(*list(net.encoder.low[0])[1:], *list(net.encoder.low)[1:])
+    seen = {}  # the ASPP's and the low-level projection's inputs of the last forward (any backbone)
+    hooks = [m.register_forward_pre_hook(lambda mod, args, k=k: seen.__setitem__(k, args[0].detach().clone()))
+             for k, m in (("high", net.aspp), ("low", net.low_proj))]
+
+    def feats(photos, seed):
+        return [(seen["high"], seen["low"]) for _ in served_inputs(parser, photos, seed=seed)]
     with torch.inference_mode():
-        def feats(first_conv_outputs):
-            return [(net.encoder.high(low), low) for low in (stem(y) for y in first_conv_outputs)]
-        fit = feats(served_inputs(parser, ids[200:200 + 32], seed=0))
-        test = feats(served_inputs(parser, ids[:a.photos], seed=1000))
+        fit = feats(ids[200:200 + 32], 0)
+        test = feats(ids[:a.photos], 1000)
+        for h in hooks:
+            h.remove()
         x = torch.cat([h[0].flatten(1) for h, _ in fit], 1).double()
         moment = x @ x.T / x.shape[1]
 
