@@ -86,6 +86,21 @@ def test_a_click_claims_the_pixels_of_its_colour_around_it():
     assert paint_clicks(labels.copy(), img, [(5, 5, 9)], radius=0)[5, 5] != 9
 
 
+def test_click_disks_kept_per_photo_paint_what_a_fresh_colour_test_paints():
+    """The disks of earlier answers' clicks are kept (``disks``): the same labels, one colour test
+    per click and photo."""
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 255, (90, 70, 3), dtype=np.uint8)
+    img[:, 35:] //= 4
+    clicks = [(20, 30, 3), (60, 40, 7), (89, 0, 2)]
+    plain = paint_clicks(np.zeros((90, 70), np.uint8), img, clicks, radius=9.5)
+    disks: dict = {}
+    kept = paint_clicks(np.zeros((90, 70), np.uint8), img, clicks, radius=9.5, disks=disks)
+    assert (kept == plain).all() and len(disks) == 3
+    again = paint_clicks(np.zeros((90, 70), np.uint8), img, clicks[:2] + [(10, 10, 1)], radius=9.5, disks=disks)
+    assert len(disks) == 4 and (again[plain == 3] == 3).all()
+
+
 def test_parser_click_disks_follow_the_setting(tiny_checkpoint):
     """Every click's own pixel carries its label with click disks on, whatever the network says."""
     from ihp_backend.core.inference import Parser

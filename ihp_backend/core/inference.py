@@ -747,7 +747,8 @@ class Parser:
                 own = np.asarray(clicks, np.float64).reshape(-1, 3)
                 own = own[np.isin(own[:, 2].astype(np.int64), slots)]
                 scale = max(image.shape[0] / hw[0], image.shape[1] / hw[1])
-                paint_clicks(labels, image, own, self.click_radius * scale)
+                disks = self._per_image("disks", image, image.shape[:2], dict)
+                paint_clicks(labels, image, own, self.click_radius * scale, disks=disks)
             network_labels = upsampled_argmax(sub.cpu(), hw, values=slots) if self.use_prev_mask else None
             conf = np.zeros(self.net.cfg.out_channels, np.float32)
             flat = arg_small.flatten()

@@ -225,17 +225,46 @@ def smooth_resize(arg: np.ndarray, margin: np.ndarray, out_hw: tuple[int, int], 
     return out
 
 
-def paint_clicks(labels: np.ndarray, image: np.ndarray, clicks, radius: float, colour_tol: float = 0.2
-                 ) -> np.ndarray:
+def click_disk(image: np.ndarray, cy: int, cx: int, radius: float, colour_tol: float = 0.2
+               ) -> tuple[slice, slice, np.ndarray]:
+    """The pixels a click at (cy, cx) claims (``paint_clicks``): its window's (rows, cols) and the
+    mask of the window's pixels within ``radius`` whose colour is within ``colour_tol`` of the
+    clicked pixel's."""
+    h, w = image.shape[:2]
+    r = int(np.ceil(radius))
+    ys, xs = slice(max(0, cy - r), min(h, cy + r + 1)), slice(max(0, cx - r), min(w, cx + r + 1))
+    yy, xx = np.ogrid[ys, xs]
+    near = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius * radius
+    diff = image[ys, xs].astype(np.float32) - image[cy, cx].astype(np.float32)
+    # einsum, not (diff * diff).sum(-1): numpy's reduction over a last axis of 3 was most of
+    # a 12 MP click's 0.7 ms per click here
+    near &= np.einsum("ijk,ijk->ij", diff, diff) <= (255.0 * colour_tol) ** 2
+    return ys, xs, near
+
+
+def paint_clicks(labels: np.ndarray, image: np.ndarray, clicks, radius: float, colour_tol: float = 0.2,
+                 disks: dict | None = None) -> np.ndarray:
     """Each click (y, x, label) claims the pixels within ``radius`` of it whose RGB colour is
     within ``colour_tol`` (Euclidean, channels in [0, 1]) of the clicked pixel's; later clicks
     win. The annotator's click is ground truth where it lands, whatever the network said; the
     colour test keeps the disk off neighbouring parts of another colour. In place; returns labels.
-    """
+    ``disks``: a dict kept per photo (the caller's), holding each click's disk (``click_disk``)
+    so that the clicks of earlier answers cost an assignment, not a colour test (at 12 MP each
+    disk is ~150 x 150 pixels: 0.4 ms, ten clicks 4 ms per answer)."""
     h, w = labels.shape
-    r = int(np.ceil(radius))
-    if r <= 0:
+    if int(np.ceil(radius)) <= 0:
         return labels
+    for y, x, value in np.asarray(clicks, np.float64).reshape(-1, 3):
+        cy, cx = min(max(int(y), 0), h - 1), min(max(int(x), 0), w - 1)
+        key = (cy, cx, float(radius), float(colour_tol))
+        disk = disks.get(key) if disks is not None else None
+        if disk is None:
+            disk = click_disk(image, cy, cx, radius, colour_tol)
+            if disks is not None:
+                disks[key] = disk
+        ys, xs, near = disk
+        labels[ys, xs][near] = int(value)
+    return labels
     for y, x, value in np.asarray(clicks, np.float64).reshape(-1, 3):
         cy, cx = min(max(int(y), 0), h - 1), min(max(int(x), 0), w - 1)
         ys, xs = slice(max(0, cy - r), min(h, cy + r + 1)), slice(max(0, cx - r), min(w, cx + r + 1))
