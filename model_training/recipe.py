@@ -6,7 +6,10 @@ A recipe is data (YAML): named ``layers`` of config overrides and a list of ``st
   ``release: VERSION`` or ``release: {version, average_steps: [..], recalibrate_bn: 16}``):
   trains into ``<runs>/<name>`` (resumes its ``last.pt``), then releases ``<runs>/<name>/release.pt``;
 - ``average: [REF, ...]`` + ``release``: a uniform weight average of earlier stages, released;
-- ``derive_labels: {data, out}``: the pose-derived body-part labels (``model_training.pose_labels``).
+- ``derive_labels: {data, out}``: the pose-derived body-part labels (``model_training.pose_labels``);
+- ``vocab_context: {from: REF, ...}`` + ``release: VERSION``: REF's network with a vocabulary
+  context head trained on its cached features (``model_training.train_vocab_context``; the other
+  keys are that command's options, e.g. ``epochs: 30``).
 
 ``REF`` names an earlier stage: ``NAME`` is its product (its release, or its ``last.pt`` when it has
 none), ``NAME/last`` its ``last.pt``. ``product`` names the stage whose release is the model the
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-STAGE_KINDS = ("train", "average", "derive_labels")
+STAGE_KINDS = ("train", "average", "derive_labels", "vocab_context")
 
 
 @dataclass
@@ -97,8 +100,8 @@ def parse_recipe(doc: dict, path: str = "<recipe>") -> Recipe:
             base = ref.split("/", 1)[0]
             if base not in seen:
                 raise ValueError(f"{path}: stage {name!r} refers to {ref!r}, not an earlier stage")
-        if st.kind == "average" and st.release is None:
-            raise ValueError(f"{path}: average stage {name!r} needs a release")
+        if st.kind in ("average", "vocab_context") and st.release is None:
+            raise ValueError(f"{path}: {st.kind} stage {name!r} needs a release")
         seen.add(name)
         stages.append(st)
     if not stages:
@@ -119,6 +122,8 @@ def references(st: Stage) -> list[str]:
         return [st.spec["init"]] if st.spec.get("init") else []
     if st.kind == "average":
         return list(st.spec["average"])
+    if st.kind == "vocab_context":
+        return [st.spec["vocab_context"]["from"]]
     return []
 
 
@@ -224,6 +229,17 @@ def run_stage(recipe: Recipe, runs: str, st: Stage, log=print) -> None:
         d = st.spec["derive_labels"]
         pose_labels.main(["--data", d["data"], "--out", d["out"], "--setup-tool-venv"])
         return
+    if st.kind == "vocab_context":
+        from . import train_vocab_context
+        spec = dict(st.spec["vocab_context"])
+        args = ["--checkpoint", product_path(recipe, runs, spec.pop("from")), "--version", st.release["version"],
+                "--out", os.path.join(stage_dir(runs, st), "release.pt"), "--recipe-stage", st.name,
+                "--recipe-file", recipe.path]
+        for k, v in spec.items():
+            args += [f"--{k.replace('_', '-')}", str(v)]
+        log(f"[{st.name}] vocabulary context head on {args[1]} -> {st.release['version']}")
+        train_vocab_context.main(args)
+        return
     if st.kind == "train":
         cfg = train_config(recipe, runs, st)
         if not training_done(cfg):
@@ -250,6 +266,8 @@ def describe(recipe: Recipe, runs: str, st: Stage) -> str:
         what = f"train {st.spec['train']} {cfg['steps']} steps, from {cfg.get('init_from') or 'scratch'}"
     elif st.kind == "average":
         what = "average " + " + ".join(product_path(recipe, runs, r) for r in st.spec["average"])
+    elif st.kind == "vocab_context":
+        what = "vocabulary context head on " + product_path(recipe, runs, st.spec["vocab_context"]["from"])
     else:
         what = f"derive labels into {st.spec['derive_labels']['out']}"
     rel = f" -> {st.release['version']}" if st.release else ""

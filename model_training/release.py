@@ -54,6 +54,13 @@ def averaged_state(states: list[dict]) -> dict:
     return out
 
 
+def stored_state(state_dict: dict, half: bool = True) -> dict:
+    """The state dict as a release stores it: float16 halves the file (load_state_dict copies it
+    into the float32 network)."""
+    return {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu()).contiguous()
+            for k, v in state_dict.items()}
+
+
 def release(src: str | list[str], dst: str, version: str, metrics: dict | None = None,
             recalibrate: int = 0, half: bool = True, extra: dict | None = None) -> dict:
     """``src``: one checkpoint, or several of one network to average (the first gives the
@@ -79,10 +86,8 @@ def release(src: str | list[str], dst: str, version: str, metrics: dict | None =
         training["metrics"] = metrics
     training["weights_dtype"] = "float16" if half else "float32"
     training.update(extra or {})
-    # float16 storage halves the file; load_state_dict copies it into the float32 network
     ck = {**ck, "model_version": version, "training": training,
-          "state_dict": {k: (v.half() if half and v.is_floating_point() else v).contiguous()
-                         for k, v in ck["state_dict"].items()}}
+          "state_dict": stored_state(ck["state_dict"], half)}
     save_checkpoint(ck, dst)
     return {"path": dst, "bytes": os.path.getsize(dst), "version": version, "step": training.get("step")}
 

@@ -137,6 +137,30 @@ def test_widening_the_decoder_keeps_what_the_network_computes_and_then_learns():
                                               low_level_channels=8)), a.state_dict())
 
 
+def test_a_vocabulary_context_head_starts_silent_and_then_moves_only_the_vocabulary_channels():
+    """``vocab_context`` added to a trained network: the same logits at the start (its last conv
+    is zero); once its weights move, the vocabulary channels change and the slots do not."""
+    torch.manual_seed(0)
+    base = NetConfig(num_slots=5, aspp_channels=16, decoder_channels=16, unclaimed=True, vocab_size=4)
+    ctx = NetConfig(**{**base.to_dict(), "vocab_context": 8})
+    a = build_network(base)
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        a(torch.randn(4, base.in_channels, 64, 48))
+    a.eval()
+    b = build_network(ctx).eval()
+    widened = load_widening(b, a.state_dict())
+    assert "vocab_context.out.weight" in widened
+    x = torch.randn(2, base.in_channels, 64, 48)
+    with torch.no_grad():
+        assert torch.allclose(a(x), b(x), atol=1e-6)
+        torch.nn.init.normal_(b.vocab_context.out.weight)
+        torch.nn.init.normal_(b.vocab_context.out.bias)
+        ya, yb = a(x), b(x)
+    v = base.vocab_start
+    assert torch.allclose(ya[:, :v], yb[:, :v], atol=1e-6)
+    assert (ya[:, v:] - yb[:, v:]).abs().amax() > 1e-3
+
+
 def test_the_low_rank_aspp_computes_what_the_aspp_does_when_its_kernels_have_that_rank():
     """network.low_rank_aspp: branches whose kernels all read the same rank-16 projection of the
     input are factored exactly at rank 16; at a lower rank the ASPP keeps its interface; a rank

@@ -558,7 +558,8 @@ class Parser:
             t1 = time.perf_counter()
             # the clicked maps are read as their windows unless a mirrored pass needs them whole
             channels = read_channels(self.num_slots, c, pm, self.use_prev_mask, clicked_maps=self.flip)
-            out = self._forward_locked(x, channels)[0]
+            # the vocabulary context head serves the parse without clicks only (network.VocabContext)
+            out = self._forward_locked(x, channels, vocab_context=not len(c))[0]
             if timings is not None:
                 timings["input"] = t1 - t0
                 timings["forward"] = time.perf_counter() - t1
@@ -638,7 +639,8 @@ class Parser:
         values = np.concatenate([slots[keep], np.asarray([fill[c] for c in chans])])
         return torch.cat([lp[keep], lp_fill]), values
 
-    def _forward_locked(self, x: torch.Tensor, channels: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
+    def _forward_locked(self, x: torch.Tensor, channels: tuple[list[int], list[int]] | None = None,
+                        vocab_context: bool = True) -> torch.Tensor:
         """The network on ``x``; with ``channels`` (``read_channels``, on the CPU, ``x`` drawn by
         ``_redraw_input``) it reads only those input channels, through the first conv restricted
         to them (``restricted_first_conv``), and adds the click windows of the maps it took as
@@ -680,9 +682,10 @@ class Parser:
                          conv_of_patches(self._first_conv, patches, (h, w))]
                 first = _PlusTerms(first, terms)
         with denormals_flushed(self.device.type == "cpu"):
-            out = self.net(x, features=True, first_conv=first)[0].float()
+            out = self.net(x, features=True, first_conv=first, vocab_context=vocab_context)[0].float()
             if self.flip:  # flip keeps channels-last
-                mirrored = self.net(x.flip(-1), features=True, first_conv=first)[0].float().flip(-1)
+                mirrored = self.net(x.flip(-1), features=True, first_conv=first,
+                                    vocab_context=vocab_context)[0].float().flip(-1)
                 out = 0.5 * (out + (mirrored if self.mirror is None else mirrored[:, self.mirror]))
         return out
 

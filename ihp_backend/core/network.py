@@ -44,6 +44,8 @@ class NetConfig:
     vocab_size: int = 0  # outputs of the vocabulary head (known class names, zero-click parse)
     vocab_branch: int = 0  # > 0: a branch of this width (two separable 3x3 convs + 1x1) whose
     # output is added to the vocabulary logits: class-aware capacity of its own, beside the slots
+    vocab_context: int = 0  # > 0: a head of this width on the backbone's stride-16 features
+    # (``VocabContext``) whose logits, upsampled, are added to the vocabulary logits
 
     @property
     def in_channels(self) -> int:
@@ -132,6 +134,29 @@ class _Encoder(nn.Module):
         return next(n for n, m in self.named_modules() if m is first) + ".weight"
 
 
+class VocabContext(nn.Module):
+    """Vocabulary logits from the backbone's stride-16 features, the most class-aware ones (the
+    decoder's are trained mostly for label-agnostic slots): 1x1 to ``width``, a 3x3 of dilation
+    2, 1x1 to the vocabulary, at stride 16 (36 x 24 positions at the serving size). Its last conv
+    starts at zero, so a network given one computes what it did. Trained on inputs without clicks
+    (``model_training.train_vocab_context``), it serves the parse that has none: the Parser runs
+    it only then (``IHPNet.forward(vocab_context=...)``), so every clicked parse is unchanged."""
+
+    def __init__(self, in_channels: int, width: int, vocab_size: int):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width),
+                                    nn.ReLU(inplace=True))
+        self.context = nn.Sequential(nn.Conv2d(width, width, 3, padding=2, dilation=2, bias=False),
+                                     nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.drop = nn.Dropout2d(0.1)  # training only
+        self.out = nn.Conv2d(width, vocab_size, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, high: torch.Tensor) -> torch.Tensor:
+        return self.out(self.drop(self.context(self.reduce(high))))
+
+
 class IHPNet(nn.Module):
     """DeepLabV3+ (ASPP + stride-4 decoder skip, output stride 16) for interactive parsing."""
 
@@ -159,30 +184,44 @@ class IHPNet(nn.Module):
             )
             nn.init.zeros_(self.vocab_branch[-1].weight)  # added to a trained head: starts silent
             nn.init.zeros_(self.vocab_branch[-1].bias)
+        self.vocab_context = None
+        if cfg.vocab_context and cfg.vocab_size:
+            self.vocab_context = VocabContext(self.encoder.high_channels, cfg.vocab_context, cfg.vocab_size)
         # torchvision's MobileNetV3 uses BN momentum 0.01, tuned for very long schedules; with
         # short CPU runs and fine-tuning the running statistics would lag far behind the weights
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = 0.1
 
-    def forward_features(self, x: torch.Tensor, first_conv: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_features(self, x: torch.Tensor, first_conv: nn.Module | None = None,
+                         vocab_context: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (logits at stride 4, decoder features at stride 4); ``first_conv`` as in
-        ``_Encoder.forward``."""
+        ``_Encoder.forward``; ``vocab_context=False`` leaves the context head out (it was trained
+        on inputs without clicks, and serves the parse that has none)."""
         low, high = self.encoder(x, first_conv)
         ctx = self.aspp(high)
         ctx = F.interpolate(ctx, size=low.shape[-2:], mode="bilinear", align_corners=False)
         feats = self.decoder(torch.cat([ctx, self.low_proj(low)], dim=1))
         logits = self.classifier(feats)
-        if self.vocab_branch is not None:
+        context = self.vocab_context if vocab_context else None
+        if self.vocab_branch is not None or context is not None:
             v = self.cfg.vocab_start
-            logits = torch.cat([logits[:, :v], logits[:, v:] + self.vocab_branch(feats)], dim=1)
+            vocab = logits[:, v:]
+            if self.vocab_branch is not None:
+                vocab = vocab + self.vocab_branch(feats)
+            if context is not None:
+                vocab = vocab + F.interpolate(context(high).to(vocab.dtype), size=vocab.shape[-2:],
+                                              mode="bilinear", align_corners=False)
+            logits = torch.cat([logits[:, :v], vocab], dim=1)
         return logits, feats
 
-    def forward(self, x: torch.Tensor, features: bool = False, first_conv: nn.Module | None = None):
+    def forward(self, x: torch.Tensor, features: bool = False, first_conv: nn.Module | None = None,
+                vocab_context: bool = True):
         """Logits at the input resolution; with ``features=True`` the stride-4
         (logits, decoder features) pair instead (the form DDP training calls). ``first_conv``
-        (serving) runs an input of fewer channels, ``restricted_first_conv``."""
-        logits, feats = self.forward_features(x, first_conv)
+        (serving) runs an input of fewer channels, ``restricted_first_conv``; ``vocab_context`` as
+        in ``forward_features``."""
+        logits, feats = self.forward_features(x, first_conv, vocab_context)
         if features:
             return logits, feats
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
@@ -353,8 +392,9 @@ def load_widening(net: IHPNet, state_dict: dict) -> dict[str, tuple[tuple, tuple
     (Net2Net-style): every old tensor is copied into the leading block of the new one; a conv's
     weights from new input channels start at zero, so new channels feed nothing until training
     moves those weights, and the widened network computes exactly what the original did
-    (BatchNorm of new channels at its defaults). A vocabulary branch the old network lacks
-    (``vocab_branch``) keeps its fresh initialisation, whose last conv is zero: silent too. The
+    (BatchNorm of new channels at its defaults). A vocabulary branch or context head the old
+    network lacks (``vocab_branch``, ``vocab_context``) keeps its fresh initialisation, whose last
+    conv is zero: silent too. The
     ASPP width cannot change: its branches are concatenated, so old channels would not stay a
     leading block.
     Returns {tensor name: (old shape, new shape)} of the widened tensors ({} for a plain load)."""
@@ -374,7 +414,7 @@ def load_widening(net: IHPNet, state_dict: dict) -> dict[str, tuple[tuple, tuple
         loaded[name] = w
         widened[name] = (tuple(old.shape), tuple(new.shape))
     for name, t in own.items():
-        if name.startswith("vocab_branch.") and name not in loaded:
+        if name.startswith(("vocab_branch.", "vocab_context.")) and name not in loaded:
             loaded[name] = t  # a new branch, silent at its initialisation
             widened[name] = ((), tuple(t.shape))
     net.load_state_dict(loaded)

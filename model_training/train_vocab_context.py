@@ -1,0 +1,273 @@
+"""Train the vocabulary context head (``NetConfig.vocab_context``) of a shipped network on its own
+cached features, and write the network with it as a new checkpoint (issue 31: the zero-click parse).
+
+The head reads the backbone's stride-16 features, the most class-aware ones; everything else stays
+exactly as it is (the slots, the unclaimed output, the head's own vocabulary logits, every
+BatchNorm statistic outside the new head), so the click path changes only through the vocabulary
+prior and share. Because the rest is frozen, the network runs once per photo and mirror image,
+with no click, as served (``ParserOptions``), and the head then trains for many epochs on what it
+saw (a forward-and-backward step of the whole network costs ~7.5 s on a 2-core CPU; an epoch of the
+head here ~18 s). Targets: every label space of ``model_training.pose_labels`` at once, each a
+softmax over its own names (a pixel is "Torso" in PASCAL-Person-Part and "UpperClothes" in LIP).
+
+The first ``--holdout`` train photos are kept out and scored after every epoch (LIP-20, no click,
+at the decoder's stride 4): the recipe was chosen on them, not on CCP val.
+
+  .venv/bin/python -m model_training.train_vocab_context --checkpoint ihp_backend/models/default.pt \\
+      --version ihp-ccp-ctx-mnv3-s27950 --out runs/vocab_context/release.pt
+
+About 15 minutes on a 2-core CPU (6 of them caching features; the cache, ~8 GB under
+``--cache``, is reused by later runs of the same checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from ihp_backend.core.checkpoint import read_checkpoint, save_checkpoint
+from ihp_backend.core.inference import Parser, network_size
+from ihp_backend.core.network import NetConfig, VocabContext, build_network, load_widening
+from ihp_backend.core.options import ParserOptions
+from ihp_backend.core.vocabulary import lookup, mirrored_channels
+
+from .pose_labels import LABEL_SPACES, SPACE_CLASSES, ccp_parts, load_merge
+from .release import stored_state
+
+IGNORE = -1
+
+
+def space_classes(space: str) -> list[str]:
+    return list(SPACE_CLASSES.get(space) or load_merge("ccp12")["classes"])
+
+
+def vocab_target(labels: np.ndarray, classes: list[str], vocabulary, hw: tuple[int, int], stride: int = 4
+                 ) -> np.ndarray:
+    """A label map as vocabulary channels at the decoder's stride: the centre pixel of each cell of
+    the network-size map (as ``train.vocabulary_loss``); names the vocabulary lacks and ignored
+    pixels -> -1."""
+    lut = np.full(256, IGNORE, np.int64)
+    for name, ch in lookup(classes, vocabulary).items():
+        lut[classes.index(name)] = ch
+    small = np.asarray(Image.fromarray(labels).resize((hw[1], hw[0]), Image.NEAREST))
+    return lut[small[stride // 2::stride, stride // 2::stride]]
+
+
+def served_parser(checkpoint: str, threads: int | None) -> Parser:
+    """The network as served (float32, no zoom: a zero-click parse has no clicked person)."""
+    opts = ParserOptions(precision="float32", threads=threads, zoom=False)
+    return Parser.from_file(checkpoint, **opts.parser_kwargs())
+
+
+def cache_features(parser: Parser, data: str, parts: str, split: str, cache_dir: str) -> None:
+    """``high.npy`` (N, C, H16, W16) float16, the backbone's features; ``vocab.npy`` (N, V, H4, W4)
+    float16, the network's vocabulary logits; ``targets.npy`` (N, spaces, H4, W4) int8. Entry 2i
+    is photo i with no click, 2i + 1 its mirror image (left and right names swapped); maps are
+    padded (zeros, -1) to the largest network size. Memory-mapped: ~3 GB for CCP train."""
+    spaces = {s: ccp_parts(data, parts, split, s) for s in LABEL_SPACES}
+    vocabulary = parser.binding.vocabulary
+    mirror = np.asarray(mirrored_channels(vocabulary), np.int64)
+    photos = spaces[LABEL_SPACES[0]]
+    sizes = [network_size(Image.open(photos.items[i][1]).size[::-1], parser.max_side) for i in range(len(photos))]
+    h4, w4 = max(h for h, _ in sizes) // 4, max(w for _, w in sizes) // 4
+    n, v = 2 * len(photos), parser.net.cfg.vocab_size
+    os.makedirs(cache_dir, exist_ok=True)
+    arrays = {}
+    got = {}
+    hook = parser.net.encoder.register_forward_hook(lambda m, i, o: got.__setitem__("high", o[1].detach().float()))
+    try:
+        for i in tqdm(range(len(photos)), desc="features", dynamic_ncols=True):
+            image, _ = photos.load(i)
+            labels = {s: ds.load(i)[1] for s, ds in spaces.items()}
+            for k in range(2):
+                img = image[:, ::-1].copy() if k else image
+                logits = parser.logits(img, [])[parser.vocab_start:]
+                high = got["high"][0]
+                if not arrays:
+                    open_ = np.lib.format.open_memmap
+                    arrays = {"high": open_(os.path.join(cache_dir, "high.tmp.npy"), "w+", np.float16,
+                                            (n, high.shape[0], h4 // 4, w4 // 4)),
+                              "vocab": open_(os.path.join(cache_dir, "vocab.tmp.npy"), "w+", np.float16, (n, v, h4, w4)),
+                              "targets": open_(os.path.join(cache_dir, "targets.tmp.npy"), "w+", np.int8,
+                                               (n, len(spaces), h4, w4))}
+                    arrays["targets"][:] = IGNORE
+                j = 2 * i + k
+                arrays["high"][j, :, :high.shape[1], :high.shape[2]] = high.numpy()
+                arrays["vocab"][j, :, :logits.shape[1], :logits.shape[2]] = logits.numpy()
+                for si, (s, ds) in enumerate(spaces.items()):
+                    lab = labels[s][:, ::-1].copy() if k else labels[s]
+                    t = vocab_target(lab, ds.classes, vocabulary, sizes[i])
+                    if k:
+                        t = np.where(t >= 0, mirror[np.maximum(t, 0)], IGNORE)
+                    arrays["targets"][j, si, :t.shape[0], :t.shape[1]] = t[:h4, :w4]
+    finally:
+        hook.remove()
+    for name, arr in arrays.items():
+        arr.flush()
+        del arr
+        os.replace(os.path.join(cache_dir, f"{name}.tmp.npy"), os.path.join(cache_dir, f"{name}.npy"))
+
+
+def space_loss(logits: torch.Tensor, target: torch.Tensor, channels: torch.Tensor,
+               class_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the vocabulary logits over one label space's channels (``target``: the
+    vocabulary channel of each pixel, -1 ignored)."""
+    inv = torch.full((logits.shape[1],), -1, dtype=torch.long)
+    inv[channels] = torch.arange(len(channels))
+    t = torch.where(target >= 0, inv[target.clamp(min=0)], torch.full_like(target, -1))
+    if not (t >= 0).any():  # nothing labelled in this space (the mean would be 0 / 0)
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[:, channels], t, ignore_index=-1, weight=class_weight)
+
+
+def class_weights(targets: np.ndarray, channels: np.ndarray, power: float) -> torch.Tensor | None:
+    """(pixel share)^-power per class, normalised so the average pixel weighs 1 (None for 0)."""
+    if not power:
+        return None
+    t = targets[targets >= 0].astype(np.int64)
+    share = np.bincount(t, minlength=int(channels.max()) + 1)[channels] / max(1, len(t))
+    w = np.maximum(share, 1e-4) ** -power
+    return torch.as_tensor(w / (w * share).sum(), dtype=torch.float32)
+
+
+def miou(pred: np.ndarray, gt: np.ndarray, n: int) -> tuple[float, np.ndarray]:
+    """Data-set-level mean IoU over the classes present in ``gt`` or ``pred``."""
+    conf = np.bincount(gt * n + pred, minlength=n * n).reshape(n, n)
+    inter = np.diag(conf)
+    union = conf.sum(0) + conf.sum(1) - inter
+    iou = inter / np.maximum(union, 1)
+    return float(iou[union > 0].mean()), iou
+
+
+def held_out_miou(head: VocabContext, high: torch.Tensor, vocab: torch.Tensor, target: torch.Tensor,
+                  channels: np.ndarray) -> tuple[float, np.ndarray]:
+    """mIoU of the zero-click parse at stride 4 (argmax over ``channels``)."""
+    inv = np.full(int(channels.max()) + 1, -1)
+    inv[channels] = np.arange(len(channels))
+    head.eval()
+    preds, gts = [], []
+    with torch.no_grad():
+        for j in range(0, len(high), 16):
+            lg = with_context(head, high[j:j + 16], vocab[j:j + 16])
+            p = lg[:, torch.as_tensor(channels)].argmax(1).numpy()
+            g = target[j:j + 16].numpy()
+            gi = np.where(g >= 0, inv[np.clip(g, 0, len(inv) - 1)], -1)
+            preds.append(p[gi >= 0])
+            gts.append(gi[gi >= 0])
+    return miou(np.concatenate(preds), np.concatenate(gts), len(channels))
+
+
+def with_context(head: VocabContext, high: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
+    """The network's vocabulary logits with the head's added (``IHPNet.forward_features``)."""
+    return vocab + F.interpolate(head(high), size=vocab.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def train_head(head: VocabContext, high: torch.Tensor, vocab: torch.Tensor, targets: torch.Tensor,
+               vocabulary, train_idx: np.ndarray, held_idx: np.ndarray, epochs: int, lr: float,
+               batch: int, balance: float, seed: int = 0) -> list[dict]:
+    """AdamW with a one-cycle schedule; returns the per-epoch log."""
+    chans = {s: np.array(sorted(lookup(space_classes(s), vocabulary).values())) for s in LABEL_SPACES}
+    weights = {s: class_weights(targets[train_idx, si].numpy(), chans[s], balance) for si, s in enumerate(LABEL_SPACES)}
+    lip = LABEL_SPACES.index("lip20")
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * (len(train_idx) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    rng = np.random.default_rng(seed)
+    log, t0 = [], time.time()
+    bar = tqdm(range(epochs), desc="vocabulary context head", dynamic_ncols=True)
+    for ep in bar:
+        head.train()
+        order = rng.permutation(train_idx)
+        total, nb = 0.0, 0
+        for j in range(0, len(order) - batch + 1, batch):
+            b = torch.as_tensor(np.sort(order[j:j + batch]))
+            lg = with_context(head, high[b], vocab[b])
+            loss = sum(space_loss(lg, targets[b, si], torch.as_tensor(chans[s]), weights[s])
+                       for si, s in enumerate(LABEL_SPACES))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total, nb = total + loss.item(), nb + 1
+        rec = {"epoch": ep + 1, "loss": total / max(1, nb), "seconds": round(time.time() - t0, 1)}
+        if len(held_idx):
+            rec["held_out_lip20_miou"], _ = held_out_miou(head, high[held_idx], vocab[held_idx],
+                                                          targets[held_idx, lip], chans["lip20"])
+        log.append(rec)
+        bar.set_postfix({k: round(v, 4) for k, v in rec.items() if k != "epoch"})
+    return log
+
+
+def with_head(ckpt: dict, head: VocabContext, width: int, version: str, training: dict) -> dict:
+    """``ckpt`` with the head added (``net.vocab_context``) under a new model version."""
+    cfg = NetConfig.from_dict({**ckpt["net"], "vocab_context": width})
+    net = build_network(cfg)
+    load_widening(net, ckpt["state_dict"])
+    net.vocab_context.load_state_dict(head.state_dict())
+    half = ckpt.get("training", {}).get("weights_dtype", "float16") == "float16"
+    return {**ckpt, "net": cfg.to_dict(), "state_dict": stored_state(net.state_dict(), half),
+            "model_version": version,
+            "training": {**ckpt.get("training", {}), "vocab_context": training}}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default="ihp_backend/models/default.pt", help="the network to extend")
+    ap.add_argument("--data", default="../shared/data/ccp")
+    ap.add_argument("--parts", default="data/ccp_parts", help="model_training.pose_labels output")
+    ap.add_argument("--cache", default=None, help="feature cache (default: runs/vocab_context/cache-<version>)")
+    ap.add_argument("--holdout", type=int, default=63, help="first train photos kept out and scored")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--balance", type=float, default=0.0, help="class weights (pixel share)^-balance")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--version", required=True, help="model version of the new checkpoint")
+    ap.add_argument("--out", required=True, help="the new checkpoint")
+    ap.add_argument("--recipe-stage", default=None, help=argparse.SUPPRESS)  # set by model_training.recipe
+    ap.add_argument("--recipe-file", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    torch.manual_seed(a.seed)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ckpt = read_checkpoint(a.checkpoint)
+    if not ckpt["net"].get("vocab_size"):
+        raise SystemExit(f"{a.checkpoint} has no vocabulary head (net.vocab_size 0): nothing to extend")
+    if ckpt["net"].get("vocab_context"):
+        raise SystemExit(f"{a.checkpoint} already has a vocabulary context head")
+    cache = a.cache or os.path.join("runs", "vocab_context", f"cache-{ckpt['model_version']}")
+    if not os.path.exists(os.path.join(cache, "targets.npy")):
+        cache_features(served_parser(a.checkpoint, a.threads), a.data, a.parts, "train", cache)
+    high = torch.from_numpy(np.load(os.path.join(cache, "high.npy")).astype(np.float32))
+    vocab = torch.from_numpy(np.load(os.path.join(cache, "vocab.npy")).astype(np.float32))
+    targets = torch.from_numpy(np.load(os.path.join(cache, "targets.npy")).astype(np.int64))
+    held = np.arange(0, 2 * a.holdout, 2)  # the photos kept out, not mirrored
+    train = np.arange(2 * a.holdout, len(high))
+    vocabulary = tuple(ckpt["vocabulary"])
+    head = VocabContext(high.shape[1], a.width, len(vocabulary))
+    log = train_head(head, high, vocab, targets, vocabulary, train, held, a.epochs, a.lr, a.batch, a.balance, a.seed)
+    for rec in log:
+        print(rec)
+    args = {k: v for k, v in vars(a).items() if not k.startswith("recipe_")}
+    training = {"command": "model_training.train_vocab_context", "args": args, "log": log}
+    new = with_head(ckpt, head.eval(), a.width, a.version, training)
+    if a.recipe_stage:
+        from .recipe import git_commit, lineage, load_recipe
+        recipe = load_recipe(a.recipe_file)
+        new["training"]["recipe"] = {"file": os.path.relpath(a.recipe_file), "stage": a.recipe_stage,
+                                     "lineage": lineage(recipe, a.recipe_stage), "commit": git_commit()}
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    save_checkpoint(new, a.out)
+    print(f"wrote {a.out} ({a.version})")
+
+
+if __name__ == "__main__":
+    main()

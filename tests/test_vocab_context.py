@@ -1,0 +1,88 @@
+"""The vocabulary context head (issue 31's zero-click parse): trained on cached features, it learns
+what the features say, and the checkpoint it makes computes the slots exactly as before."""
+import numpy as np
+import torch
+
+from ihp_backend.core.checkpoint import Binding, make_checkpoint, network_of
+from ihp_backend.core.network import NetConfig, VocabContext, build_network
+from ihp_backend.core.vocabulary import VOCABULARY, lookup
+from model_training.pose_labels import LABEL_SPACES
+from model_training.train_vocab_context import held_out_miou, space_classes, train_head, with_head
+
+
+def synthetic_cache(n=24, c=16, seed=0):
+    """Stride-16 features whose first channels say, per 4x4 block, which of three LIP-20 names a
+    pixel is; the frozen head's vocabulary logits are zero (knows nothing)."""
+    rng = np.random.default_rng(seed)
+    names = ["Hair", "Face", "Pants"]
+    chans = [lookup(["Hair", "Face", "Pants"])[m] for m in names]
+    cls = rng.integers(0, 3, (n, 4, 3))
+    high = rng.normal(0, 0.3, (n, c, 4, 3)).astype(np.float32)
+    for k in range(3):
+        high[:, k] += 2.0 * (cls == k)
+    t_lip = np.asarray(chans)[cls].repeat(4, 1).repeat(4, 2)  # the block's name at stride 4
+    targets = np.full((n, len(LABEL_SPACES), 16, 12), -1, np.int64)
+    targets[:, LABEL_SPACES.index("lip20")] = t_lip
+    vocab = np.zeros((n, len(VOCABULARY), 16, 12), np.float32)
+    return torch.from_numpy(high), torch.from_numpy(vocab), torch.from_numpy(targets)
+
+
+def test_the_context_head_learns_the_names_its_features_hold():
+    torch.manual_seed(0)
+    high, vocab, targets = synthetic_cache()
+    head = VocabContext(high.shape[1], 8, len(VOCABULARY))
+    lip = np.array(sorted(lookup(space_classes("lip20")).values()))
+    li = LABEL_SPACES.index("lip20")
+    before, _ = held_out_miou(head, high[:6], vocab[:6], targets[:6, li], lip)
+    log = train_head(head, high, vocab, targets, VOCABULARY, np.arange(6, 24), np.arange(6), epochs=40,
+                     lr=1e-2, batch=6, balance=0.0)
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert before < 0.2 and log[-1]["held_out_lip20_miou"] > 0.9
+
+
+def base_checkpoint(weights_dtype: str) -> tuple[NetConfig, dict]:
+    """A small network with the vocabulary head and non-trivial BatchNorm statistics."""
+    torch.manual_seed(0)
+    cfg = NetConfig(num_slots=6, aspp_channels=16, decoder_channels=16, unclaimed=True, vocab_size=len(VOCABULARY))
+    base = build_network(cfg)
+    with torch.no_grad():
+        base(torch.randn(2, cfg.in_channels, 64, 48))
+    base.eval()
+    return cfg, make_checkpoint(base, Binding("shuffled", 6, ["background", "part"], vocabulary=VOCABULARY), 64,
+                                [0.5] * 3, [0.25] * 3, "base", {"weights_dtype": weights_dtype})
+
+
+def test_a_network_given_the_head_keeps_its_slots_and_stores_float16():
+    cfg, ck = base_checkpoint("float16")
+    head = VocabContext(960, 8, len(VOCABULARY))
+    torch.nn.init.normal_(head.out.weight)
+    new = with_head(ck, head.eval(), 8, "base+context", {"epochs": 0})
+    assert new["net"]["vocab_context"] == 8 and new["model_version"] == "base+context"
+    assert {v.dtype for k, v in new["state_dict"].items() if k.startswith("vocab_context.")} >= {torch.float16}
+    a, b = network_of(ck).eval(), network_of(new).eval()
+    x = torch.randn(1, cfg.in_channels, 64, 48)
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    v = cfg.vocab_start
+    assert torch.allclose(ya[:, :v], yb[:, :v], atol=1e-3)  # float16 storage of the same weights
+    assert (ya[:, v:] - yb[:, v:]).abs().amax() > 1e-3
+
+
+def test_the_parser_runs_the_context_head_for_the_parse_without_clicks_only(tmp_path):
+    """A clicked parse is the base network's, bit for bit; the click-free one has the head's say."""
+    from ihp_backend.core.checkpoint import save_checkpoint
+    from ihp_backend.core.inference import Parser
+    cfg, ck = base_checkpoint("float32")
+    head = VocabContext(960, 8, len(VOCABULARY))
+    torch.nn.init.normal_(head.out.weight)
+    torch.nn.init.normal_(head.out.bias)
+    paths = {"base": tmp_path / "base.pt", "ctx": tmp_path / "ctx.pt"}
+    save_checkpoint(ck, str(paths["base"]))
+    save_checkpoint(with_head(ck, head.eval(), 8, "ctx", {}), str(paths["ctx"]))
+    a, b = (Parser.from_file(str(paths[k]), precision="float32", aspp_rank=0) for k in ("base", "ctx"))
+    img = (np.random.default_rng(1).random((64, 48, 3)) * 255).astype(np.uint8)
+    clicks = np.array([[20.0, 20.0, 1]])
+    assert torch.equal(a.logits(img, clicks), b.logits(img, clicks))
+    za, zb = a.logits(img, []), b.logits(img, [])
+    v = cfg.vocab_start
+    assert torch.equal(za[:v], zb[:v]) and (za[v:] - zb[v:]).abs().amax() > 1e-3
