@@ -25,9 +25,15 @@ def test_default_recipe_makes_the_shipped_model():
     rc = R.load_recipe(DEFAULT)
     ck = read_checkpoint(os.path.join(ROOT, "ihp_backend", "models", "default.pt"))
     assert ck["model_version"] == rc.stage(rc.product).release["version"]
-    cfg = R.train_config(rc, "runs", rc.stage(rc.product))
+    trained = rc.stage(rc.product)
+    if trained.kind == "vocab_context":  # a head on a trained stage's network: that stage's config
+        head = ck["training"]["vocab_context"]
+        assert ck["training"]["recipe"]["stage"] == rc.product and head["args"]["epochs"] == \
+            trained.spec["vocab_context"].get("epochs", 30)
+        trained = rc.stage(trained.spec["vocab_context"]["from"])
+    cfg = R.train_config(rc, "runs", trained)
     stored = dict(ck["training"]["config"])
-    if stored.get("init_from") == INSTALLED_INIT.get(rc.product):
+    if stored.get("init_from") == INSTALLED_INIT.get(trained.name):
         # the product stage was trained from the installed default, which was its init stage's
         # release (the recipe names that file by the run folder it would write it to)
         stored["init_from"] = cfg["init_from"]
