@@ -163,8 +163,8 @@ def chrome():
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
-def open_task_with_auto_annotation(d, ls, project, task):
-    """Log in as a person does, open the task, switch Auto-Annotation on; returns the canvas."""
+def open_task(d, ls, project, task):
+    """Log in as a person does and open the task; returns the canvas."""
     from selenium.webdriver.common.by import By
     d.get(ls.url + "/user/login")
     wait_for(lambda: d.find_elements(By.NAME, "email"), 30, "the login form")
@@ -173,7 +173,13 @@ def open_task_with_auto_annotation(d, ls, project, task):
     d.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
     wait_for(lambda: "/user/login" not in d.current_url, 30, "login")
     d.get(f"{ls.url}/projects/{project['id']}/data?task={task.id}")
-    stage = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".konvajs-content"), 60, "the image canvas")[0]
+    return wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".konvajs-content"), 60, "the image canvas")[0]
+
+
+def open_task_with_auto_annotation(d, ls, project, task):
+    """Log in as a person does, open the task, switch Auto-Annotation on; returns the canvas."""
+    from selenium.webdriver.common.by import By
+    stage = open_task(d, ls, project, task)
     wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".lsf-dynamic-preannotations label"), 30,
              "the Auto-Annotation toggle")[0].click()
     return stage
@@ -478,6 +484,55 @@ def test_browser_annotator_flow_click_accept_click_submit(stack, project, ccp_va
     assert precision >= 0.5, f"the first Hair suggestion is mostly not hair ({precision:.2f})"
     wait_for(lambda: requests.get(stack["backend"] + "/health", timeout=5).json()["projects"]
              .get(key, {}).get("samples", 0) > samples_before, 30, "/webhook to store the submitted annotation")
+
+
+def test_browser_task_opens_with_the_zero_click_parse(stack, project, ccp_val):
+    """A person with "Use predictions to prelabel tasks" on: "Retrieve predictions" for a task
+    (no click anywhere), then open it in Chromium. The task opens with the zero-click parse as
+    brush regions of the LIP names that together cover the person. Screenshot:
+    docs/annotator_flow/0_zero_click_prelabel.png."""
+    task = project["tasks"][0]  # uploaded (this headless browser cannot load the local-files ones)
+    pid = project["id"]
+    api(stack, "POST", f"/api/dm/actions?id=delete_tasks_predictions&project={pid}",
+        json={"selectedItems": {"all": False, "included": [task.id]}})
+    api(stack, "POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
+        json={"selectedItems": {"all": False, "included": [task.id]}})
+    preds = api(stack, "GET", f"/api/predictions/?task={task.id}")
+    preds = preds if isinstance(preds, list) else preds.get("results", [])
+    assert preds and preds[0]["result"], "no zero-click prediction stored"
+    api(stack, "PATCH", f"/api/projects/{pid}", json={"show_collab_predictions": True,
+                                                      "model_version": preds[0]["model_version"]})
+    _, gt = ccp_val.load(project["ccp_index"][task.id])
+    h, w = gt.shape
+    d = chrome()
+    try:
+        open_task(d, stack["ls"], project, task)
+        rows = wait_for(lambda: d.execute_script("""
+            const a = window.Htx && window.Htx.annotationStore.selected;
+            if (!a) return null;
+            const r = a.regions.filter(r => r.type === 'brushregion')
+                .map(r => [r.labelName, r.rle ? Array.from(r.rle) : null]);
+            return r.length ? r : null;"""), 60, "the prelabelled regions")
+        time.sleep(1.0)
+        os.makedirs(DOCS, exist_ok=True)
+        d.save_screenshot(os.path.join(DOCS, "0_zero_click_prelabel.png"))
+    except Exception:
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        d.save_screenshot(os.path.join(ARTIFACTS, "zero_click_prelabel_failed.png"))
+        raise
+    finally:
+        d.quit()
+        api(stack, "PATCH", f"/api/projects/{pid}", json={"show_collab_predictions": False})
+    labels = {name for name, _ in rows}
+    assert len(labels) >= 5 and labels <= set(re.findall(r'<Label value="([^"]+)"', LIP_CONFIG)), labels
+    person = np.zeros((h, w), bool)
+    for name, rle in rows:
+        if name != "Background" and rle:
+            person |= rle_to_mask(rle, h, w)
+    truth = gt != ccp_val.classes.index("background")
+    iou = (person & truth).sum() / max(1, (person | truth).sum())
+    print(f"zero-click prelabel in the browser: {len(labels)} labels {sorted(labels)}, person IoU {iou:.2f}")
+    assert iou > 0.7, iou  # the parts together are the person
 
 
 def test_retrieve_predictions_without_clicks_resumes_where_a_batch_stopped(stack, project):
