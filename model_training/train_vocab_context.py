@@ -110,7 +110,6 @@ def cache_features(parser: Parser, data: str, parts: str, split: str, cache_dir:
         hook.remove()
     for name, arr in arrays.items():
         arr.flush()
-        del arr
         os.replace(os.path.join(cache_dir, f"{name}.tmp.npy"), os.path.join(cache_dir, f"{name}.npy"))
 
 
