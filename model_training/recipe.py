@@ -9,7 +9,8 @@ A recipe is data (YAML): named ``layers`` of config overrides and a list of ``st
 - ``derive_labels: {data, out}``: the pose-derived body-part labels (``model_training.pose_labels``);
 - ``vocab_context: {from: REF, ...}`` + ``release: VERSION``: REF's network with a vocabulary
   context head trained on its cached features (``model_training.train_vocab_context``; the other
-  keys are that command's options, e.g. ``epochs: 30``).
+  keys are that command's options, e.g. ``epochs: 30``; ``init_head: REF`` starts the head from
+  that stage's).
 
 ``REF`` names an earlier stage: ``NAME`` is its product (its release, or its ``last.pt`` when it has
 none), ``NAME/last`` its ``last.pt``. ``product`` names the stage whose release is the model the
@@ -123,7 +124,8 @@ def references(st: Stage) -> list[str]:
     if st.kind == "average":
         return list(st.spec["average"])
     if st.kind == "vocab_context":
-        return [st.spec["vocab_context"]["from"]]
+        spec = st.spec["vocab_context"]
+        return [spec["from"]] + ([spec["init_head"]] if spec.get("init_head") else [])
     return []
 
 
@@ -235,6 +237,8 @@ def run_stage(recipe: Recipe, runs: str, st: Stage, log=print) -> None:
         args = ["--checkpoint", product_path(recipe, runs, spec.pop("from")), "--version", st.release["version"],
                 "--out", os.path.join(stage_dir(runs, st), "release.pt"), "--recipe-stage", st.name,
                 "--recipe-file", recipe.path]
+        if spec.get("init_head"):
+            args += ["--init-head", product_path(recipe, runs, spec.pop("init_head"))]
         for k, v in spec.items():
             args += [f"--{k.replace('_', '-')}", str(v)]
         log(f"[{st.name}] vocabulary context head on {args[1]} -> {st.release['version']}")

@@ -22,6 +22,7 @@ About 15 minutes on a 2-core CPU (6 of them caching features; the cache, ~8 GB u
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from ihp_backend.core.checkpoint import read_checkpoint, save_checkpoint
+from ihp_backend.core.checkpoint import network_of, read_checkpoint, save_checkpoint
 from ihp_backend.core.inference import Parser, network_size
 from ihp_backend.core.network import NetConfig, VocabContext, build_network, load_widening
 from ihp_backend.core.options import ParserOptions
@@ -65,8 +66,10 @@ def served_parser(checkpoint: str, threads: int | None) -> Parser:
     return Parser.from_file(checkpoint, **opts.parser_kwargs())
 
 
-def cache_features(parser: Parser, data: str, parts: str, split: str, cache_dir: str) -> None:
-    """``high.npy`` (N, C, H16, W16) float16, the backbone's features; ``vocab.npy`` (N, V, H4, W4)
+def cache_features(parser: Parser, data: str, parts: str, split: str, cache_dir: str, tap: int = 0) -> None:
+    """``high.npy`` (N, C, H16, W16) float16, the features the head reads: the backbone's
+    output, or with ``tap`` > 0 the features before its last ``tap`` blocks (the head's own copy
+    of them, ``NetConfig.vocab_context_blocks``, runs on those); ``vocab.npy`` (N, V, H4, W4)
     float16, the network's vocabulary logits; ``targets.npy`` (N, spaces, H4, W4) int8. Entry 2i
     is photo i with no click, 2i + 1 its mirror image (left and right names swapped); maps are
     padded (zeros, -1) to the largest network size. Memory-mapped: ~3 GB for CCP train."""
@@ -80,7 +83,12 @@ def cache_features(parser: Parser, data: str, parts: str, split: str, cache_dir:
     os.makedirs(cache_dir, exist_ok=True)
     arrays = {}
     got = {}
-    hook = parser.net.encoder.register_forward_hook(lambda m, i, o: got.__setitem__("high", o[1].detach().float()))
+    enc = parser.net.encoder
+    if tap:  # the output of the block before the last ``tap``
+        hook = enc.high[len(enc.high) - tap - 1].register_forward_hook(
+            lambda m, i, o: got.__setitem__("high", o.detach().float()))
+    else:
+        hook = enc.register_forward_hook(lambda m, i, o: got.__setitem__("high", o[1].detach().float()))
     try:
         for i in tqdm(range(len(photos)), desc="features", dynamic_ncols=True):
             image, _ = photos.load(i)
@@ -167,21 +175,52 @@ def with_context(head: VocabContext, high: torch.Tensor, vocab: torch.Tensor) ->
     return vocab + F.interpolate(head(high), size=vocab.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def context_head(ckpt: dict, width: int, blocks: int = 0, init: dict | None = None) -> VocabContext:
+    """A fresh head for ``ckpt``'s network; with ``blocks``, its own copy of the backbone's last
+    ``blocks`` blocks, starting as the trained ones; ``init`` (a checkpoint with a context head
+    of this width and no blocks) gives the head's own layers their start."""
+    net = network_of(ckpt)
+    copied = copy.deepcopy(net.encoder.high[-blocks:]) if blocks else None
+    head = VocabContext(net.encoder.high_channels, width, len(ckpt["vocabulary"]), copied)
+    if init is not None:
+        if init["net"].get("vocab_context") != width or init["net"].get("vocab_context_blocks"):
+            raise SystemExit(f"--init-head needs a context head of width {width} without blocks")
+        own = {k.removeprefix("vocab_context."): v.float() for k, v in init["state_dict"].items()
+               if k.startswith("vocab_context.")}
+        head.load_state_dict({**head.state_dict(), **own})
+    return head
+
+
+def frozen_statistics(head: VocabContext) -> VocabContext:
+    """The copied blocks' BatchNorm layers keep their running statistics (eval mode) while the
+    head trains: batches of a few photos' stride-16 maps would give noisy ones."""
+    if head.blocks is not None:
+        for m in head.blocks.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+    return head
+
+
 def train_head(head: VocabContext, high: torch.Tensor, vocab: torch.Tensor, targets: torch.Tensor,
                vocabulary, train_idx: np.ndarray, held_idx: np.ndarray, epochs: int, lr: float,
-               batch: int, balance: float, seed: int = 0) -> list[dict]:
-    """AdamW with a one-cycle schedule; returns the per-epoch log."""
+               batch: int, balance: float, seed: int = 0, blocks_lr: float | None = None) -> list[dict]:
+    """AdamW with a one-cycle schedule (the copied blocks at ``blocks_lr``); returns the per-epoch log."""
     chans = {s: np.array(sorted(lookup(space_classes(s), vocabulary).values())) for s in LABEL_SPACES}
     weights = {s: class_weights(targets[train_idx, si].numpy(), chans[s], balance) for si, s in enumerate(LABEL_SPACES)}
     lip = LABEL_SPACES.index("lip20")
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    own = [p for n, p in head.named_parameters() if not n.startswith("blocks.")]
+    groups = [{"params": own, "lr": lr}]
+    if head.blocks is not None:
+        groups.append({"params": list(head.blocks.parameters()), "lr": blocks_lr or lr / 10})
+    opt = torch.optim.AdamW(groups, weight_decay=1e-4)
     steps = epochs * (len(train_idx) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=steps,
+                                                pct_start=0.05)
     rng = np.random.default_rng(seed)
     log, t0 = [], time.time()
-    bar = tqdm(range(epochs), desc="vocabulary context head", dynamic_ncols=True)
-    for ep in bar:
-        head.train()
+    bar = tqdm(total=steps, desc="vocabulary context head", dynamic_ncols=True)  # steps: an epoch with
+    for ep in range(epochs):  # copied blocks takes minutes
+        frozen_statistics(head.train())
         order = rng.permutation(train_idx)
         total, nb = 0.0, 0
         for j in range(0, len(order) - batch + 1, batch):
@@ -194,18 +233,21 @@ def train_head(head: VocabContext, high: torch.Tensor, vocab: torch.Tensor, targ
             opt.step()
             sched.step()
             total, nb = total + loss.item(), nb + 1
+            bar.update()
         rec = {"epoch": ep + 1, "loss": total / max(1, nb), "seconds": round(time.time() - t0, 1)}
         if len(held_idx):
             rec["held_out_lip20_miou"], _ = held_out_miou(head, high[held_idx], vocab[held_idx],
                                                           targets[held_idx, lip], chans["lip20"])
         log.append(rec)
-        bar.set_postfix({k: round(v, 4) for k, v in rec.items() if k != "epoch"})
+        bar.set_postfix({k: round(v, 4) for k, v in rec.items()})
+    bar.close()
     return log
 
 
 def with_head(ckpt: dict, head: VocabContext, width: int, version: str, training: dict) -> dict:
     """``ckpt`` with the head added (``net.vocab_context``) under a new model version."""
-    cfg = NetConfig.from_dict({**ckpt["net"], "vocab_context": width})
+    blocks = 0 if head.blocks is None else len(head.blocks)
+    cfg = NetConfig.from_dict({**ckpt["net"], "vocab_context": width, "vocab_context_blocks": blocks})
     net = build_network(cfg)
     load_widening(net, ckpt["state_dict"])
     net.vocab_context.load_state_dict(head.state_dict())
@@ -227,6 +269,11 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--balance", type=float, default=0.0, help="class weights (pixel share)^-balance")
+    ap.add_argument("--blocks", type=int, default=0,
+                    help="the head's own copy of the backbone's last N blocks, trained (0: the head alone)")
+    ap.add_argument("--blocks-lr", type=float, default=None, help="learning rate of the copied blocks (default lr/10)")
+    ap.add_argument("--init-head", default=None,
+                    help="a checkpoint with a context head of --width and no blocks: its layers start this head's")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--version", required=True, help="model version of the new checkpoint")
@@ -242,17 +289,19 @@ def main(argv=None):
         raise SystemExit(f"{a.checkpoint} has no vocabulary head (net.vocab_size 0): nothing to extend")
     if ckpt["net"].get("vocab_context"):
         raise SystemExit(f"{a.checkpoint} already has a vocabulary context head")
-    cache = a.cache or os.path.join("runs", "vocab_context", f"cache-{ckpt['model_version']}")
+    cache = a.cache or os.path.join("runs", "vocab_context", f"cache-{ckpt['model_version']}"
+                                    + (f"-tap{a.blocks}" if a.blocks else ""))
     if not os.path.exists(os.path.join(cache, "targets.npy")):
-        cache_features(served_parser(a.checkpoint, a.threads), a.data, a.parts, "train", cache)
+        cache_features(served_parser(a.checkpoint, a.threads), a.data, a.parts, "train", cache, a.blocks)
     high = torch.from_numpy(np.load(os.path.join(cache, "high.npy")).astype(np.float32))
     vocab = torch.from_numpy(np.load(os.path.join(cache, "vocab.npy")).astype(np.float32))
     targets = torch.from_numpy(np.load(os.path.join(cache, "targets.npy")).astype(np.int64))
     held = np.arange(0, 2 * a.holdout, 2)  # the photos kept out, not mirrored
     train = np.arange(2 * a.holdout, len(high))
     vocabulary = tuple(ckpt["vocabulary"])
-    head = VocabContext(high.shape[1], a.width, len(vocabulary))
-    log = train_head(head, high, vocab, targets, vocabulary, train, held, a.epochs, a.lr, a.batch, a.balance, a.seed)
+    head = context_head(ckpt, a.width, a.blocks, read_checkpoint(a.init_head) if a.init_head else None)
+    log = train_head(head, high, vocab, targets, vocabulary, train, held, a.epochs, a.lr, a.batch, a.balance,
+                     a.seed, a.blocks_lr)
     for rec in log:
         print(rec)
     args = {k: v for k, v in vars(a).items() if not k.startswith("recipe_")}

@@ -86,3 +86,38 @@ def test_the_parser_runs_the_context_head_for_the_parse_without_clicks_only(tmp_
     za, zb = a.logits(img, []), b.logits(img, [])
     v = cfg.vocab_start
     assert torch.equal(za[:v], zb[:v]) and (za[v:] - zb[v:]).abs().amax() > 1e-3
+
+
+def test_a_head_with_its_own_backbone_blocks_starts_as_the_head_it_was_given(tmp_path):
+    """``--blocks N``: the head's copy of the backbone's last blocks starts as the trained ones and
+    its layers as a given head's, so the new checkpoint parses as that one does until training
+    moves them; a clicked parse never runs the copy."""
+    from ihp_backend.core.checkpoint import save_checkpoint
+    from ihp_backend.core.inference import Parser
+    from model_training.train_vocab_context import context_head
+    cfg, ck = base_checkpoint("float32")
+    head = VocabContext(960, 8, len(VOCABULARY))
+    torch.nn.init.normal_(head.out.weight)
+    given = with_head(ck, head.eval(), 8, "ctx", {})
+    blocks = context_head(ck, 8, 3, init=given)
+    assert len(blocks.blocks) == 3
+    new = with_head(ck, blocks.eval(), 8, "ctx-blocks", {})
+    assert new["net"]["vocab_context_blocks"] == 3
+    save_checkpoint(given, str(tmp_path / "a.pt"))
+    save_checkpoint(new, str(tmp_path / "b.pt"))
+    a, b = (Parser.from_file(str(tmp_path / k), precision="float32", aspp_rank=0) for k in ("a.pt", "b.pt"))
+    img = (np.random.default_rng(1).random((64, 48, 3)) * 255).astype(np.uint8)
+    assert torch.allclose(a.logits(img, []), b.logits(img, []), atol=1e-5)
+    clicks = np.array([[20.0, 20.0, 1]])
+    assert torch.equal(a.logits(img, clicks), b.logits(img, clicks))
+    # trained, the copy moves and the backbone's own blocks do not
+    with torch.no_grad():
+        for p in blocks.blocks.parameters():
+            p.add_(0.05)
+    moved = with_head(ck, blocks.eval(), 8, "moved", {})
+    assert all(torch.equal(moved["state_dict"][k], new["state_dict"][k]) for k in new["state_dict"]
+               if k.startswith("encoder."))
+    save_checkpoint(moved, str(tmp_path / "c.pt"))
+    c = Parser.from_file(str(tmp_path / "c.pt"), precision="float32", aspp_rank=0)
+    assert (c.logits(img, [])[cfg.vocab_start:] - b.logits(img, [])[cfg.vocab_start:]).abs().amax() > 1e-3
+    assert torch.equal(c.logits(img, clicks), b.logits(img, clicks))

@@ -18,6 +18,7 @@ channels (``ihp_backend.core.vocabulary``: known label names parsed with no clic
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -46,6 +47,8 @@ class NetConfig:
     # output is added to the vocabulary logits: class-aware capacity of its own, beside the slots
     vocab_context: int = 0  # > 0: a head of this width on the backbone's stride-16 features
     # (``VocabContext``) whose logits, upsampled, are added to the vocabulary logits
+    vocab_context_blocks: int = 0  # > 0: the head has its own copy of the backbone's last this
+    # many blocks and reads the features before them (class-aware backbone capacity of its own)
 
     @property
     def in_channels(self) -> int:
@@ -111,9 +114,10 @@ class _Encoder(nn.Module):
             self.high = nn.Sequential(net.layer2, net.layer3, net.layer4)
             self.low_channels, self.high_channels = 256, 2048
 
-    def forward(self, x: torch.Tensor, first_conv: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, first_conv: nn.Module | None = None, tap: int = 0):
         """(stride-4, stride-16) features; ``first_conv`` replaces the first conv (an input in
-        another channel layout, ``restricted_first_conv``)."""
+        another channel layout, ``restricted_first_conv``). ``tap`` > 0: also the features before
+        the last ``tap`` blocks of ``high``, as a third element."""
         if first_conv is None:
             low = self.low(x)
         else:
@@ -122,7 +126,10 @@ class _Encoder(nn.Module):
             low = first_conv(x)
             for m in stem + list(self.low)[1:]:
                 low = m(low)
-        return low, self.high(low)
+        if not tap:
+            return low, self.high(low)
+        mid = self.high[:-tap](low)
+        return low, self.high[-tap:](mid), mid
 
     def first_conv(self) -> nn.Conv2d:
         return self.low[0][0] if self.name == "mobilenet_v3_large" else self.low[0]
@@ -140,10 +147,15 @@ class VocabContext(nn.Module):
     2, 1x1 to the vocabulary, at stride 16 (36 x 24 positions at the serving size). Its last conv
     starts at zero, so a network given one computes what it did. Trained on inputs without clicks
     (``model_training.train_vocab_context``), it serves the parse that has none: the Parser runs
-    it only then (``IHPNet.forward(vocab_context=...)``), so every clicked parse is unchanged."""
+    it only then (``IHPNet.forward(vocab_context=...)``), so every clicked parse is unchanged.
 
-    def __init__(self, in_channels: int, width: int, vocab_size: int):
+    ``blocks`` (``NetConfig.vocab_context_blocks``): a copy of the backbone's last blocks, run on
+    the features before them, so that the head has class-aware backbone capacity of its own while
+    the shared backbone stays what the click path was trained with."""
+
+    def __init__(self, in_channels: int, width: int, vocab_size: int, blocks: nn.Module | None = None):
         super().__init__()
+        self.blocks = blocks  # None: reads the backbone's own stride-16 features
         self.reduce = nn.Sequential(nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width),
                                     nn.ReLU(inplace=True))
         self.context = nn.Sequential(nn.Conv2d(width, width, 3, padding=2, dilation=2, bias=False),
@@ -154,6 +166,9 @@ class VocabContext(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, high: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits at stride 16 from ``high`` (with ``blocks``: the features before them)."""
+        if self.blocks is not None:
+            high = self.blocks(high)
         return self.out(self.drop(self.context(self.reduce(high))))
 
 
@@ -186,7 +201,11 @@ class IHPNet(nn.Module):
             nn.init.zeros_(self.vocab_branch[-1].bias)
         self.vocab_context = None
         if cfg.vocab_context and cfg.vocab_size:
-            self.vocab_context = VocabContext(self.encoder.high_channels, cfg.vocab_context, cfg.vocab_size)
+            n = cfg.vocab_context_blocks
+            if n and not 0 < n < len(self.encoder.high):
+                raise ValueError(f"vocab_context_blocks must be 1..{len(self.encoder.high) - 1}, not {n}")
+            blocks = copy.deepcopy(self.encoder.high[-n:]) if n else None
+            self.vocab_context = VocabContext(self.encoder.high_channels, cfg.vocab_context, cfg.vocab_size, blocks)
         # torchvision's MobileNetV3 uses BN momentum 0.01, tuned for very long schedules; with
         # short CPU runs and fine-tuning the running statistics would lag far behind the weights
         for m in self.modules():
@@ -198,19 +217,20 @@ class IHPNet(nn.Module):
         """Return (logits at stride 4, decoder features at stride 4); ``first_conv`` as in
         ``_Encoder.forward``; ``vocab_context=False`` leaves the context head out (it was trained
         on inputs without clicks, and serves the parse that has none)."""
-        low, high = self.encoder(x, first_conv)
+        context = self.vocab_context if vocab_context else None
+        tap = self.cfg.vocab_context_blocks if context is not None else 0
+        low, high, *mid = self.encoder(x, first_conv, tap)
         ctx = self.aspp(high)
         ctx = F.interpolate(ctx, size=low.shape[-2:], mode="bilinear", align_corners=False)
         feats = self.decoder(torch.cat([ctx, self.low_proj(low)], dim=1))
         logits = self.classifier(feats)
-        context = self.vocab_context if vocab_context else None
         if self.vocab_branch is not None or context is not None:
             v = self.cfg.vocab_start
             vocab = logits[:, v:]
             if self.vocab_branch is not None:
                 vocab = vocab + self.vocab_branch(feats)
             if context is not None:
-                vocab = vocab + F.interpolate(context(high).to(vocab.dtype), size=vocab.shape[-2:],
+                vocab = vocab + F.interpolate(context(mid[0] if tap else high).to(vocab.dtype), size=vocab.shape[-2:],
                                               mode="bilinear", align_corners=False)
             logits = torch.cat([logits[:, :v], vocab], dim=1)
         return logits, feats
