@@ -121,3 +121,32 @@ def test_a_head_with_its_own_backbone_blocks_starts_as_the_head_it_was_given(tmp
     c = Parser.from_file(str(tmp_path / "c.pt"), precision="float32", aspp_rank=0)
     assert (c.logits(img, [])[cfg.vocab_start:] - b.logits(img, [])[cfg.vocab_start:]).abs().amax() > 1e-3
     assert torch.equal(c.logits(img, clicks), b.logits(img, clicks))
+
+
+def test_parts_nobody_clicked_are_filled_by_the_click_free_parse(tmp_path):
+    """``IHP_FILL_KNOWN``: with a context head, the unclicked known parts of a clicked parse take
+    the meaning the parse without clicks gave them (computed once per photo), the same whether
+    that parse came first or not; ``click_free_fill=False`` keeps the clicked forward's."""
+    from ihp_backend.core.checkpoint import save_checkpoint
+    from ihp_backend.core.inference import Parser
+    cfg, ck = base_checkpoint("float32")
+    head = VocabContext(960, 8, len(VOCABULARY))
+    known = lookup(["Hair", "Face", "Pants"])
+    with torch.no_grad():
+        head.out.bias[known["Face"]] = 100.0  # the click-free parse sees Face everywhere
+    save_checkpoint(with_head(ck, head.eval(), 8, "ctx", {}), str(tmp_path / "ctx.pt"))
+    make = lambda: Parser.from_file(str(tmp_path / "ctx.pt"), precision="float32", aspp_rank=0, unclaimed_bias=20.0)
+    v = cfg.vocab_start
+    fill = {v + known["Hair"]: v + known["Hair"], v + known["Face"]: v + known["Face"],
+            v + known["Pants"]: v + known["Pants"]}
+    img = (np.random.default_rng(2).random((64, 48, 3)) * 255).astype(np.uint8)
+    clicks = np.array([[20.0, 20.0, 1]])
+    allowed = [0, 1, cfg.unclaimed_channel]
+    first = make()
+    first.parse(img, [], allowed_slots=sorted(fill))  # the zero-click parse, then a click
+    after_zero = first.parse(img, clicks, allowed_slots=allowed, fill=fill, zoom=False).labels
+    alone = make().parse(img, clicks, allowed_slots=allowed, fill=fill, zoom=False).labels
+    own = make().parse(img, clicks, allowed_slots=allowed, fill=fill, zoom=False, click_free_fill=False).labels
+    assert np.array_equal(after_zero, alone)
+    assert (alone == v + known["Face"]).mean() > 0.5  # the unclaimed pixels went to the click-free meaning
+    assert (own == v + known["Face"]).mean() < 0.5

@@ -692,7 +692,8 @@ class Parser:
     @on_torch_thread
     def parse(self, image: np.ndarray, clicks, allowed_slots=None,
               prev_mask: np.ndarray | None = None, fill: dict[int, int] | None = None,
-              zoom: bool | None = None, prior: dict[int, list[int]] | None = None) -> ParseResult:
+              zoom: bool | None = None, prior: dict[int, list[int]] | None = None,
+              click_free_fill: bool = True) -> ParseResult:
         """Parse ``image`` (H, W, 3 uint8) given clicks (y, x, slot) in its pixel coordinates.
 
         ``allowed_slots`` restricts the argmax to these output channels (the slots the label
@@ -702,7 +703,11 @@ class Parser:
         ``fill`` ({vocabulary channel: label value}) shares the unclaimed channel's probability
         among those known classes by the vocabulary head's softmax over them,
         ``p(c) = p_slots(unclaimed) * p_vocab(c | fill)``: parts nobody clicked are parsed by
-        meaning instead of left unlabelled. ``prior`` ({output channel: the vocabulary channels
+        meaning instead of left unlabelled; with a context head (``NetConfig.vocab_context``)
+        ``p_vocab`` is the parse without clicks' (``click_free_vocabulary``: the head that parsed
+        the photo before any click keeps parsing its unclicked parts; one more forward on a
+        photo's first such click unless its zero-click parse came first), with
+        ``click_free_fill=False`` the clicked forward's own vocabulary head. ``prior`` ({output channel: the vocabulary channels
         it stands for}, ``label_rules.prior_channels``) adds the Parser's ``vocab_prior`` times
         the log-probability the vocabulary head gives those classes (``with_vocabulary_prior``):
         a click says which part, the head says what a pixel looks like. With ``refine`` the
@@ -730,8 +735,12 @@ class Parser:
                 sub = with_vocabulary_prior(sub, slots, logits, prior, self.vocab_prior, mass=mass)
             if mass is not None and self.vocab_share and self.unclaimed is not None:
                 sub = with_vocabulary_share(sub, slots, logits, prior, self.unclaimed, mass=mass)
+            if self.net.vocab_context is not None and not len(clicks) and prev_mask is None:
+                self.click_free_vocabulary(image, logits)  # kept for the clicks to come
             if fill and self.unclaimed is not None and self.unclaimed in slots:
-                sub, slots = self._filled(sub, slots, logits, fill)
+                meaning = self.click_free_vocabulary(image) if click_free_fill and \
+                    self.net.vocab_context is not None else logits
+                sub, slots = self._filled(sub, slots, meaning, fill)
             # scores at stride 4 (cheap); labels at the image size
             best, arg_small = torch.softmax(sub, dim=0).max(dim=0)
             hw = network_size(image.shape[:2], self.max_side)
@@ -766,6 +775,13 @@ class Parser:
             return self._zoomed(res, image, clicks, allowed_slots, fill, arg_small, values=slots, prior=prior)
         return res
 
+    @on_torch_thread
+    def click_free_vocabulary(self, image: np.ndarray, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The stride-4 logits of ``image``'s parse without clicks (``logits`` when they are
+        those), kept per photo (``_per_image``): a forward the first time otherwise."""
+        hw = network_size(image.shape[:2], self.max_side)
+        return self._per_image("click-free", image, hw, lambda: logits if logits is not None else self.logits(image, []))
+
     def _zoomed(self, res: ParseResult, image: np.ndarray, clicks, allowed_slots, fill,
                 arg_small: torch.Tensor, values: np.ndarray, prior=None) -> ParseResult:
         """``res`` with each clicked person's region parsed again at the network's resolution
@@ -790,7 +806,7 @@ class Parser:
                 labels = hit[1]
             else:
                 crop = self.parse(np.ascontiguousarray(image[y0:y1, x0:x1]), own, allowed_slots, None, fill,
-                                  zoom=False, prior=prior)
+                                  zoom=False, prior=prior, click_free_fill=False)
                 labels = crop.labels
                 for k, v in crop.timings.items():
                     res.timings[k] = res.timings.get(k, 0.0) + v
