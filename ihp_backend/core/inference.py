@@ -517,7 +517,8 @@ class Parser:
     def warm_up(self) -> float:
         """One click then two on a synthetic photo at the serving size, landscape then portrait
         (most photos of people; the input buffer kept is the last shape's), the second with the
-        first's answer as the previous prediction. The first parse of a process builds the
+        first's answer as the previous prediction (with a context head, then the parse without
+        clicks, which runs it). The first parse of a process builds the
         compute kernels for its input shape, starts the torch thread's OpenMP team and imports
         what the zoom needs: a worker's first click took 284 ms against 96 ms after this (CCP
         photo, 2 cores). Leaves no trace in later answers (tested). Returns the seconds taken."""
@@ -530,6 +531,8 @@ class Parser:
             clicks = np.array([(h * (0.3 + 0.3 * i), w / 2, s) for i, s in enumerate(slots)], np.float64)
             first = self.parse(image, clicks[:1], allowed_slots=allowed)
             self.parse(image, clicks, allowed_slots=allowed, prev_mask=first.network_labels)
+            if self.net.vocab_context is not None:  # the zero-click parse runs the context head too
+                self.logits(image, [])
         return time.perf_counter() - t0
 
     @on_torch_thread
