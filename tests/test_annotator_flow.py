@@ -307,3 +307,33 @@ def test_vocabulary_share_is_served_for_known_names_only(tmp_path, parts_checkpo
     off, on = answers(0), answers(1)
     assert set(off) == set(on) and any(on[k].sum() > off[k].sum() for k in on)
 
+
+
+def test_fill_known_answers_unclicked_parts_with_the_zero_click_parse(tmp_path, parts_checkpoint, image_server,
+                                                                     payloads):
+    """``IHP_FILL_KNOWN=1`` with a context head: a click's answer gives the parts nobody clicked the
+    labels of the parse without clicks (here a head that sees Face everywhere), whether or not
+    "Retrieve predictions" came first; the clicked label keeps its pixels."""
+    from ihp_backend.core.checkpoint import read_checkpoint
+    from ihp_backend.core.network import VocabContext
+    from ihp_backend.core.vocabulary import lookup
+    from model_training.train_vocab_context import with_head
+    head = VocabContext(960, 8, len(VOCABULARY))
+    with torch.no_grad():
+        head.out.bias[lookup(["Face"])["Face"]] = 100.0
+    path = str(tmp_path / "ctx.pt")
+    save_checkpoint(with_head(read_checkpoint(parts_checkpoint), head.eval(), 8, "tiny-ctx", {}), path)
+    answers = []
+    for retrieve_first in (True, False):
+        m = IHPModel(Settings(model_dir=str(tmp_path / f"md{retrieve_first}"), checkpoint=path, ls_url=image_server["url"],
+                              train_every=1000, fill_known=True, unclaimed_bias=20.0))
+        m.load()
+        c = create_app(m, load=False).test_client()
+        c.post("/setup", json=payloads["/setup"]["body"])
+        if retrieve_first:
+            zero = masks_of(c.post("/predict", json=payloads["/predict"]["body"]).get_json()["results"][0])
+            assert set(zero) == {"Face"}
+        answers.append(masks_of(c.post("/predict", json=click_body(payloads, 50, 21, "Hair")).get_json()["results"][0]))
+    first, alone = answers
+    assert set(first) == {"Hair", "Face"} and first["Face"].mean() > 0.5 and first["Hair"].any()
+    assert set(alone) == set(first) and all((alone[k] == first[k]).all() for k in first)
