@@ -161,18 +161,13 @@ def held_out_miou(head: VocabContext, high: torch.Tensor, vocab: torch.Tensor, t
     preds, gts = [], []
     with torch.no_grad():
         for j in range(0, len(high), 16):
-            lg = with_context(head, high[j:j + 16], vocab[j:j + 16])
+            lg = head.added_to(vocab[j:j + 16], high[j:j + 16])
             p = lg[:, torch.as_tensor(channels)].argmax(1).numpy()
             g = target[j:j + 16].numpy()
             gi = np.where(g >= 0, inv[np.clip(g, 0, len(inv) - 1)], -1)
             preds.append(p[gi >= 0])
             gts.append(gi[gi >= 0])
     return miou(np.concatenate(preds), np.concatenate(gts), len(channels))
-
-
-def with_context(head: VocabContext, high: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
-    """The network's vocabulary logits with the head's added (``IHPNet.forward_features``)."""
-    return vocab + F.interpolate(head(high), size=vocab.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def context_head(ckpt: dict, width: int, blocks: int = 0, init: dict | None = None) -> VocabContext:
@@ -225,7 +220,7 @@ def train_head(head: VocabContext, high: torch.Tensor, vocab: torch.Tensor, targ
         total, nb = 0.0, 0
         for j in range(0, len(order) - batch + 1, batch):
             b = torch.as_tensor(np.sort(order[j:j + batch]))
-            lg = with_context(head, high[b], vocab[b])
+            lg = head.added_to(vocab[b], high[b])
             loss = sum(space_loss(lg, targets[b, si], torch.as_tensor(chans[s]), weights[s])
                        for si, s in enumerate(LABEL_SPACES))
             opt.zero_grad()

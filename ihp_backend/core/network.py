@@ -171,6 +171,12 @@ class VocabContext(nn.Module):
             high = self.blocks(high)
         return self.out(self.drop(self.context(self.reduce(high))))
 
+    def added_to(self, vocab: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """``vocab`` (vocabulary logits at stride 4) plus this head's logits from ``high``,
+        upsampled to them: what the network serves and what the head is trained on."""
+        return vocab + F.interpolate(self(high).to(vocab.dtype), size=vocab.shape[-2:], mode="bilinear",
+                                     align_corners=False)
+
 
 class IHPNet(nn.Module):
     """DeepLabV3+ (ASPP + stride-4 decoder skip, output stride 16) for interactive parsing."""
@@ -230,8 +236,7 @@ class IHPNet(nn.Module):
             if self.vocab_branch is not None:
                 vocab = vocab + self.vocab_branch(feats)
             if context is not None:
-                vocab = vocab + F.interpolate(context(mid[0] if tap else high).to(vocab.dtype), size=vocab.shape[-2:],
-                                              mode="bilinear", align_corners=False)
+                vocab = context.added_to(vocab, mid[0] if tap else high)
             logits = torch.cat([logits[:, :v], vocab], dim=1)
         return logits, feats
 
