@@ -170,17 +170,23 @@ def held_out_miou(head: VocabContext, high: torch.Tensor, vocab: torch.Tensor, t
     return miou(np.concatenate(preds), np.concatenate(gts), len(channels))
 
 
-def context_head(ckpt: dict, width: int, blocks: int = 0, init: dict | None = None) -> VocabContext:
+def context_head(ckpt: dict, width: int, blocks: int = 0, init: dict | None = None, pool: tuple = ()
+                 ) -> VocabContext:
     """A fresh head for ``ckpt``'s network; with ``blocks``, its own copy of the backbone's last
-    ``blocks`` blocks, starting as the trained ones; ``init`` (a checkpoint with a context head
-    of this width and no blocks) gives the head's own layers their start."""
+    ``blocks`` blocks, starting as the trained ones; ``pool``: its pyramid pooling bins
+    (``NetConfig.vocab_context_pool``); ``init`` (a checkpoint with a context head of this width,
+    no blocks and no pooling) gives the head's own layers their start, widened without changing
+    what they compute (``load_widening``: the pooled features enter through zero weights)."""
     net = network_of(ckpt)
     copied = copy.deepcopy(net.encoder.high[-blocks:]) if blocks else None
-    head = VocabContext(net.encoder.high_channels, width, len(ckpt["vocabulary"]), copied)
+    head = VocabContext(net.encoder.high_channels, width, len(ckpt["vocabulary"]), copied, tuple(pool))
     if init is not None:
-        if init["net"].get("vocab_context") != width or init["net"].get("vocab_context_blocks"):
-            raise SystemExit(f"--init-head needs a context head of width {width} without blocks")
-        own = {k.removeprefix("vocab_context."): v.float() for k, v in init["state_dict"].items()
+        if init["net"].get("vocab_context") != width or init["net"].get("vocab_context_blocks") \
+                or init["net"].get("vocab_context_pool"):
+            raise SystemExit(f"--init-head needs a context head of width {width} without blocks or pooling")
+        start = build_network(NetConfig.from_dict({**init["net"], "vocab_context_pool": tuple(pool)}))
+        load_widening(start, {k: v.float() for k, v in init["state_dict"].items()})
+        own = {k.removeprefix("vocab_context."): v for k, v in start.state_dict().items()
                if k.startswith("vocab_context.")}
         head.load_state_dict({**head.state_dict(), **own})
     return head
@@ -242,7 +248,9 @@ def train_head(head: VocabContext, high: torch.Tensor, vocab: torch.Tensor, targ
 def with_head(ckpt: dict, head: VocabContext, width: int, version: str, training: dict) -> dict:
     """``ckpt`` with the head added (``net.vocab_context``) under a new model version."""
     blocks = 0 if head.blocks is None else len(head.blocks)
-    cfg = NetConfig.from_dict({**ckpt["net"], "vocab_context": width, "vocab_context_blocks": blocks})
+    pool = tuple(int(p[0].output_size) for p in head.pool)
+    cfg = NetConfig.from_dict({**ckpt["net"], "vocab_context": width, "vocab_context_blocks": blocks,
+                               "vocab_context_pool": pool})
     net = build_network(cfg)
     load_widening(net, ckpt["state_dict"])
     net.vocab_context.load_state_dict(head.state_dict())
@@ -269,6 +277,9 @@ def main(argv=None):
     ap.add_argument("--blocks-lr", type=float, default=None, help="learning rate of the copied blocks (default lr/10)")
     ap.add_argument("--init-head", default=None,
                     help="a checkpoint with a context head of --width and no blocks: its layers start this head's")
+    ap.add_argument("--pool", type=int, nargs="*", default=[], metavar="BINS",
+                    help="pyramid pooling bins of the head (e.g. 1 2 4: the whole photo's mean features, "
+                         "and over 2x2 and 4x4 grids)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--version", required=True, help="model version of the new checkpoint")
@@ -294,7 +305,8 @@ def main(argv=None):
     held = np.arange(0, 2 * a.holdout, 2)  # the photos kept out, not mirrored
     train = np.arange(2 * a.holdout, len(high))
     vocabulary = tuple(ckpt["vocabulary"])
-    head = context_head(ckpt, a.width, a.blocks, read_checkpoint(a.init_head) if a.init_head else None)
+    head = context_head(ckpt, a.width, a.blocks, read_checkpoint(a.init_head) if a.init_head else None,
+                        tuple(a.pool))
     log = train_head(head, high, vocab, targets, vocabulary, train, held, a.epochs, a.lr, a.batch, a.balance,
                      a.seed, a.blocks_lr)
     for rec in log:

@@ -88,6 +88,21 @@ def test_the_parser_runs_the_context_head_for_the_parse_without_clicks_only(tmp_
     assert torch.equal(za[:v], zb[:v]) and (za[v:] - zb[v:]).abs().amax() > 1e-3
 
 
+def parses_alike(given: dict, new: dict, tmp_path):
+    """Parsers of two checkpoints, asserted to give the same logits without clicks (to float
+    precision) and bit for bit with one; returns them with the photo and clicks used."""
+    from ihp_backend.core.checkpoint import save_checkpoint
+    from ihp_backend.core.inference import Parser
+    save_checkpoint(given, str(tmp_path / "a.pt"))
+    save_checkpoint(new, str(tmp_path / "b.pt"))
+    a, b = (Parser.from_file(str(tmp_path / k), precision="float32", aspp_rank=0) for k in ("a.pt", "b.pt"))
+    img = (np.random.default_rng(1).random((64, 48, 3)) * 255).astype(np.uint8)
+    assert torch.allclose(a.logits(img, []), b.logits(img, []), atol=1e-5)
+    clicks = np.array([[20.0, 20.0, 1]])
+    assert torch.equal(a.logits(img, clicks), b.logits(img, clicks))
+    return a, b, img, clicks
+
+
 def test_a_head_with_its_own_backbone_blocks_starts_as_the_head_it_was_given(tmp_path):
     """``--blocks N``: the head's copy of the backbone's last blocks starts as the trained ones and
     its layers as a given head's, so the new checkpoint parses as that one does until training
@@ -103,13 +118,7 @@ def test_a_head_with_its_own_backbone_blocks_starts_as_the_head_it_was_given(tmp
     assert len(blocks.blocks) == 3
     new = with_head(ck, blocks.eval(), 8, "ctx-blocks", {})
     assert new["net"]["vocab_context_blocks"] == 3
-    save_checkpoint(given, str(tmp_path / "a.pt"))
-    save_checkpoint(new, str(tmp_path / "b.pt"))
-    a, b = (Parser.from_file(str(tmp_path / k), precision="float32", aspp_rank=0) for k in ("a.pt", "b.pt"))
-    img = (np.random.default_rng(1).random((64, 48, 3)) * 255).astype(np.uint8)
-    assert torch.allclose(a.logits(img, []), b.logits(img, []), atol=1e-5)
-    clicks = np.array([[20.0, 20.0, 1]])
-    assert torch.equal(a.logits(img, clicks), b.logits(img, clicks))
+    _, b, img, clicks = parses_alike(given, new, tmp_path)
     # trained, the copy moves and the backbone's own blocks do not
     with torch.no_grad():
         for p in blocks.blocks.parameters():
@@ -121,6 +130,34 @@ def test_a_head_with_its_own_backbone_blocks_starts_as_the_head_it_was_given(tmp
     c = Parser.from_file(str(tmp_path / "c.pt"), precision="float32", aspp_rank=0)
     assert (c.logits(img, [])[cfg.vocab_start:] - b.logits(img, [])[cfg.vocab_start:]).abs().amax() > 1e-3
     assert torch.equal(c.logits(img, clicks), b.logits(img, clicks))
+
+
+def test_a_pooling_head_starts_as_the_head_it_was_given_and_sees_the_whole_photo(tmp_path):
+    """``--pool 1 2 4``: the head widened with pyramid pooling computes what the given head did
+    until training moves it (the pooled features enter through zero weights); its checkpoint
+    stores the bins and serves them; and once trained, a pixel's logits depend on the photo far
+    from it, which a 3x3 head on stride-16 features cannot."""
+    from ihp_backend.core.checkpoint import read_checkpoint
+    from model_training.train_vocab_context import context_head
+    cfg, ck = base_checkpoint("float32")
+    head = VocabContext(960, 8, len(VOCABULARY))
+    torch.nn.init.normal_(head.out.weight)
+    given = with_head(ck, head.eval(), 8, "ctx", {})
+    pooled = context_head(ck, 8, 0, init=given, pool=(1, 2))
+    assert len(pooled.pool) == 2
+    new = with_head(ck, pooled.eval(), 8, "ctx-pool", {})
+    parses_alike(given, new, tmp_path)
+    assert tuple(read_checkpoint(str(tmp_path / "b.pt"))["net"]["vocab_context_pool"]) == (1, 2)
+    # moved off zero, the pooled path makes the top-left logits depend on the bottom-right
+    with torch.no_grad():
+        torch.nn.init.normal_(pooled.context[0].weight)
+    pooled.eval()
+    x = torch.randn(1, 960, 8, 6)
+    y = x.clone()
+    y[..., 5:, 4:] += 3.0
+    with torch.no_grad():
+        assert (pooled(x)[..., 0, 0] - pooled(y)[..., 0, 0]).abs().amax() > 1e-4
+        assert torch.equal(head.eval()(x)[..., 0, 0], head(y)[..., 0, 0])
 
 
 def test_parts_nobody_clicked_are_filled_by_the_click_free_parse(tmp_path):

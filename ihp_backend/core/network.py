@@ -49,6 +49,8 @@ class NetConfig:
     # (``VocabContext``) whose logits, upsampled, are added to the vocabulary logits
     vocab_context_blocks: int = 0  # > 0: the head has its own copy of the backbone's last this
     # many blocks and reads the features before them (class-aware backbone capacity of its own)
+    vocab_context_pool: tuple = ()  # pyramid pooling bins of the context head (e.g. (1, 2, 4)):
+    # the head also sees the photo's average features over a bins x bins grid (the whole outfit)
 
     @property
     def in_channels(self) -> int:
@@ -74,6 +76,8 @@ class NetConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "NetConfig":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        if "vocab_context_pool" in known:
+            known["vocab_context_pool"] = tuple(known["vocab_context_pool"])
         return cls(**known)
 
 
@@ -153,12 +157,19 @@ class VocabContext(nn.Module):
     the features before them, so that the head has class-aware backbone capacity of its own while
     the shared backbone stays what the click path was trained with."""
 
-    def __init__(self, in_channels: int, width: int, vocab_size: int, blocks: nn.Module | None = None):
+    def __init__(self, in_channels: int, width: int, vocab_size: int, blocks: nn.Module | None = None,
+                 pool_bins: tuple = ()):
         super().__init__()
         self.blocks = blocks  # None: reads the backbone's own stride-16 features
         self.reduce = nn.Sequential(nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width),
                                     nn.ReLU(inplace=True))
-        self.context = nn.Sequential(nn.Conv2d(width, width, 3, padding=2, dilation=2, bias=False),
+        # pyramid pooling (Zhao et al., PSPNet, CVPR 2017): the mean features of the whole photo
+        # and of a coarse grid of it, so a pixel's class can depend on the whole outfit (a skirt
+        # or a dress is decided by what is above and below it)
+        self.pool = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(width, width // 4, 1),
+                                                nn.ReLU(inplace=True)) for b in pool_bins)
+        self.context = nn.Sequential(nn.Conv2d(width + len(pool_bins) * (width // 4), width, 3, padding=2,
+                                               dilation=2, bias=False),
                                      nn.BatchNorm2d(width), nn.ReLU(inplace=True))
         self.drop = nn.Dropout2d(0.1)  # training only
         self.out = nn.Conv2d(width, vocab_size, 1)
@@ -169,7 +180,11 @@ class VocabContext(nn.Module):
         """Vocabulary logits at stride 16 from ``high`` (with ``blocks``: the features before them)."""
         if self.blocks is not None:
             high = self.blocks(high)
-        return self.out(self.drop(self.context(self.reduce(high))))
+        r = self.reduce(high)
+        if len(self.pool):
+            r = torch.cat([r] + [F.interpolate(p(r), size=r.shape[-2:], mode="bilinear", align_corners=False)
+                                 for p in self.pool], 1)
+        return self.out(self.drop(self.context(r)))
 
     def added_to(self, vocab: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         """``vocab`` (vocabulary logits at stride 4) plus this head's logits from ``high``,
@@ -211,7 +226,8 @@ class IHPNet(nn.Module):
             if n and not 0 < n < len(self.encoder.high):
                 raise ValueError(f"vocab_context_blocks must be 1..{len(self.encoder.high) - 1}, not {n}")
             blocks = copy.deepcopy(self.encoder.high[-n:]) if n else None
-            self.vocab_context = VocabContext(self.encoder.high_channels, cfg.vocab_context, cfg.vocab_size, blocks)
+            self.vocab_context = VocabContext(self.encoder.high_channels, cfg.vocab_context, cfg.vocab_size, blocks,
+                                              tuple(cfg.vocab_context_pool))
         # torchvision's MobileNetV3 uses BN momentum 0.01, tuned for very long schedules; with
         # short CPU runs and fine-tuning the running statistics would lag far behind the weights
         for m in self.modules():
