@@ -187,3 +187,103 @@ def test_parts_nobody_clicked_are_filled_by_the_click_free_parse(tmp_path):
     assert np.array_equal(after_zero, alone)
     assert (alone == v + known["Face"]).mean() > 0.5  # the unclaimed pixels went to the click-free meaning
     assert (own == v + known["Face"]).mean() < 0.5
+
+
+def synthetic_spaces(tmp_path, n=6):
+    """``n`` photos (80 x 56) of a figure whose left half is "Left-arm" and right half "Right-arm"
+    in LIP-20 / CIHP-20 (upper-arms in PASCAL-Person-Part, skin in ccp12), each space a
+    ``ParsingDataset`` as ``pose_labels.ccp_parts`` gives them."""
+    from PIL import Image
+    from model_training.parsing_dataset import ParsingDataset
+    from model_training.pose_labels import SPACE_FLIP
+    rng = np.random.default_rng(0)
+    spaces = {}
+    for s in LABEL_SPACES:
+        classes = space_classes(s)
+        left = {"ppp": "upper-arms", "ccp12": classes[1]}.get(s, "Left-arm")
+        right = {"ppp": "upper-arms", "ccp12": classes[1]}.get(s, "Right-arm")
+        items = []
+        for i in range(n):
+            lab = np.zeros((80, 56), np.uint8)
+            lab[20:60, 10:28] = classes.index(right)  # the person's right arm is on the viewer's left
+            lab[20:60, 28:46] = classes.index(left)
+            img = (rng.random((80, 56, 3)) * 60).astype(np.uint8)
+            img[lab > 0] += 150
+            d = tmp_path / s
+            d.mkdir(exist_ok=True)
+            Image.fromarray(img).save(d / f"{i}.jpg")
+            Image.fromarray(lab).save(d / f"{i}.png")
+            items.append((str(i), str(d / f"{i}.jpg"), str(d / f"{i}.png")))
+        spaces[s] = ParsingDataset(f"ccp-{s}", items, list(classes), list(SPACE_FLIP[s]))
+    return spaces
+
+
+def test_a_live_view_moves_every_label_space_alike_and_a_flip_swaps_left_and_right(tmp_path):
+    from model_training.train_vocab_context import augmented_view, view_config
+    spaces = synthetic_spaces(tmp_path, 1)
+    image, _ = spaces["lip20"].load(0)
+    labels = {s: ds.load(0)[1] for s, ds in spaces.items()}
+    luts = {s: ds.flip_lut() for s, ds in spaces.items()}
+    lip = space_classes("lip20")
+    identity = {s: np.arange(256, dtype=np.uint8) for s in spaces}
+
+    def right_arm_on_viewers_left(luts) -> list[bool]:
+        sides = []
+        for seed in range(12):
+            view, out = augmented_view(image, labels, luts, view_config(64), seed, 64)
+            assert view.shape[:2] == out["lip20"].shape == out["ppp"].shape == (64, 42)
+            person = [(out[s] > 0) & (out[s] < 255) for s in LABEL_SPACES]
+            assert all(np.array_equal(person[0], p) for p in person[1:])  # one crop, zoom, flip for all
+            right = np.nonzero(out["lip20"] == lip.index("Right-arm"))[1]
+            left = np.nonzero(out["lip20"] == lip.index("Left-arm"))[1]
+            if len(right) and len(left):
+                sides.append(bool(right.mean() < left.mean()))
+        return sides
+
+    # the person's right arm stays on the viewer's left in every view, mirrored or not ...
+    assert all(right_arm_on_viewers_left(luts))
+    # ... because mirrored views swap the names: without the swap some views have it the other way
+    assert not all(right_arm_on_viewers_left(identity))
+
+
+def test_live_training_moves_the_head_and_its_blocks_and_resumes(tmp_path, monkeypatch):
+    """``--live-steps``: the head and its copied blocks learn on views drawn afresh, the backbone
+    itself never moves, the state is saved every ``every`` steps, and a run stopped midway
+    resumes from its last save instead of starting over."""
+    from ihp_backend.core.checkpoint import save_checkpoint
+    from ihp_backend.core.inference import Parser
+    import model_training.train_vocab_context as tvc
+    cfg, ck = base_checkpoint("float32")
+    ck["input_size"] = 64
+    save_checkpoint(ck, str(tmp_path / "base.pt"))
+    parser = Parser.from_file(str(tmp_path / "base.pt"), precision="float32", aspp_rank=0, zoom=False)
+    frozen = {k: v.clone() for k, v in parser.net.state_dict().items()}
+    spaces = synthetic_spaces(tmp_path, 6)
+    head = tvc.context_head(ck, 8, 2)
+    start = {k: v.clone() for k, v in head.state_dict().items()}
+    state = str(tmp_path / "head.state")
+    calls, real_loss = [], tvc.head_loss
+
+    def stopped_at_the_third_step(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kw)
+
+    monkeypatch.setattr(tvc, "head_loss", stopped_at_the_third_step)
+    try:
+        tvc.train_head_live(head, parser, spaces, np.arange(2, 6), np.arange(2), steps=4, lr=1e-2, batch=2,
+                            blocks_lr=1e-2, state_path=state, every=1)
+    except KeyboardInterrupt:
+        pass
+    assert torch.load(state, weights_only=False)["step"] == 2
+    monkeypatch.setattr(tvc, "head_loss", real_loss)
+    again = tvc.context_head(ck, 8, 2)
+    log = tvc.train_head_live(again, parser, spaces, np.arange(2, 6), np.arange(2), steps=4, lr=1e-2, batch=2,
+                              blocks_lr=1e-2, state_path=state, every=1)
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(0 <= r["held_out_lip20_miou"] <= 1 for r in log)
+    moved = again.state_dict()
+    blocks = [k for k in start if k.startswith("blocks.") and k.endswith(".weight")]
+    assert blocks and not torch.equal(moved[blocks[0]], start[blocks[0]])
+    assert not torch.equal(moved["out.weight"], start["out.weight"])
+    assert all(torch.equal(v, frozen[k]) for k, v in parser.net.state_dict().items())
