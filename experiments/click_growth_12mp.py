@@ -6,7 +6,7 @@ bench's LIP config adds). Then the 2nd and
 the 10th parse are repeated alternately and timed by stage, with the refinement's parts wrapped
 in timers; last, ``paint_clicks`` alone for the ten clicks.
 
-    PYTHONPATH=. .venv/bin/python experiments/click_growth_12mp.py [--rounds 8]
+    PYTHONPATH=. .venv/bin/python experiments/click_growth_12mp.py [--rounds 8] [--labels 12]
 
 Not a test; medians of the rounds.
 """
@@ -34,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="ihp_backend/models/default.pt")
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--labels", type=int, default=12, help="the clicks cycle over this many labels (2: ten clicks, two labels)")
     a = ap.parse_args()
     parser = Parser(read_checkpoint(a.checkpoint), **ParserOptions().parser_kwargs())
     photo = np.asarray(Image.open(PHOTO).convert("RGB"))
@@ -41,6 +42,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     clicks = np.array([(rng.uniform(0.2, 0.8) * big.shape[0], rng.uniform(0.3, 0.7) * big.shape[1], i % 12)
                        for i in range(10)])
+    clicks[:, 2] %= a.labels
     def allowed(j):  # as served (label_rules.allowed_slots): the clicked labels' slots and the unclaimed one
         return sorted(set(clicks[:j, 2].astype(int).tolist())) + [parser.unclaimed]
 
