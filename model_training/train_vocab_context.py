@@ -73,6 +73,28 @@ def served_parser(checkpoint: str, threads: int | None) -> Parser:
     return Parser.from_file(checkpoint, **opts.parser_kwargs())
 
 
+class TapFeatures:
+    """The features a head with ``tap`` copied blocks reads (the backbone's output for 0), caught
+    by a forward hook on the served network while it parses a photo without clicks."""
+
+    def __init__(self, parser: Parser, tap: int):
+        enc = parser.net.encoder
+        self.got = {}
+        if tap:
+            self.hook = enc.high[len(enc.high) - tap - 1].register_forward_hook(
+                lambda m, i, o: self.got.__setitem__("high", o.detach().float()))
+        else:
+            self.hook = enc.register_forward_hook(lambda m, i, o: self.got.__setitem__("high", o[1].detach().float()))
+
+    def __call__(self, parser: Parser, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tap features (C, h, w), vocabulary logits (V, h/4, w/4)) of ``image`` with no click."""
+        logits = parser.logits(image, [])[parser.vocab_start:]
+        return self.got["high"][0].numpy().copy(), logits.numpy().copy()
+
+    def close(self):
+        self.hook.remove()
+
+
 def cache_features(parser: Parser, data: str, parts: str, split: str, cache_dir: str, tap: int = 0) -> None:
     """``high.npy`` (N, C, H16, W16) float16, the features the head reads: the backbone's
     output, or with ``tap`` > 0 the features before its last ``tap`` blocks (the head's own copy
@@ -89,21 +111,14 @@ def cache_features(parser: Parser, data: str, parts: str, split: str, cache_dir:
     n, v = 2 * len(photos), parser.net.cfg.vocab_size
     os.makedirs(cache_dir, exist_ok=True)
     arrays = {}
-    got = {}
-    enc = parser.net.encoder
-    if tap:  # the output of the block before the last ``tap``
-        hook = enc.high[len(enc.high) - tap - 1].register_forward_hook(
-            lambda m, i, o: got.__setitem__("high", o.detach().float()))
-    else:
-        hook = enc.register_forward_hook(lambda m, i, o: got.__setitem__("high", o[1].detach().float()))
+    features = TapFeatures(parser, tap)
     try:
         for i in tqdm(range(len(photos)), desc="features", dynamic_ncols=True):
             image, _ = photos.load(i)
             labels = {s: ds.load(i)[1] for s, ds in spaces.items()}
             for k in range(2):
                 img = image[:, ::-1].copy() if k else image
-                logits = parser.logits(img, [])[parser.vocab_start:]
-                high = got["high"][0]
+                high, logits = features(parser, img)
                 if not arrays:
                     open_ = np.lib.format.open_memmap
                     arrays = {"high": open_(os.path.join(cache_dir, "high.tmp.npy"), "w+", np.float16,
@@ -113,8 +128,8 @@ def cache_features(parser: Parser, data: str, parts: str, split: str, cache_dir:
                                                (n, len(spaces), h4, w4))}
                     arrays["targets"][:] = IGNORE
                 j = 2 * i + k
-                arrays["high"][j, :, :high.shape[1], :high.shape[2]] = high.numpy()
-                arrays["vocab"][j, :, :logits.shape[1], :logits.shape[2]] = logits.numpy()
+                arrays["high"][j, :, :high.shape[1], :high.shape[2]] = high
+                arrays["vocab"][j, :, :logits.shape[1], :logits.shape[2]] = logits
                 for si, (s, ds) in enumerate(spaces.items()):
                     lab = labels[s][:, ::-1].copy() if k else labels[s]
                     t = vocab_target(lab, ds.classes, vocabulary, sizes[i])
@@ -122,7 +137,7 @@ def cache_features(parser: Parser, data: str, parts: str, split: str, cache_dir:
                         t = np.where(t >= 0, mirror[np.maximum(t, 0)], IGNORE)
                     arrays["targets"][j, si, :t.shape[0], :t.shape[1]] = t[:h4, :w4]
     finally:
-        hook.remove()
+        features.close()
     for name, arr in arrays.items():
         arr.flush()
         os.replace(os.path.join(cache_dir, f"{name}.tmp.npy"), os.path.join(cache_dir, f"{name}.npy"))
@@ -295,28 +310,6 @@ def augmented_view(image: np.ndarray, labels: dict[str, np.ndarray], flip_luts: 
     return view, out
 
 
-class TapFeatures:
-    """The features a head with ``tap`` copied blocks reads (the backbone's output for 0), caught
-    by a forward hook on the served network while it parses a photo without clicks."""
-
-    def __init__(self, parser: Parser, tap: int):
-        enc = parser.net.encoder
-        self.got = {}
-        if tap:
-            self.hook = enc.high[len(enc.high) - tap - 1].register_forward_hook(
-                lambda m, i, o: self.got.__setitem__("high", o.detach().float()))
-        else:
-            self.hook = enc.register_forward_hook(lambda m, i, o: self.got.__setitem__("high", o[1].detach().float()))
-
-    def __call__(self, parser: Parser, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(tap features (C, h, w), vocabulary logits (V, h/4, w/4)) of ``image`` with no click."""
-        logits = parser.logits(image, [])[parser.vocab_start:]
-        return self.got["high"][0].numpy().copy(), logits.numpy().copy()
-
-    def close(self):
-        self.hook.remove()
-
-
 def padded_stack(arrays: list[np.ndarray], fill) -> torch.Tensor:
     """Arrays of a common rank stacked, each padded at the end of every axis to the largest."""
     shape = tuple(max(a.shape[d] for a in arrays) for d in range(arrays[0].ndim))
@@ -422,7 +415,7 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--balance", type=float, default=0.0, help="class weights (pixel share)^-balance")
+    ap.add_argument("--balance", type=float, default=0.0, help="class weights (pixel share)^-balance (cached training only)")
     ap.add_argument("--blocks", type=int, default=0,
                     help="the head's own copy of the backbone's last N blocks, trained (0: the head alone)")
     ap.add_argument("--blocks-lr", type=float, default=None, help="learning rate of the copied blocks (default lr/10)")
