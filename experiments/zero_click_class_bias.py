@@ -95,7 +95,6 @@ def main():
     bias = fit_bias(s_all, g_all, n)
     print(f"all {a.holdout}: {miou(confusion(s_all, g_all, np.zeros(n), n)):.4f} -> "
           f"{miou(confusion(s_all, g_all, bias, n)):.4f}")
-    np.save("/tmp/zero_click_bias.npy", np.stack([chans, bias]))
 
 
 if __name__ == "__main__":

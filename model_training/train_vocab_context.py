@@ -320,15 +320,15 @@ def padded_stack(arrays: list[np.ndarray], fill) -> torch.Tensor:
 
 
 def photo_views(parser: Parser, tap: TapFeatures, spaces: dict, i: int, seed: int | None,
-                cfg: SampleConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                cfg: SampleConfig, flip_luts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Photo ``i``'s tap features, vocabulary logits and targets (spaces, h/4, w/4) at the serving
-    size; ``seed`` None: the photo as served, else a random view (``augmented_view``)."""
+    size; ``seed`` None: the photo as served, else a random view (``augmented_view``, mirrored
+    through ``flip_luts``, each space's ``flip_lut()``)."""
     vocabulary = parser.binding.vocabulary
     image, _ = next(iter(spaces.values())).load(i)
     labels = {s: ds.load(i)[1] for s, ds in spaces.items()}
     if seed is not None:
-        image, labels = augmented_view(image, labels, {s: ds.flip_lut() for s, ds in spaces.items()}, cfg, seed,
-                                       parser.max_side)
+        image, labels = augmented_view(image, labels, flip_luts, cfg, seed, parser.max_side)
     hw = network_size(image.shape[:2], parser.max_side)
     high, vocab = tap(parser, image)
     targets = np.stack([vocab_target(labels[s], ds.classes, vocabulary, hw) for s, ds in spaces.items()])
@@ -348,6 +348,7 @@ def train_head_live(head: VocabContext, parser: Parser, spaces: dict, train_ids:
     lip = LABEL_SPACES.index("lip20")
     tap = TapFeatures(parser, 0 if head.blocks is None else len(head.blocks))
     cfg = view_config(parser.max_side)
+    flip_luts = {s: ds.flip_lut() for s, ds in spaces.items()}
     opt, sched = head_optimizer(head, lr, blocks_lr, steps)
     log, start, total, nb = [], 0, 0.0, 0
     if state_path and os.path.exists(state_path):
@@ -358,13 +359,13 @@ def train_head_live(head: VocabContext, parser: Parser, spaces: dict, train_ids:
         log, start = st["log"], st["step"]
         print(f"resuming at step {start} from {state_path}")
     try:
-        held = [photo_views(parser, tap, spaces, int(i), None, cfg) for i in held_ids]
+        held = [photo_views(parser, tap, spaces, int(i), None, cfg, flip_luts) for i in held_ids]
         held = [padded_stack([h[k] for h in held], fill) for k, fill in ((0, 0.0), (1, 0.0), (2, IGNORE))]
         t0 = time.time()
         bar = tqdm(total=steps, initial=start, desc="context head, live views", dynamic_ncols=True)
         for step in range(start, steps):
             rng = np.random.default_rng((seed, step))  # a resumed run draws what it would have
-            views = [photo_views(parser, tap, spaces, int(i), int(rng.integers(2 ** 31)), cfg)
+            views = [photo_views(parser, tap, spaces, int(i), int(rng.integers(2 ** 31)), cfg, flip_luts)
                      for i in rng.choice(train_ids, batch, replace=False)]
             high, vocab, targets = (padded_stack([v[k] for v in views], fill)
                                     for k, fill in ((0, 0.0), (1, 0.0), (2, IGNORE)))
@@ -392,9 +393,8 @@ def train_head_live(head: VocabContext, parser: Parser, spaces: dict, train_ids:
 def with_head(ckpt: dict, head: VocabContext, width: int, version: str, training: dict) -> dict:
     """``ckpt`` with the head added (``net.vocab_context``) under a new model version."""
     blocks = 0 if head.blocks is None else len(head.blocks)
-    pool = tuple(int(p[0].output_size) for p in head.pool)
     cfg = NetConfig.from_dict({**ckpt["net"], "vocab_context": width, "vocab_context_blocks": blocks,
-                               "vocab_context_pool": pool})
+                               "vocab_context_pool": head.pool_bins})
     net = build_network(cfg)
     load_widening(net, ckpt["state_dict"])
     net.vocab_context.load_state_dict(head.state_dict())

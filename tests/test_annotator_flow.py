@@ -308,7 +308,6 @@ def test_vocabulary_share_is_served_for_known_names_only(tmp_path, parts_checkpo
     assert set(off) == set(on) and any(on[k].sum() > off[k].sum() for k in on)
 
 
-
 def test_fill_known_answers_unclicked_parts_with_the_zero_click_parse(tmp_path, parts_checkpoint, image_server,
                                                                      payloads):
     """``IHP_FILL_KNOWN=1`` with a context head: a click's answer gives the parts nobody clicked the

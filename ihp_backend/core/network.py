@@ -166,6 +166,7 @@ class VocabContext(nn.Module):
         # pyramid pooling (Zhao et al., PSPNet, CVPR 2017): the mean features of the whole photo
         # and of a coarse grid of it, so a pixel's class can depend on the whole outfit (a skirt
         # or a dress is decided by what is above and below it)
+        self.pool_bins = tuple(pool_bins)
         self.pool = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(width, width // 4, 1),
                                                 nn.ReLU(inplace=True)) for b in pool_bins)
         self.context = nn.Sequential(nn.Conv2d(width + len(pool_bins) * (width // 4), width, 3, padding=2,
