@@ -11,6 +11,7 @@ from model_training import evaluate
 r, e = int(sys.argv[1]), float(sys.argv[2])
 orig = ref.refined_argmax
 inf.refined_argmax = functools.partial(orig, radius=r, eps=e)
+inf.photo_guide = functools.partial(ref.photo_guide, radius=r, eps=e)  # the Parser's per-photo terms
 sys.argv = ['x', '--checkpoint', 'ihp_backend/models/default.pt', '--precision', 'float32', '--data', '../shared/data/ccp',
             '--split', 'train', '--limit', sys.argv[3] if len(sys.argv) > 3 else '30', '--kind', 'ccp', '--merge', 'ccp12', '--upscale', '4',
             '--max-corrections', '0', '--out', f'/tmp/ev_sweep_{r}_{e}'] + sys.argv[4:]

@@ -196,7 +196,7 @@ def test_band_argmax_is_the_every_pixel_argmax_on_a_real_photo():
     guide = F.interpolate(rgb[None], size=(144, 96), mode="area")[0]
     a, b = guided_coefficients(guide, torch.softmax(logits, 0), 6, 1e-4)
     coef = torch.cat([a, b[:, None]], 1)
-    arg, margin = network_size_argmax(coef, rgb, guide)
+    arg, margin = network_size_argmax(coef, photo, guide)
     want = _every_pixel_argmax(coef, rgb)
     assert arg.shape == want.shape == (576, 384) and (margin >= 0).all()
     assert (arg == want).mean() >= 0.998
@@ -222,3 +222,21 @@ def test_smooth_resize_places_a_boundary_between_network_pixels():
     first_nine = (got == 9).argmax(1)
     assert (np.abs(first_nine - 37.9) <= 1).all() and (blocky == 9).argmax(1)[0] == 40
     assert set(np.unique(got)) == {3, 9} and (got[:, :30] == 3).all() and (got[:, 46:] == 9).all()
+
+
+def test_photo_terms_kept_across_clicks_give_the_same_labels():
+    """``refined_argmax`` with the photo's colour terms made once (``photo_guide``, as the Parser
+    keeps them per photo) labels exactly as when it computes them itself; terms made for another
+    grid or radius are refused."""
+    from ihp_backend.core.refine import photo_guide
+    img, logits = _photo_and_late_logits(50, 12.5)
+    photo = photo_guide(img, tuple(logits.shape[1:]))
+    for values in (None, [3, 7]):
+        assert (refined_argmax(logits, img, (192, 256), values=values, photo=photo)
+                == refined_argmax(logits, img, (192, 256), values=values)).all()
+    three = torch.cat([logits, -logits[:1]])
+    assert (refined_argmax(three, img, photo=photo) == refined_argmax(three, img)).all()
+    with pytest.raises(ValueError):
+        refined_argmax(logits, img, photo=photo_guide(img, tuple(logits.shape[1:]), radius=3))
+    with pytest.raises(ValueError):
+        refined_argmax(logits, img, photo=photo_guide(img, (12, 16)))

@@ -21,7 +21,7 @@ from .checkpoint import Binding, binding_of, network_of, read_checkpoint
 from .clicks import draw_clicks, network_input, normalise_rgb, scale_clicks
 from .edges import load_edge_refiner, refine_edges, work_size
 from .network import LowRankASPP, conv_of_patches, fold_batchnorm, restricted_first_conv, with_low_rank_aspp
-from .refine import label_lut, nearest_resize, paint_clicks, refined_argmax
+from .refine import label_lut, nearest_resize, paint_clicks, photo_guide, refined_argmax
 from .options import PRECISIONS
 from .vocabulary import mirrored_channels
 
@@ -751,7 +751,10 @@ class Parser:
                 small, _ = self._network_image(image, hw)
                 edges = self.edge_net is not None
                 work = work_size(image.shape[:2], self.edge_side) if edges else image.shape[:2]
-                labels = refined_argmax(sub.cpu(), small, work, values=slots, smooth_edges=self.full_res_edges)
+                grid = tuple(sub.shape[1:])  # the photo's colour terms, once for all its clicks
+                photo = self._per_image("guide", image, hw, lambda: photo_guide(small, grid))
+                labels = refined_argmax(sub.cpu(), small, work, values=slots, smooth_edges=self.full_res_edges,
+                                        photo=photo)
                 if edges:
                     labels = refine_edges(labels, self._work_image(image, tuple(work)), self.edge_net)
                     if tuple(work) != image.shape[:2]:

@@ -7,11 +7,14 @@ the RGB colour; evaluated on the photo at the network size (about twice the logi
 resolution), the boundaries follow its colour edges. The coefficients are computed at the logit
 grid and upsampled (the "fast guided filter" of He & Sun, 2015), and the classes are compared
 per pixel only in the band where the logit grid's winners change, so the cost is a few small box
-filters plus the band. Larger photos get the labels enlarged from the network size, nearest or
+filters plus the band; the photo's own terms (its colours' window means and covariance) are the
+same for every click and kept per photo (``photo_guide``). Larger photos get the labels enlarged from the network size, nearest or
 with the boundary placed between network pixels (``smooth_resize``). ``paint_clicks`` then makes
 every click win around itself.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -61,29 +64,68 @@ def inverse_3x3(m: torch.Tensor) -> torch.Tensor:
     return inv / det
 
 
-def guided_coefficients(guide: torch.Tensor, p: torch.Tensor, radius: int, eps: float
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window-averaged linear coefficients of the colour guided filter (He et al. Eq. 19-21).
+class PhotoGuide(NamedTuple):
+    """What the guided filter needs of the photo alone (He et al. Eq. 19-21's colour terms), the
+    same for every click on it: the network-size photo ``image`` (hh, ww, 3) uint8, its mean
+    colour per logit cell ``guide`` (3, h, w), the window means of that colour ``mean_i`` and the
+    inverse of its regularised window covariance ``inv_cov`` (3, 3, h, w). Kept per photo by the
+    Parser: a click then filters only its class planes."""
+    image: np.ndarray
+    guide: torch.Tensor
+    mean_i: torch.Tensor
+    inv_cov: torch.Tensor
+    radius: int
+    eps: float
 
-    ``guide`` (3, h, w) in [0, 1], ``p`` (C, h, w) -> ``a`` (C, 3, h, w), ``b`` (C, h, w) such
-    that the filtered ``p`` at a pixel of colour I is ``sum_k a[:, k] * I[k] + b``.
+
+def colour_statistics(guide: torch.Tensor, radius: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window means of the colours ``guide`` (3, h, w) and the inverse of their covariance plus
+    ``eps`` (He et al. Eq. 19's ``(Sigma_k + eps U)^-1``): (3, h, w), (3, 3, h, w)."""
+    _, h, w = guide.shape
+    outer = (guide[:, None] * guide[None, :]).reshape(9, h, w)
+    means = box_mean(torch.cat([guide, outer]), radius)
+    mean_i = means[:3]
+    cov_i = means[3:].reshape(3, 3, h, w) - mean_i[:, None] * mean_i[None, :]
+    return mean_i, inverse_3x3(cov_i + eps * torch.eye(3)[:, :, None, None])
+
+
+def photo_guide(image: np.ndarray, grid_hw: tuple[int, int], radius: int = 6, eps: float = 1e-4) -> PhotoGuide:
+    """``PhotoGuide`` of the network-size photo ``image`` (hh, ww, 3) for class planes on the
+    ``grid_hw`` logit grid (the photo's mean colour per cell by area averaging). ``radius`` in
+    logit pixels, ``eps`` the filter's regulariser."""
+    rgb = torch.from_numpy(np.array(image, np.float32, copy=True)).permute(2, 0, 1) / 255.0
+    guide = F.interpolate(rgb[None], size=tuple(grid_hw), mode="area")[0]
+    return PhotoGuide(np.asarray(image), guide, *colour_statistics(guide, radius, eps), radius, eps)
+
+
+def class_coefficients(photo: PhotoGuide, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window-averaged linear coefficients of the colour guided filter (He et al. Eq. 19-21)
+    for the class planes ``p`` (C, h, w) on ``photo``'s logit grid -> ``a`` (C, 3, h, w), ``b``
+    (C, h, w) such that the filtered ``p`` at a pixel of colour I is ``sum_k a[:, k] * I[k] + b``.
     """
     c, h, w = p.shape
-    outer = (guide[:, None] * guide[None, :]).reshape(9, h, w)
-    # every window mean of the first pass in one pooling call: I (3), p (C), I I^T (9), I p (3C)
-    means = box_mean(torch.cat([guide, p, outer, (guide[None] * p[:, None]).reshape(3 * c, h, w)]), radius)
-    mean_i, mean_p = means[:3], means[3:3 + c]
-    cov_i = means[3 + c:12 + c].reshape(3, 3, h, w) - mean_i[:, None] * mean_i[None, :]
-    cov_ip = means[12 + c:].reshape(c, 3, h, w) - mean_i[None] * mean_p[:, None]
-    a = torch.einsum("klhw,clhw->ckhw", inverse_3x3(cov_i + eps * torch.eye(3)[:, :, None, None]), cov_ip)
+    guide, mean_i = photo.guide, photo.mean_i
+    # the class terms' window means in one pooling call: p (C), I p (3C)
+    means = box_mean(torch.cat([p, (guide[None] * p[:, None]).reshape(3 * c, h, w)]), photo.radius)
+    mean_p = means[:c]
+    cov_ip = means[c:].reshape(c, 3, h, w) - mean_i[None] * mean_p[:, None]
+    a = torch.einsum("klhw,clhw->ckhw", photo.inv_cov, cov_ip)
     b = mean_p - (a * mean_i[None]).sum(1)
-    ab = box_mean(torch.cat([a.reshape(3 * c, h, w), b]), radius)
+    ab = box_mean(torch.cat([a.reshape(3 * c, h, w), b]), photo.radius)
     return ab[:3 * c].reshape(c, 3, h, w), ab[3 * c:]
 
 
+def guided_coefficients(guide: torch.Tensor, p: torch.Tensor, radius: int, eps: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``class_coefficients`` for the cell colours ``guide`` (3, h, w) in [0, 1] and class planes
+    ``p`` (C, h, w), the photo's terms computed here (He et al. Eq. 19-21)."""
+    photo = PhotoGuide(np.zeros((0, 0, 3), np.uint8), guide, *colour_statistics(guide, radius, eps), radius, eps)
+    return class_coefficients(photo, p)
+
+
 def refined_argmax(logits: torch.Tensor, image: np.ndarray, out_hw: tuple[int, int] | None = None,
-                   radius: int = 6, eps: float = 1e-4, values=None, smooth_edges: bool = False
-                   ) -> np.ndarray:
+                   radius: int = 6, eps: float = 1e-4, values=None, smooth_edges: bool = False,
+                   photo: PhotoGuide | None = None) -> np.ndarray:
     """Labels from stride-4 ``logits`` (C, h, w), refined along the colour edges of ``image``.
 
     The filter is evaluated at ``image``'s size (the network-size copy of the photo,
@@ -91,6 +133,8 @@ def refined_argmax(logits: torch.Tensor, image: np.ndarray, out_hw: tuple[int, i
     network pixels), or with ``smooth_edges`` by interpolating each boundary pixel's score
     margin between its neighbours (``smooth_resize``: edges placed between network pixels, not
     on their grid). ``radius`` is in logit pixels; ``values`` maps channels to the returned labels.
+    ``photo`` (``photo_guide`` of ``image`` on the logits' grid with this radius and eps): the
+    photo's terms computed once for all its clicks; computed here when None.
     """
     c, h, w = logits.shape
     hh, ww = image.shape[:2]
@@ -98,12 +142,15 @@ def refined_argmax(logits: torch.Tensor, image: np.ndarray, out_hw: tuple[int, i
     out_hw = tuple(out_hw or (hh, ww))
     if c == 1:
         return np.full(out_hw, lut[0], lut.dtype)
-    rgb = torch.from_numpy(np.array(image, np.float32, copy=True)).permute(2, 0, 1) / 255.0
-    guide = F.interpolate(rgb[None], size=(h, w), mode="area")[0]
-    a, b = guided_coefficients(guide, torch.softmax(logits.float(), dim=0), radius, eps)
+    if photo is None:
+        photo = photo_guide(image, (h, w), radius, eps)
+    elif tuple(photo.guide.shape[1:]) != (h, w) or tuple(photo.image.shape[:2]) != (hh, ww) \
+            or (photo.radius, photo.eps) != (radius, eps):
+        raise ValueError("photo_guide was made for another grid, photo size, radius or eps")
+    a, b = class_coefficients(photo, torch.softmax(logits.float(), dim=0))
     coef = torch.cat([a, b[:, None]], 1)  # (C, 4, h, w): per class, the colour weights and offset
     smooth = smooth_edges and (hh, ww) != out_hw
-    arg, margin = network_size_argmax(coef, rgb, guide, with_margin=smooth)
+    arg, margin = network_size_argmax(coef, photo.image, photo.guide, with_margin=smooth)
     if (hh, ww) == out_hw:
         return lut[arg]
     if smooth:
@@ -111,10 +158,10 @@ def refined_argmax(logits: torch.Tensor, image: np.ndarray, out_hw: tuple[int, i
     return nearest_resize(lut[arg], out_hw)
 
 
-def network_size_argmax(coef: torch.Tensor, rgb: torch.Tensor, guide: torch.Tensor,
+def network_size_argmax(coef: torch.Tensor, image: np.ndarray, guide: torch.Tensor,
                         with_margin: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """argmax over classes of the guided filter's output ``q_k = a_k . I + b_k`` (He et al.
-    Eq. 14) on the network-size photo ``rgb`` (3, hh, ww), and (``with_margin``, else None) the
+    Eq. 14) on the network-size photo ``image`` (hh, ww, 3) uint8, and (``with_margin``, else None) the
     margin of the winner over the runner-up, both (hh, ww). ``coef`` (C, 4, h, w) are the
     coefficients at the logit grid, ``guide`` (3, h, w) the photo's mean colour there.
 
@@ -125,7 +172,7 @@ def network_size_argmax(coef: torch.Tensor, rgb: torch.Tensor, guide: torch.Tens
     classes on a CCP photo; 99.96% of the pixels as the class-by-class evaluation everywhere
     (30 CCP train photos)."""
     c, _, h, w = coef.shape
-    hh, ww = rgb.shape[1:]
+    hh, ww = image.shape[:2]
     q = torch.addcmul(torch.addcmul(torch.addcmul(coef[:, 3], coef[:, 0], guide[0]), coef[:, 1], guide[1]),
                       coef[:, 2], guide[2])  # (C, h, w): the filter at the logit grid's colours
     top = q.topk(2, dim=0)
@@ -138,7 +185,7 @@ def network_size_argmax(coef: torch.Tensor, rgb: torch.Tensor, guide: torch.Tens
                             (torch.from_numpy(ys).float() + 0.5) / hh * 2 - 1], -1)[None, None]
         at = F.grid_sample(coef.reshape(1, c * 4, h, w), grid, mode="bilinear", padding_mode="border",
                            align_corners=False)[0, :, 0].reshape(c, 4, -1)  # = bilinear upsampling there
-        colour = rgb[:, torch.from_numpy(ys), torch.from_numpy(xs)]  # (3, P)
+        colour = torch.from_numpy(image[ys, xs].T.astype(np.float32)) / 255.0  # (3, P), only the band's
         top = ((at[:, :3] * colour[None]).sum(1) + at[:, 3]).topk(2, dim=0)
         arg[ys, xs] = top.indices[0].numpy()
         if with_margin:
