@@ -67,10 +67,13 @@ class CorePredictor:
         self.ignore_clicks = ignore_clicks
         self.zero_click, self.fill_known = zero_click and bool(self.zero), fill_known and bool(self.zero)
         self.name = name or (parser.model_version + (" (no clicks)" if ignore_clicks else ""))
+        self._last_input: tuple = (None, None)  # (photo, its last parse's network_labels)
 
     def __call__(self, image: np.ndarray, clicks: np.ndarray, prev: np.ndarray | None = None) -> np.ndarray:
-        """``prev``: the previous prediction (class indices), fed to models with the
-        previous-prediction input exactly as the backend feeds its cached last answer."""
+        """``prev``: the previous prediction (class indices) when this call continues the same
+        photo's clicks; models with the previous-prediction input are then fed what the backend
+        feeds from its cache, the last click parse's ``network_labels`` (a parse without clicks
+        by meaning, like the backend's zero-click answer, leaves none)."""
         slots = self.slot_lut[clicks[:, 2].astype(np.int64)] if len(clicks) else np.zeros(0, np.int64)
         c = np.column_stack([clicks[:, :2], slots]) if len(clicks) else np.zeros((0, 3))
         fill = prior = None
@@ -87,11 +90,13 @@ class CorePredictor:
             if self.fill_known:
                 fill, _ = fill_channels(self.parser.binding, self.parser.vocab_start, self.class_names,
                                         self.slot_of, slots)
-        prev_slots = None
-        if prev is not None and self.parser.use_prev_mask and not self.ignore_clicks:
-            prev_slots = self.slot_lut[prev]
-        res = self.parser.parse(image, c, allowed_slots=allowed, prev_mask=prev_slots, fill=fill,
+        if prev is not None and self._last_input[0] is not image:
+            raise RuntimeError("a continued parse must get the same photo array as the one before it")
+        prev_input = self._last_input[1] if prev is not None and not self.ignore_clicks else None
+        res = self.parser.parse(image, c, allowed_slots=allowed, prev_mask=prev_input, fill=fill,
                                 zoom=False if self.ignore_clicks else None, prior=prior)
+        by_meaning = self.zero_click and not len(c)  # the backend keeps no input from such a parse
+        self._last_input = (image, None if by_meaning else res.network_labels)
         return self.class_lut[res.labels]
 
 

@@ -192,7 +192,8 @@ def test_person_boxes_one_box_per_clicked_person():
 def test_zoomed_parse_pastes_each_persons_crop_parse_over_the_first_pass(parts_checkpoint):
     """With zoom, each clicked person's region is parsed again at the network's resolution and
     pasted over the first pass: inside every box the answer is the crop's own parse, outside it
-    the first pass's; the previous-prediction memory is the first pass's. (The first pass of
+    the first pass's; the previous-prediction memory is the pasted answer at the network size
+    (``previous_prediction``), as the user sees it. (The first pass of
     these random weights is replaced by one that sees the two people, so that there are boxes.)"""
     from ihp_backend.core.inference import Parser, person_boxes
     from tests.conftest import person_image
@@ -223,7 +224,10 @@ def test_zoomed_parse_pastes_each_persons_crop_parse_over_the_first_pass(parts_c
     allowed = [0, 1, 2, 3, p.unclaimed]
     plain = p.parse(canvas, clicks, allowed_slots=allowed)
     zoomed = p.parse(canvas, clicks, allowed_slots=allowed, zoom=True)
-    assert np.array_equal(zoomed.network_labels, plain.network_labels)
+    from ihp_backend.core.inference import network_size, previous_prediction
+    hw = network_size(canvas.shape[:2], p.max_side)
+    assert np.array_equal(zoomed.network_labels, previous_prediction(zoomed.labels, hw, p.num_slots))
+    assert np.array_equal(plain.network_labels, previous_prediction(plain.labels, hw, p.num_slots))
     small = np.zeros(p.logits(canvas, clicks).shape[-2:], np.uint8)
     h, w = small.shape
     for y0, y1, x0, x1 in people:

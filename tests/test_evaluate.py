@@ -121,7 +121,11 @@ def test_correction_calls_receive_the_previous_prediction():
         assert np.all(p.prevs[i] == i % 2)
 
 
-def test_core_predictor_feeds_prev_mask_models_in_slot_space(monkeypatch, tmp_path):
+def test_core_predictor_feeds_what_the_backend_feeds(monkeypatch, tmp_path):
+    """A continued parse gets the last click parse's ``network_labels``, the array the backend
+    keeps per task and feeds the next click (``ihp_backend.model``), not the evaluation's own
+    copy of the answer; a model without the previous-prediction input gets nothing; a parse
+    without clicks by meaning leaves nothing, as the backend's zero-click answer does."""
     import torch
     from ihp_backend.core.checkpoint import Binding, make_checkpoint, save_checkpoint
     from ihp_backend.core.clicks import IMAGENET_MEAN, IMAGENET_STD
@@ -129,7 +133,6 @@ def test_core_predictor_feeds_prev_mask_models_in_slot_space(monkeypatch, tmp_pa
     from ihp_backend.core.network import NetConfig, build_network
     from model_training.evaluate import CorePredictor
     img, lab = person_image()
-    prev = lab.astype(np.int64)
     for use_prev in (False, True):
         torch.manual_seed(0)
         net = build_network(NetConfig(num_slots=8, aspp_channels=16, decoder_channels=16,
@@ -138,21 +141,41 @@ def test_core_predictor_feeds_prev_mask_models_in_slot_space(monkeypatch, tmp_pa
         save_checkpoint(make_checkpoint(net, Binding("shuffled", 8, ["background", "part"]), 128,
                                         IMAGENET_MEAN, IMAGENET_STD, "t", {}), path)
         parser = Parser.from_file(path)
-        seen, real = [], parser.parse
+        seen, answers, real = [], [], parser.parse
 
         def spy(image, clicks, allowed_slots=None, prev_mask=None, **kw):
             seen.append(prev_mask)
-            return real(image, clicks, allowed_slots=allowed_slots, prev_mask=prev_mask, **kw)
+            answers.append(real(image, clicks, allowed_slots=allowed_slots, prev_mask=prev_mask, **kw))
+            return answers[-1]
 
         monkeypatch.setattr(parser, "parse", spy)
         core = CorePredictor(parser, CLASSES)
-        out = core(img, np.array([[50.0, 160.0, 1.0]]), prev)
-        assert out.shape == lab.shape
+        first = core(img, np.array([[50.0, 160.0, 1.0]]))
+        assert first.shape == lab.shape and seen[-1] is None
+        core(img, np.array([[50.0, 160.0, 1.0], [20.0, 20.0, 0.0]]), first)
         if use_prev:
-            lut = np.array([core.slot_of[n] for n in CLASSES])
-            assert np.array_equal(seen[-1], lut[prev])
+            assert seen[-1] is answers[0].network_labels and seen[-1].shape == (96, 128)
         else:
-            assert seen[-1] is None  # no previous-prediction input: nothing to feed
+            assert seen[-1] is None and answers[0].network_labels is None
+        with pytest.raises(RuntimeError):
+            core(img.copy(), np.array([[50.0, 160.0, 1.0]]), first)
+
+
+def test_previous_prediction_is_the_answer_at_the_network_size():
+    """The next click's input is the answer as served, resized like PIL's NEAREST; the unclaimed
+    output and labels by meaning (not slots) count as background."""
+    from PIL import Image
+    from ihp_backend.core.inference import previous_prediction
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 8, (830, 550)).astype(np.uint8)
+    got = previous_prediction(labels, (576, 384), 8)
+    want = np.asarray(Image.fromarray(labels.astype(np.int32)).resize((384, 576), Image.NEAREST))
+    assert got.dtype == np.uint8 and np.array_equal(got, want)
+    labels[:100] = 24  # the unclaimed channel of a 24-slot network
+    labels[100:200] = 40  # a vocabulary channel (IHP_FILL_KNOWN)
+    got = previous_prediction(labels, (415, 275), 24)
+    small = np.asarray(Image.fromarray(labels.astype(np.int32)).resize((275, 415), Image.NEAREST))
+    assert np.array_equal(got, np.where(small < 24, small, 0)) and (got[:40] == 0).all()
 
 
 def test_side_by_side_and_upscaled_samples():

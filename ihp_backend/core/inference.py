@@ -324,8 +324,20 @@ class ParseResult:
     confidence: np.ndarray  # (out_channels,) mean softmax probability over the pixels of each channel
     score: float  # mean winning probability over the image
     timings: dict = field(default_factory=dict)  # seconds: "input", "forward", "upsample"
-    network_labels: np.ndarray | None = None  # (h, w) the same argmax at the network's size,
-    # before refinement: what the previous-prediction input of the next click is made of
+    network_labels: np.ndarray | None = None  # (h, w) the next click's previous-prediction
+    # input: ``labels`` as answered, at the network's size (``previous_prediction``)
+
+
+def previous_prediction(labels: np.ndarray, hw: tuple[int, int], num_slots: int) -> np.ndarray:
+    """The previous-prediction input of the next click on a photo: the answer as served
+    (``labels`` at the image size, after the colour refinement, the click disks and the zoom)
+    taken at the network size ``hw`` by nearest neighbour (PIL's NEAREST mapping), with every
+    pixel whose label is not a slot (the unclaimed output, parts filled by meaning) counted as
+    background, slot 0: in training the previous prediction never holds an unclaimed pixel
+    (``model_training.train.restricted_argmax``). uint8 when the slots fit."""
+    small = nearest_resize(labels, hw)
+    out = np.where(small < num_slots, small, 0)
+    return out.astype(np.uint8 if num_slots <= 256 else np.int64, copy=False)
 
 
 def mirror_permutation(cfg, binding: Binding) -> torch.Tensor | None:
@@ -720,8 +732,9 @@ class Parser:
         pixels of its colour within ``click_radius`` network pixels (``paint_clicks``).
         ``zoom`` (None: the Parser's ``zoom``): after this pass, the network runs again on each clicked person's region
         (``person_boxes``) at its own resolution, with the clicks inside it, and those labels are
-        pasted over this pass's (small or distant people, crowds); the previous-prediction
-        memory (``network_labels``) stays this pass's, on the whole photo's grid.
+        pasted over this pass's (small or distant people, crowds). ``network_labels``, the next
+        click's previous-prediction input, is the answer as returned, at the network size
+        (``previous_prediction``).
         """
         timings: dict = {}
         logits = self.logits(image, clicks, prev_mask, timings)
@@ -767,7 +780,6 @@ class Parser:
                 scale = max(image.shape[0] / hw[0], image.shape[1] / hw[1])
                 disks = self._per_image("disks", image, image.shape[:2], dict)
                 paint_clicks(labels, image, own, self.click_radius * scale, disks=disks)
-            network_labels = upsampled_argmax(sub.cpu(), hw, values=slots) if self.use_prev_mask else None
             conf = np.zeros(self.net.cfg.out_channels, np.float32)
             flat = arg_small.flatten()
             sums = torch.zeros(len(slots), device=flat.device).scatter_add_(0, flat, best.flatten())
@@ -775,10 +787,13 @@ class Parser:
             conf[slots] = (sums / counts).cpu().numpy()
             score = float(best.mean())
         timings["upsample"] = time.perf_counter() - t0
-        res = ParseResult(labels=labels, confidence=conf, score=score, timings=timings,
-                          network_labels=network_labels)
+        res = ParseResult(labels=labels, confidence=conf, score=score, timings=timings)
         if self.zoom if zoom is None else zoom:
-            return self._zoomed(res, image, clicks, allowed_slots, fill, arg_small, values=slots, prior=prior)
+            res = self._zoomed(res, image, clicks, allowed_slots, fill, arg_small, values=slots, prior=prior)
+        if self.use_prev_mask:
+            t0 = time.perf_counter()
+            res.network_labels = previous_prediction(res.labels, hw, self.num_slots)
+            timings["upsample"] += time.perf_counter() - t0
         return res
 
     @on_torch_thread

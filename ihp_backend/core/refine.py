@@ -195,13 +195,16 @@ def network_size_argmax(coef: torch.Tensor, image: np.ndarray, guide: torch.Tens
 
 def nearest_resize(labels: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of a label map: output pixel i takes source pixel
-    floor((i + 0.5) * n_in / n_out) along each axis (one row gather, then whole rows repeated:
-    12 MP in a few ms)."""
+    floor((i + 0.5) * n_in / n_out) along each axis (larger: one row gather, then whole rows
+    repeated, 12 MP in a few ms; smaller: the source rows, then their columns)."""
     hh, ww = labels.shape
     H, W = out_hw
     if (hh, ww) == (H, W):
         return labels.copy()
     xs = np.minimum(((np.arange(W) + 0.5) * ww / W).astype(np.int64), ww - 1)
+    if H <= hh:  # smaller: gather the source rows first (the previous prediction from a 12 MP answer)
+        ys = np.minimum(((np.arange(H) + 0.5) * hh / H).astype(np.int64), hh - 1)
+        return labels[ys][:, xs]
     return np.repeat(labels[:, xs], cell_spans(H, hh)[1], axis=0)
 
 
