@@ -26,8 +26,8 @@ from ihp_backend.core.inference import Parser, network_size, read_channels, scal
 from ihp_backend.core.options import ParserOptions
 
 PHOTO = "../shared/data/ccp/images/0002.jpg"
-TIMED = ((refine, "guided_coefficients"), (refine, "network_size_argmax"), (inference, "refined_argmax"),
-         (inference, "upsampled_argmax"), (inference, "paint_clicks"))
+TIMED = ((refine, "class_coefficients"), (refine, "network_size_argmax"), (inference, "refined_argmax"),
+         (inference, "paint_clicks"), (inference, "previous_prediction"))
 
 
 def main() -> None:

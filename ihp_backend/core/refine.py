@@ -8,9 +8,9 @@ resolution), the boundaries follow its colour edges. The coefficients are comput
 grid and upsampled (the "fast guided filter" of He & Sun, 2015), and the classes are compared
 per pixel only in the band where the logit grid's winners change, so the cost is a few small box
 filters plus the band; the photo's own terms (its colours' window means and covariance) are the
-same for every click and kept per photo (``photo_guide``). Larger photos get the labels enlarged from the network size, nearest or
-with the boundary placed between network pixels (``smooth_resize``). ``paint_clicks`` then makes
-every click win around itself.
+same for every click and kept per photo (``photo_guide``). Larger photos get the labels enlarged
+from the network size, nearest or with the boundary placed between network pixels
+(``smooth_resize``). ``paint_clicks`` then makes every click win around itself.
 """
 from __future__ import annotations
 
