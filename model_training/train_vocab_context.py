@@ -319,6 +319,12 @@ def padded_stack(arrays: list[np.ndarray], fill) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def stacked_views(views: list[tuple]) -> list[torch.Tensor]:
+    """``photo_views`` answers as a batch: features, vocabulary logits (zero-padded) and targets
+    (padded with IGNORE)."""
+    return [padded_stack([v[k] for v in views], fill) for k, fill in ((0, 0.0), (1, 0.0), (2, IGNORE))]
+
+
 def photo_views(parser: Parser, tap: TapFeatures, spaces: dict, i: int, seed: int | None,
                 cfg: SampleConfig, flip_luts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Photo ``i``'s tap features, vocabulary logits and targets (spaces, h/4, w/4) at the serving
@@ -360,15 +366,14 @@ def train_head_live(head: VocabContext, parser: Parser, spaces: dict, train_ids:
         print(f"resuming at step {start} from {state_path}")
     try:
         held = [photo_views(parser, tap, spaces, int(i), None, cfg, flip_luts) for i in held_ids]
-        held = [padded_stack([h[k] for h in held], fill) for k, fill in ((0, 0.0), (1, 0.0), (2, IGNORE))]
+        held = stacked_views(held)
         t0 = time.time()
         bar = tqdm(total=steps, initial=start, desc="context head, live views", dynamic_ncols=True)
         for step in range(start, steps):
             rng = np.random.default_rng((seed, step))  # a resumed run draws what it would have
             views = [photo_views(parser, tap, spaces, int(i), int(rng.integers(2 ** 31)), cfg, flip_luts)
                      for i in rng.choice(train_ids, batch, replace=False)]
-            high, vocab, targets = (padded_stack([v[k] for v in views], fill)
-                                    for k, fill in ((0, 0.0), (1, 0.0), (2, IGNORE)))
+            high, vocab, targets = stacked_views(views)
             frozen_statistics(head.train())
             total += optimizer_step(head_loss(head, vocab, high, targets.long(), chans, {}), opt, sched)
             nb += 1
