@@ -19,6 +19,9 @@ import requests
 from tests.test_gunicorn import free_port
 
 VERSION = "1.23.2"
+# what label-studio 1.23.2 leaves open and a later release broke: sentry-sdk 3.0 rejects the
+# option send_default_pii that Label Studio passes at start ("Unknown option"), so it exits
+PINS = ("sentry-sdk>=2.16,<3",)
 TOKEN = "ihp-e2e-token-0123456789"
 USER, PASSWORD = "e2e@example.com", "e2e-password-123"
 # variables Label Studio would read as its own settings: never inherited from our environment
@@ -35,14 +38,15 @@ def ensure_installed(log=print) -> str:
     venv = os.path.join(cache_dir(), f"ls-{VERSION}")
     exe = os.path.join(venv, "bin", "label-studio")
     marker = os.path.join(venv, ".installed")
-    if os.path.exists(marker) and os.path.exists(exe):
+    wanted = " ".join((f"label-studio=={VERSION}",) + PINS)
+    if os.path.exists(marker) and os.path.exists(exe) and open(marker).read().strip() == wanted:
         return exe
-    log(f"installing label-studio=={VERSION} into {venv} (first run only, about 2 minutes)")
+    log(f"installing {wanted} into {venv} (first run only, about 2 minutes)")
     subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
     pip = os.path.join(venv, "bin", "pip")
-    subprocess.run([pip, "install", "-q", "--disable-pip-version-check", f"label-studio=={VERSION}"],
-                   check=True)
-    open(marker, "w").close()
+    subprocess.run([pip, "install", "-q", "--disable-pip-version-check", *wanted.split()], check=True)
+    with open(marker, "w") as f:
+        f.write(wanted)
     return exe
 
 
