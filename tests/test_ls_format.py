@@ -111,6 +111,8 @@ def test_rle_decoder_reads_literal_blocks_and_rejects_wrong_sizes():
         rle_to_mask(rle[:8], 1, 1)  # truncated
     with pytest.raises(ValueError):
         rle_to_mask([1, 2, "x"], 1, 1)
+    with pytest.raises(ValueError):  # beyond int64 (found by the fuzz test): refused, not a 500
+        rle_to_mask(rle[:3] + [9.223372036854776e+18] + rle[4:], 1, 1)
 
 
 def test_brush_results_one_region_per_class_and_validated(payloads):

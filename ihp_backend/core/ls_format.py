@@ -221,7 +221,7 @@ def rle_values(rle, expected: int | None = None) -> np.ndarray:
     """
     try:
         data = np.asarray(rle, dtype=np.int64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a number beyond int64 (9.3e18)
         raise ValueError("RLE must be a list of byte values") from None
     if data.ndim != 1 or data.size < 7 or data.min() < 0 or data.max() > 255:
         raise ValueError("RLE must be a list of at least 7 byte values 0..255")
