@@ -3,10 +3,9 @@ clicked parts (and the previous prediction, as an annotator's clicks come):
 
 A. the whole 51-channel input, autocast to bfloat16 (the forward up to 1f7a9dc);
 B. the whole input, the weights cast to bfloat16 once (``weights_in``);
-C. what ``Parser`` runs now: B with the first conv restricted to the channels that carry
-   information (``read_channels``, ``restricted_first_conv``; the clicked maps as ones plus
-   their click windows, ``map_patches``, ``conv_of_patches``) when they are fewer than 20,
-   else B itself.
+C. what ``Parser.logits`` runs now on the CPU: no input tensor, the first conv's output kept
+   for the photo and the previous prediction (``FirstConvCache``) plus the convs of the
+   clicks' map patches (``click_map_patches``, ``conv_of_patches``), then B's network.
 
 Each round runs A, B and C in a random order. Prints the medians, the ratios and the largest
 logit difference of C from A (in float32 too).
@@ -28,7 +27,8 @@ import torch
 from PIL import Image
 
 from ihp_backend.core.checkpoint import read_checkpoint
-from ihp_backend.core.inference import Parser, denormals_flushed, network_size, read_channels, scale_clicks, weights_in
+from ihp_backend.core.clicks import network_input
+from ihp_backend.core.inference import Parser, denormals_flushed, network_size, scale_clicks
 
 PHOTO = Path(__file__).resolve().parents[1] / "../shared/data/ccp/images/0001.jpg"
 
@@ -60,27 +60,28 @@ def main() -> None:
     for n in (1, 3, 12):
         clicks = clicks_on(image, n, served.num_slots)
         prev = served.parse(image, clicks[:-1]).network_labels  # the answer before the last click
-        served.logits(image, clicks, prev)  # draws the input buffer C reads and A / B read whole
-        dev = served._stage[1]
-        channels = read_channels(served.num_slots, scale_clicks(clicks, image.shape[:2], hw), prev, True,
-                                 clicked_maps=served.flip)  # as Parser.logits asks
+        small, rgb = served._network_image(image, hw)
+        whole = network_input(small, scale_clicks(clicks, image.shape[:2], hw), served.num_slots, prev, True,
+                              served.mean, served.std, rgb=rgb)  # what A and B read
+        dev = whole[None].contiguous(memory_format=torch.channels_last)
+        read = 3 + n + len(np.unique(prev[(prev >= 0) & (prev < served.num_slots)]))  # carrying information
 
         def run_a():
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                return net32(dev, features=True)[0].float()
+                return net32(dev, features=True, vocab_context=False)[0].float()
 
         def run_b():
-            return net16(dev.to(torch.bfloat16), features=True)[0].float()
+            return net16(dev.to(torch.bfloat16), features=True, vocab_context=False)[0].float()
 
         def run_c():
-            return served._forward_locked(dev, channels)
+            return served.logits(image, clicks, prev)[None]  # the previous prediction kept: a click's steady state
 
         times: dict[str, list[float]] = {"A": [], "B": [], "C": []}
         with torch.inference_mode(), denormals_flushed():
             out_a, out_c = run_a(), run_c()
             a_is_b = torch.equal(out_a, run_b())
             diff16 = float((out_c - out_a).abs().max())
-            whole32 = exact.forward(dev.clone())
+            whole32 = net32(dev, features=True, vocab_context=False)[0]  # (the context head serves no click)
             # bfloat16's own rounding as the scale: how often A's and C's argmax differ from float32's
             agree = {k: round(float((o.argmax(1) == whole32.argmax(1)).float().mean()), 5)
                      for k, o in (("A", out_a), ("C", out_c))}
@@ -96,13 +97,11 @@ def main() -> None:
                     if r:
                         times[name].append((time.perf_counter() - t0) * 1000)
         med = {k: round(statistics.median(v), 1) for k, v in times.items()}
-        restricted = len(channels[0]) < 20  # Parser's rule (_forward_locked)
-        read = len(channels[0]) + (1 if channels[1] else 0) if restricted else dev.shape[1]
-        rows[n] = {"ms_p50": med, "input_channels_read": read,
+        rows[n] = {"ms_p50": med, "input_channels_carrying_information": read,
                    "ratio_c_over_a": round(med["C"] / med["A"], 3), "ratio_b_over_a": round(med["B"] / med["A"], 3),
                    "max_logit_diff_c_vs_a_bf16": round(diff16, 4), "max_logit_diff_float32": diff32,
                    "argmax_agreement_with_float32": agree, "b_logits_identical_to_a": a_is_b}
-        print(f"{n:2d} clicked parts, {rows[n]['input_channels_read']} of {dev.shape[1]} channels read: "
+        print(f"{n:2d} clicked parts, {read} of {dev.shape[1]} channels carry information: "
               f"A {med['A']} ms, B {med['B']} ms, C {med['C']} ms (C/A {rows[n]['ratio_c_over_a']}); "
               f"max |logit C - A| {diff16:.4f} (bfloat16), {diff32:.2e} (float32); stride-4 argmax as "
               f"float32's: A {agree['A']}, C {agree['C']}; B's logits A's to the bit: {a_is_b}")

@@ -1,6 +1,7 @@
 """The served forward reads only the input channels that carry information (the RGB planes, the
 maps of clicked slots, the previous-prediction planes of labels present) through a first conv
-restricted to them; it must compute what the whole input through the whole first conv computes."""
+restricted to them, or keeps the first conv's output across clicks (``FirstConvCache``); it must
+compute what the whole input through the whole first conv computes."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,9 +10,10 @@ import torch
 
 from ihp_backend.core.checkpoint import Binding, make_checkpoint, save_checkpoint
 from ihp_backend.core.clicks import IMAGENET_MEAN, IMAGENET_STD, network_input, scale_clicks
-from ihp_backend.core.clicks import draw_clicks
-from ihp_backend.core.inference import Parser, map_patches, network_size, read_channels
-from ihp_backend.core.network import NetConfig, build_network, conv_of_patches, restricted_first_conv
+from ihp_backend.core.clicks import click_map_patches, localization_maps
+from ihp_backend.core.inference import FirstConvCache, Parser, network_size, read_channels
+from ihp_backend.core.network import (NetConfig, build_network, changed_tiles, conv_of_patches, label_planes_conv,
+                                     restricted_first_conv)
 
 
 def test_restricted_conv_equals_the_whole_conv_on_ones_and_zeros():
@@ -40,8 +42,6 @@ def test_read_channels():
     keep, ones = read_channels(6, np.zeros((0, 3)), None, prev_mask=True)
     assert keep == [0, 1, 2] and ones == [3, 4, 5, 6, 7, 8]
     assert read_channels(6, clicks, prev, prev_mask=False)[0] == [0, 1, 2, 3, 5]
-    keep, ones = read_channels(6, clicks, prev, prev_mask=True, clicked_maps=False)  # maps as windows
-    assert keep == [0, 1, 2, 9 + 1, 9 + 4] and ones == [3, 4, 5, 6, 7, 8]
 
 
 @pytest.mark.parametrize("stride,padding", [(2, 3), (1, 3), (2, 0)])
@@ -63,19 +63,26 @@ def test_conv_of_patches_adds_up_to_the_conv_of_the_whole(stride, padding):
     assert torch.allclose(out, whole, atol=1e-5)
 
 
-def test_map_patches_merge_a_slots_overlapping_windows():
+def test_click_map_patches_merge_a_slots_overlapping_windows():
     """Two clicks of one slot whose windows overlap give one box holding their minimum; a far
-    click of that slot and another slot's click give boxes of their own; the patches rebuild
-    the maps exactly as 1 plus them."""
-    maps = np.ones((3, 100, 80), np.float32)
+    click of that slot and another slot's click give boxes of their own; 1 plus the patches is
+    the whole maps (``localization_maps``), also for random clicks near the borders."""
     clicks = np.array([[20, 20, 1], [26, 24, 1], [90, 70, 1], [10, 60, 2]], float)
-    windows = draw_clicks(maps, clicks)
-    patches = map_patches(maps, windows)
-    assert [p[0] for p in patches] == [4, 4, 5]
-    rebuilt = np.ones_like(maps)
-    for ch, y0, x0, vals in patches:
-        rebuilt[ch - 3, y0:y0 + vals.shape[0], x0:x0 + vals.shape[1]] += vals.numpy()
-    assert np.allclose(rebuilt, maps, atol=1e-6)  # (1 + (m - 1)) rounds in float32
+    patches = click_map_patches(clicks, (100, 80), 3)
+    assert [p[0] for p in patches] == [1, 1, 2]
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        h, w = (int(v) for v in rng.integers(20, 120, 2))
+        n = int(rng.integers(0, 8))
+        c = np.c_[rng.uniform(0, h - 1, n), rng.uniform(0, w - 1, n), rng.integers(0, 4, n)] if trial else clicks
+        h, w = (100, 80) if not trial else (h, w)
+        rebuilt = np.ones((4, h, w), np.float32)
+        for s, y0, x0, vals in click_map_patches(c, (h, w), 4):
+            assert (rebuilt[s, y0:y0 + vals.shape[0], x0:x0 + vals.shape[1]] == 1).all()  # boxes apart
+            rebuilt[s, y0:y0 + vals.shape[0], x0:x0 + vals.shape[1]] += vals
+        assert np.allclose(rebuilt, localization_maps(c, (h, w), 4), atol=1e-6)  # (1 + (m - 1)) rounds in float32
+    with pytest.raises(ValueError, match="slot"):
+        click_map_patches(np.array([[1, 1, 7]], float), (10, 10), 4)
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v3_large", "resnet50"])
@@ -103,3 +110,64 @@ def test_served_logits_are_those_of_the_whole_input(tmp_path, backbone):
         assert torch.allclose(got, ref, atol=1e-4), float((got - ref).abs().max())
         prev = parser.parse(img, arr).network_labels
         assert prev is not None and 0 < len(np.unique(prev)) < 8  # some planes present, some absent
+
+
+def _whole_first_conv(conv, rgb, labels, k):
+    """The first conv of the full input: RGB, every map 1, one-hot planes of ``labels`` (-1: none)."""
+    h, w = labels.shape
+    onehot = (torch.from_numpy(labels)[None] == torch.arange(k)[:, None, None]).float()
+    x = torch.cat([torch.from_numpy(rgb), torch.ones(k, h, w), onehot])[None]
+    return conv(x)[0]
+
+
+def test_changed_tiles_cover_every_output_a_change_reaches():
+    """Outputs of a 7x7 stride-2 conv that differ when some input pixels change all lie in the
+    blocks ``changed_tiles`` returns, and a block is returned only if one of its outputs sees a
+    change (pixels at the borders included)."""
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        changed = torch.zeros(64, 48, dtype=torch.bool)
+        for y, x in rng.integers(0, [64, 48], (rng.integers(1, 6), 2)):
+            changed[y, x] = True
+        tiles = changed_tiles(changed, (32, 24), 7, 2, 3, 8)
+        reach = torch.nn.functional.conv2d(changed[None, None].float(), torch.ones(1, 1, 7, 7), stride=2, padding=3)[0, 0] > 0
+        marked = torch.zeros(4, 3, dtype=torch.bool)
+        marked[tiles[:, 0], tiles[:, 1]] = True
+        assert (marked.repeat_interleave(8, 0).repeat_interleave(8, 1) | ~reach).all()
+        assert torch.equal(marked, reach.reshape(4, 8, 3, 8).any(3).any(1))
+
+
+def test_first_conv_cache_equals_the_whole_conv_click_after_click():
+    """A sequence of previous predictions (none, a parse, small local edits, a label vanishing,
+    a large change, back to none, another photo) through ``FirstConvCache``: each output equals
+    the whole input's first conv, and the small edits were added block by block."""
+    torch.manual_seed(1)
+    k = 6
+    conv = torch.nn.Conv2d(3 + 2 * k, 16, 7, stride=2, padding=3, bias=True)
+    cache = FirstConvCache(conv, k, prev_mask=True)
+    rng = np.random.default_rng(2)
+    rgb = rng.normal(size=(3, 64, 48)).astype(np.float32)
+    labels = np.full((64, 48), -1, np.int16)
+    labels[10:50, 8:40] = 1
+    labels[20:26, 20:28] = 3
+    edit1 = labels.copy()
+    edit1[40:46, 0:6] = 4  # a corner block, at the border
+    edit2 = edit1.copy()
+    edit2[edit2 == 3] = 1  # a label vanishes
+    edit3 = edit2.copy()
+    edit3[60:64, 44:48] = 5
+    big = rng.integers(-1, k, (64, 48)).astype(np.int16)
+    steps = [None, labels, edit1, edit2, edit3, big, edit3, None]
+    updates = []
+    for step in steps:
+        got = cache.output(rgb, step)
+        want = _whole_first_conv(conv, rgb, np.full((64, 48), -1, np.int16) if step is None else step, k)
+        assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
+        updates.append(cache._entries[id(rgb)]["updates"])
+    assert updates[2:5] == [1, 2, 3]  # local edits: added block by block
+    assert updates[5] == 0  # most blocks changed: recomputed whole
+    other = rng.normal(size=(3, 64, 48)).astype(np.float32)  # another photo: its own terms
+    assert torch.allclose(cache.output(other, edit1), _whole_first_conv(conv, other, edit1, k), atol=1e-4)
+    assert torch.allclose(cache.output(rgb, edit1), _whole_first_conv(conv, rgb, edit1, k), atol=1e-4)
+    assert torch.allclose(label_planes_conv(conv.weight[:, 3 + k:].detach(), torch.from_numpy(edit1), 2, 3),
+                          _whole_first_conv(conv, rgb, edit1, k) - cache._entries[id(rgb)]["base"], atol=1e-4)

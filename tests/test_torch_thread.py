@@ -47,14 +47,14 @@ def test_exceptions_reach_the_caller():
 def test_parser_forwards_from_request_threads_run_on_one_thread(tiny_checkpoint, monkeypatch):
     parser = Parser.from_file(tiny_checkpoint, threads=1, max_side=64, precision="float32")
     image, _ = person_image()
-    forward = parser._forward_locked
+    forward = parser._forward_kept  # a click's forward on the CPU
     idents: list[int] = []
 
     def recorded(*args, **kwargs):
         idents.append(threading.get_ident())
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(parser, "_forward_locked", recorded)
+    monkeypatch.setattr(parser, "_forward_kept", recorded)
     results = {}
 
     def click(i):

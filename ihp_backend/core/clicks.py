@@ -59,6 +59,46 @@ def draw_clicks(maps: np.ndarray, clicks, truncation: float = TRUNCATION) -> lis
     return touched
 
 
+def click_map_patches(clicks, hw: tuple[int, int], num_slots: int, truncation: float = TRUNCATION
+                      ) -> list[tuple[int, int, int, np.ndarray]]:
+    """Paper Eq. (1)'s maps as 1 everywhere plus what the clicks change: [(slot, y0, x0, map - 1
+    on the box (h, w))], one box per group of a slot's overlapping click windows (a map is a
+    minimum over its clicks, not a sum), without drawing the (num_slots, H, W) maps. The same
+    values as ``localization_maps`` there (float32)."""
+    h, w = hw
+    c = as_click_array(clicks)
+    r = int(np.ceil(np.sqrt(truncation)))
+    groups: dict[int, list[list]] = {}  # slot -> [[y0, y1, x0, x1, click rows]]
+    for i, (y, x, s) in enumerate(c):
+        s = int(s)
+        if not 0 <= s < num_slots:
+            raise ValueError(f"click slot {s} outside 0..{num_slots - 1}")
+        yi, xi = int(round(y)), int(round(x))
+        box = [max(0, yi - r), min(h, yi + r + 1), max(0, xi - r), min(w, xi + r + 1), [i]]
+        if box[0] >= box[1] or box[2] >= box[3]:
+            continue
+        mine = groups.setdefault(s, [])
+        merged = True
+        while merged:
+            merged = False
+            for other in mine:
+                if box[0] < other[1] and other[0] < box[1] and box[2] < other[3] and other[2] < box[3]:
+                    mine.remove(other)
+                    box = [min(box[0], other[0]), max(box[1], other[1]), min(box[2], other[2]),
+                           max(box[3], other[3]), box[4] + other[4]]
+                    merged = True
+                    break
+        mine.append(box)
+    patches = []
+    for s in sorted(groups):
+        for y0, y1, x0, x1, rows in groups[s]:
+            local = np.ones((1, y1 - y0, x1 - x0), np.float32)
+            own = c[sorted(rows)] - [y0, x0, s]  # into the box, slot 0 of the local map
+            draw_clicks(local, own, truncation)
+            patches.append((s, y0, x0, local[0] - np.float32(1.0)))
+    return patches
+
+
 def localization_maps(clicks, hw: tuple[int, int], num_slots: int,
                       truncation: float = TRUNCATION, out: np.ndarray | None = None) -> np.ndarray:
     """Class-aware localization maps, paper Eq. (1).

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import Binding, binding_of, network_of, read_checkpoint
-from .clicks import draw_clicks, network_input, normalise_rgb, scale_clicks
+from .clicks import click_map_patches, draw_clicks, network_input, normalise_rgb, scale_clicks
 from .edges import load_edge_refiner, refine_edges, work_size
-from .network import LowRankASPP, conv_of_patches, fold_batchnorm, restricted_first_conv, with_low_rank_aspp
+from .network import (LowRankASPP, changed_tiles, conv_of_label_change, conv_of_patches, fold_batchnorm,
+                      label_planes_conv, restricted_first_conv, with_low_rank_aspp)
 from .refine import label_lut, nearest_resize, paint_clicks, photo_guide, refined_argmax
 from .options import PRECISIONS
 from .vocabulary import mirrored_channels
@@ -108,16 +109,13 @@ def faster_dtype(net: torch.nn.Module, x: torch.Tensor, dtypes=(torch.float32, t
 
 
 def read_channels(num_slots: int, clicks: np.ndarray, prev: np.ndarray | None,
-                  prev_mask: bool, clicked_maps: bool = True) -> tuple[list[int], list[int]]:
+                  prev_mask: bool) -> tuple[list[int], list[int]]:
     """The network input channels a forward must read, and those that are all ones: RGB, the maps
     of clicked slots, the previous-prediction planes of the labels ``prev`` holds are read; the map
     of a slot without a click is 1 everywhere (paper Eq. 1 saturated) and the plane of an absent
-    label 0 everywhere, so they need no reading (``restricted_first_conv``). With
-    ``clicked_maps=False`` every map counts as ones: the caller adds what the clicks changed, in
-    their windows (``map_patches``, ``conv_of_patches``)."""
+    label 0 everywhere, so they need no reading (``restricted_first_conv``)."""
     k = num_slots
-    clicked = sorted({int(s) for s in np.asarray(clicks).reshape(-1, 3)[:, 2]} & set(range(k))) \
-        if clicked_maps else []
+    clicked = sorted({int(s) for s in np.asarray(clicks).reshape(-1, 3)[:, 2]} & set(range(k)))
     keep = [0, 1, 2] + [3 + s for s in clicked]
     if prev_mask:
         present = []
@@ -127,28 +125,6 @@ def read_channels(num_slots: int, clicks: np.ndarray, prev: np.ndarray | None,
         keep += [3 + k + s for s in present]
     ones = [3 + s for s in range(k) if s not in clicked]
     return keep, ones
-
-
-def map_patches(maps: np.ndarray, windows) -> list[tuple[int, int, int, torch.Tensor]]:
-    """What the clicks changed in the maps (``maps`` (num_slots, h, w), ``windows`` as
-    ``draw_clicks`` returns them): [(input channel, y0, x0, map - 1 there)], the overlapping
-    windows of a slot merged into one box (a map is a minimum over its clicks, not a sum)."""
-    boxes: dict[int, list[list[int]]] = {}
-    for s, ys, xs in windows:
-        box = [ys.start, ys.stop, xs.start, xs.stop]
-        mine = boxes.setdefault(int(s), [])
-        merged = True
-        while merged:
-            merged = False
-            for other in mine:
-                if box[0] < other[1] and other[0] < box[1] and box[2] < other[3] and other[2] < box[3]:
-                    mine.remove(other)
-                    box = [min(box[0], other[0]), max(box[1], other[1]), min(box[2], other[2]), max(box[3], other[3])]
-                    merged = True
-                    break
-        mine.append(box)
-    return [(3 + s, y0, x0, torch.from_numpy(maps[s, y0:y1, x0:x1] - np.float32(1.0)))
-            for s, bs in sorted(boxes.items()) for y0, y1, x0, x1 in bs]
 
 
 def network_size(hw: tuple[int, int], max_side: int, multiple: int = 16) -> tuple[int, int]:
@@ -352,19 +328,94 @@ def mirror_permutation(cfg, binding: Binding) -> torch.Tensor | None:
     return None if perm == sorted(perm) else torch.as_tensor(perm)
 
 
-class _PlusTerms(torch.nn.Module):
-    """A first conv whose output gets ``terms`` [(rows, cols, (O, r, c))] added (batch 1):
-    ``conv_of_patches``'s click windows."""
+class _GivenOutput(torch.nn.Module):
+    """A first conv whose output is already made (``FirstConvCache``): returns it, whatever
+    the input (a fresh tensor per forward: the stem's activation works in place)."""
 
-    def __init__(self, conv: torch.nn.Module, terms):
+    def __init__(self, y: torch.Tensor):
         super().__init__()
-        self.conv, self.terms = conv, terms
+        self.y = y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
-        for rows, cols, t in self.terms:
-            y[0, :, rows, cols] += t
-        return y
+        return self.y
+
+
+class FirstConvCache:
+    """The network's first conv output kept across the clicks on a photo (CPU serving, batch 1).
+
+    The first conv is linear in its input channels, so its output is the sum of three terms:
+    RGB with every click map taken as 1 (paper Eq. 1 saturated) plus the bias, the same for all
+    clicks on a photo (made once); the previous-prediction planes (``label_planes_conv``),
+    updated at each click only in the output blocks whose input window holds a pixel whose
+    label changed (``changed_tiles``, ``conv_of_label_change``); and the click windows of the
+    maps (``conv_of_patches``, added by the caller). A click so reads neither the photo nor
+    the ten planes of a ten-label answer again: the forward no longer grows with the labels
+    answered. Recomputed whole when more than ``full_share`` of the blocks changed, and after
+    ``max_updates`` updates (float rounding does not pile up). Kept for the last ``photos``
+    photos (a zoomed parse alternates the photo and its crops). Float32 throughout."""
+
+    def __init__(self, conv: torch.nn.Conv2d, num_slots: int, prev_mask: bool, tile: int = 8,
+                 full_share: float = 0.5, max_updates: int = 64, photos: int = 3):
+        w = conv.weight.detach().float()
+        k = num_slots
+        self.kernel, self.stride, self.padding = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        if conv.groups != 1 or conv.dilation != (1, 1) or len(set(conv.kernel_size)) != 1 \
+                or len(set(conv.stride)) != 1 or len(set(conv.padding)) != 1 or tile * self.stride < self.kernel:
+            raise ValueError("FirstConvCache needs a dense square conv, dilation 1, tile * stride >= kernel")
+        self.base_weight = torch.cat([w[:, :3], w[:, 3:3 + k].sum(1, keepdim=True)], 1)  # RGB, maps as ones
+        self.label_weight = w[:, 3 + k:3 + 2 * k] if prev_mask else None
+        self.bias = conv.bias.detach().float() if conv.bias is not None else None
+        self.tile, self.full_share, self.max_updates, self.photos = int(tile), float(full_share), int(max_updates), int(photos)
+        self._entries: OrderedDict[int, dict] = OrderedDict()  # id(rgb) -> its terms
+
+    def _entry(self, rgb: np.ndarray) -> dict:
+        e = self._entries.get(id(rgb))
+        if e is not None and e["ref"]() is rgb:
+            self._entries.move_to_end(id(rgb))
+            return e
+        planes = torch.from_numpy(np.asarray(rgb, np.float32))
+        x = torch.cat([planes, planes.new_ones((1,) + planes.shape[1:])])[None]
+        base = F.conv2d(x, self.base_weight, self.bias, stride=self.stride, padding=self.padding)[0]
+        e = {"ref": weakref.ref(rgb), "base": base, "labels": None, "term": None, "updates": 0}
+        self._entries[id(rgb)] = e
+        while len(self._entries) > self.photos:
+            self._entries.popitem(last=False)
+        return e
+
+    def output(self, rgb: np.ndarray, labels: np.ndarray | None) -> torch.Tensor:
+        """The first conv's output (O, ho, wo) for the normalised RGB planes ``rgb`` (3, h, w)
+        (the same array object for every click on a photo), all maps 1 and the one-hot planes of
+        ``labels`` (h, w) int, -1 for no label (None: no previous prediction)."""
+        e = self._entry(rgb)
+        if self.label_weight is None:
+            return e["base"].clone()
+        h, w = rgb.shape[1:]
+        new = torch.from_numpy(np.asarray(labels, np.int16)) if labels is not None \
+            else torch.full((h, w), -1, dtype=torch.int16)
+        if e["term"] is None or e["updates"] >= self.max_updates:
+            e["term"], e["updates"] = self._whole(new), 0
+        else:
+            changed = e["labels"] != new
+            share = float(changed.float().mean())
+            if share:
+                out_hw = tuple(e["term"].shape[1:])
+                whole = share > self.full_share / 2 or out_hw[0] % self.tile or out_hw[1] % self.tile
+                tiles = None if whole else changed_tiles(changed, out_hw, self.kernel, self.stride, self.padding,
+                                                         self.tile)
+                if whole or len(tiles) > self.full_share * (out_hw[0] // self.tile) * (out_hw[1] // self.tile):
+                    e["term"], e["updates"] = self._whole(new), 0
+                else:
+                    delta = conv_of_label_change(self.label_weight, e["labels"], new, tiles, self.stride,
+                                                 self.padding, self.tile)
+                    o, t = delta.shape[1], self.tile
+                    blocks = e["term"].view(o, out_hw[0] // t, t, out_hw[1] // t, t)
+                    blocks[:, tiles[:, 0], :, tiles[:, 1], :] += delta  # indexed: (N, O, t, t)
+                    e["updates"] += 1
+        e["labels"] = new
+        return e["base"] + e["term"]
+
+    def _whole(self, labels: torch.Tensor) -> torch.Tensor:
+        return label_planes_conv(self.label_weight, labels, self.stride, self.padding).contiguous()
 
 
 class TorchThread:
@@ -468,6 +519,11 @@ class Parser:
                     memory_format=torch.channels_last), flush_denormals=self.device.type == "cpu"))
         self._first_conv = self.net.encoder.first_conv()  # float32: restricted_first_conv sums its weights
         self._first_convs: OrderedDict[tuple, torch.nn.Module] = OrderedDict()  # (keep, ones) -> restricted conv
+        try:  # the first conv's output kept across clicks (CPU, no test-time flip: the mirrored pass reads x)
+            self._stem = FirstConvCache(self._first_conv, self.num_slots, self.use_prev_mask) \
+                if self.device.type == "cpu" and not self.flip else None
+        except ValueError:
+            self._stem = None
         self.net = on_thread(weights_in, self.net, self.dtype)  # the forward's weights, cast once
         if self.edge_net is not None:
             self.edge_net = on_thread(lambda: weights_in(self.edge_net, self.dtype).to(
@@ -563,6 +619,15 @@ class Parser:
             if self.use_prev_mask and prev_mask is not None:
                 pm = prev_mask if prev_mask.shape == tuple(hw) else np.asarray(
                     Image.fromarray(prev_mask.astype(np.int32)).resize((hw[1], hw[0]), Image.NEAREST))
+            if self._stem is not None:  # CPU: no input tensor at all (FirstConvCache)
+                prev = None if pm is None else np.where((pm >= 0) & (pm < self.num_slots), pm, -1).astype(np.int16)
+                patches = click_map_patches(c, hw, self.num_slots)
+                t1 = time.perf_counter()
+                out = self._forward_kept(rgb, prev, patches, hw, vocab_context=not len(c))
+                if timings is not None:
+                    timings["input"] = t1 - t0
+                    timings["forward"] = time.perf_counter() - t1
+                return out
             if self.device.type != "cpu":
                 host, _ = self._staging((1, n) + tuple(hw))
                 network_input(small, c, self.num_slots, pm, self.use_prev_mask, self.mean, self.std,
@@ -571,8 +636,7 @@ class Parser:
             else:
                 x = self._redraw_input((1, n) + tuple(hw), rgb, c, pm)
             t1 = time.perf_counter()
-            # the clicked maps are read as their windows unless a mirrored pass needs them whole
-            channels = read_channels(self.num_slots, c, pm, self.use_prev_mask, clicked_maps=self.flip)
+            channels = read_channels(self.num_slots, c, pm, self.use_prev_mask)
             # the vocabulary context head serves the parse without clicks only (network.VocabContext)
             out = self._forward_locked(x, channels, vocab_context=not len(c))[0]
             if timings is not None:
@@ -642,6 +706,22 @@ class Parser:
             state["prev"] = new
         return dev
 
+    def _forward_kept(self, rgb: np.ndarray, prev: np.ndarray | None, patches, hw: tuple[int, int],
+                      vocab_context: bool) -> torch.Tensor:
+        """A click's forward on the CPU (caller holds the lock), with no input tensor: the first
+        conv's output is the photo's and the previous prediction's, kept across clicks
+        (``FirstConvCache``; ``prev`` (h, w) int16 slot labels, -1 for none), plus the convs of
+        the clicks' map patches (``click_map_patches``, ``conv_of_patches``). Stride-4 logits."""
+        y = self._stem.output(rgb, prev)
+        maps = [(3 + s, y0, x0, torch.from_numpy(v)) for s, y0, x0, v in patches]
+        for rows, cols, t in conv_of_patches(self._first_conv, maps, hw):
+            y[:, rows, cols] += t
+        first = _GivenOutput(y[None].to(self.dtype, memory_format=torch.channels_last))
+        with denormals_flushed(True):
+            # an empty input: the network never reads it, its first conv's output is given
+            return self.net(y.new_empty((1, 0) + tuple(hw)), features=True, first_conv=first,
+                            vocab_context=vocab_context)[0][0].float()
+
     def _filled(self, sub: torch.Tensor, slots: np.ndarray, logits: torch.Tensor, fill: dict[int, int]):
         """Log-probabilities over ``slots`` without the unclaimed channel plus the ``fill``
         classes, which share the unclaimed channel's probability (see ``parse``); the label
@@ -656,11 +736,11 @@ class Parser:
 
     def _forward_locked(self, x: torch.Tensor, channels: tuple[list[int], list[int]] | None = None,
                         vocab_context: bool = True) -> torch.Tensor:
-        """The network on ``x``; with ``channels`` (``read_channels``, on the CPU, ``x`` drawn by
-        ``_redraw_input``) it reads only those input channels, through the first conv restricted
-        to them (``restricted_first_conv``), and adds the click windows of the maps it took as
-        ones (``map_patches``, ``conv_of_patches``): the default's first conv reads 51 channels at
-        the network size, most of them constant (``bench/forward.py``)."""
+        """The network on ``x`` (the path off the CPU, with test-time flip, and of batches; on the CPU
+        a click's forward is ``_forward_kept``); with ``channels`` (``read_channels``, on the CPU,
+        ``x`` drawn by ``_redraw_input``) it reads only those input channels through the first conv
+        restricted to them (``restricted_first_conv``): the default's first conv reads 51 channels
+        at the network size, most of them constant (``bench/forward.py``)."""
         _, dev = self._staging(tuple(x.shape))
         if x is not dev:
             self._drawn = {"rgb": None, "windows": None, "prev": None}  # the buffer no longer holds our drawing
@@ -688,14 +768,6 @@ class Parser:
             if ones:
                 x[:, len(keep)] = 1.0
             x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # channels-last (B, C', h, w)
-            unread = [win for win in windows if 3 + win[0] in ones]  # clicked maps taken as ones
-            if unread:
-                if self.flip:  # the windows' terms are not mirrored: read_channels(clicked_maps=True)
-                    raise ValueError("with test-time flip the clicked maps must be read whole")
-                patches = map_patches(dev[0, 3:3 + self.num_slots].numpy(), unread)
-                terms = [(rows, cols, t.to(self.dtype)) for rows, cols, t in
-                         conv_of_patches(self._first_conv, patches, (h, w))]
-                first = _PlusTerms(first, terms)
         with denormals_flushed(self.device.type == "cpu"):
             out = self.net(x, features=True, first_conv=first, vocab_context=vocab_context)[0].float()
             if self.flip:  # flip keeps channels-last

@@ -322,6 +322,68 @@ def conv_of_patches(conv: nn.Conv2d, patches, in_hw: tuple[int, int]) -> list[tu
     return terms
 
 
+def label_planes_conv(weight: torch.Tensor, labels: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    """Conv (no bias) of the one-hot planes of ``labels`` (h, w) int, -1 for no label, through
+    ``weight`` (O, K, kh, kw), one input channel per label 0..K-1 -> (O, ho, wo). Only the
+    planes of the labels present are built and read (the previous-prediction input)."""
+    counts = torch.bincount(labels.flatten().long().clamp(-1, weight.shape[1]) + 1, minlength=weight.shape[1] + 2)
+    present = torch.nonzero(counts[1:weight.shape[1] + 1]).flatten().tolist()
+    if not present:
+        ho, wo = ((n + 2 * padding - k) // stride + 1 for n, k in zip(labels.shape, weight.shape[2:]))
+        return weight.new_zeros((weight.shape[0], ho, wo))
+    idx = torch.as_tensor(present)
+    planes = (labels[None] == idx[:, None, None]).to(weight.dtype)
+    return F.conv2d(planes[None], weight[:, idx], stride=stride, padding=padding)[0]
+
+
+def changed_tiles(changed: torch.Tensor, out_hw: tuple[int, int], kernel: int, stride: int, padding: int,
+                  tile: int) -> torch.Tensor:
+    """The ``tile`` x ``tile`` blocks of a conv's output (``out_hw``, both multiples of
+    ``tile``) that see an input pixel of ``changed`` (h, w) bool: (N, 2) block rows and columns.
+    Output row o reads input rows ``stride * o - padding`` .. ``+ kernel - 1``, so a block reads
+    a window of input rows and columns; the changed pixels in every window are counted at once
+    from the running sums of ``changed`` (an integral image)."""
+    h, w = changed.shape
+    run = F.pad(changed.to(torch.int32).cumsum(0).cumsum(1), (1, 0, 1, 0))  # (h + 1, w + 1)
+
+    def windows(n_blocks: int, n_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first = torch.arange(n_blocks) * tile * stride - padding
+        return first.clamp(0, n_in), (first + (tile - 1) * stride + kernel).clamp(0, n_in)
+
+    r0, r1 = windows(out_hw[0] // tile, h)
+    c0, c1 = windows(out_hw[1] // tile, w)
+    inside = run[r1][:, c1] - run[r0][:, c1] - run[r1][:, c0] + run[r0][:, c0]
+    return torch.nonzero(inside > 0)
+
+
+def conv_of_label_change(weight: torch.Tensor, old: torch.Tensor, new: torch.Tensor, tiles: torch.Tensor,
+                         stride: int, padding: int, tile: int) -> torch.Tensor:
+    """What changing the label map from ``old`` to ``new`` ((h, w) int, -1 for no label) adds to
+    ``label_planes_conv``'s output in the output blocks ``tiles`` (``changed_tiles``): (N, O,
+    tile, tile). Each block's input window (with the conv's zero padding, as label -1) is cut
+    from both maps; only the labels that differ somewhere in them get a plane of
+    ``onehot(new) - onehot(old)``. A conv is linear in its input, so the block's new output is
+    its old one plus this."""
+    kh = weight.shape[2]
+    span = (tile - 1) * stride + kh
+    h, w = old.shape
+    pad = kh + tile * stride  # room for every block's window
+    both = torch.full((2, h + 2 * pad, w + 2 * pad), -1, dtype=torch.int16)
+    both[0, pad:pad + h, pad:pad + w] = old
+    both[1, pad:pad + h, pad:pad + w] = new
+    r = (tiles[:, 0] * tile * stride - padding + pad)[:, None] + torch.arange(span)[None]  # (N, span)
+    c = (tiles[:, 1] * tile * stride - padding + pad)[:, None] + torch.arange(span)[None]
+    blocks = both[:, r[:, :, None], c[:, None, :]]  # (2, N, span, span)
+    differ = blocks[0] != blocks[1]
+    labels = torch.unique(torch.cat([blocks[0][differ], blocks[1][differ]]))
+    labels = labels[(labels >= 0) & (labels < weight.shape[1])].long()
+    if not len(labels):
+        return weight.new_zeros((len(tiles), weight.shape[0], tile, tile))
+    planes = (blocks[1][:, None] == labels[None, :, None, None]).to(weight.dtype) \
+        - (blocks[0][:, None] == labels[None, :, None, None]).to(weight.dtype)
+    return F.conv2d(planes, weight[:, labels], stride=stride)
+
+
 def fold_batchnorm(net: nn.Module) -> nn.Module:
     """Fold every BatchNorm that directly follows a Conv2d in a Sequential into that conv
     (inference only: uses the running statistics). Same outputs up to float rounding, fewer
