@@ -187,3 +187,39 @@ def test_the_low_rank_aspp_computes_what_the_aspp_does_when_its_kernels_have_tha
     assert low_rank_aspp(net.aspp, 10_000) is net.aspp  # more work than the ASPP: unchanged
     assert with_low_rank_aspp(net, 0).aspp is net.aspp
     assert isinstance(with_low_rank_aspp(net, 16).aspp, LowRankASPP)
+
+
+def test_own_mobilenet_v3_and_aspp_are_torchvisions_layer_for_layer():
+    """``core.backbones`` (serving without torchvision) takes torchvision's state dicts strictly
+    and computes the same outputs, BatchNorm statistics and dilation included."""
+    from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
+
+    from ihp_backend.core.backbones import ASPP, mobilenet_v3_large_features
+    torch.manual_seed(0)
+    pairs = [(mobilenet_v3_large(weights=None, dilated=True).features, mobilenet_v3_large_features(dilated=True),
+              torch.randn(2, 3, 96, 64)),
+             (TorchvisionASPP(64, [6, 12, 18], 16), ASPP(64, [6, 12, 18], 16), torch.randn(2, 64, 12, 8))]
+    for theirs, ours, x in pairs:
+        for m in theirs.modules():  # trained-looking statistics, not the identity
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.data.uniform_(0.5, 1.5)
+        ours.load_state_dict(theirs.state_dict(), strict=True)
+        assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+        with torch.no_grad():
+            assert torch.equal(ours.eval()(x), theirs.eval()(x))
+
+
+def test_serving_imports_neither_torchvision_nor_dynamo():
+    """torchvision's ops import torch._dynamo (about 75 MB per worker, a second at start): the
+    backend, its default model loaded, runs without them."""
+    import subprocess
+    import sys
+    code = ("import sys, ihp_backend._wsgi\n"
+            "from ihp_backend.core.checkpoint import network_of, read_checkpoint\n"
+            "network_of(read_checkpoint('ihp_backend/models/default.pt'))\n"
+            "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

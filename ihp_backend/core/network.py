@@ -1,9 +1,10 @@
 """The IHP network: DeepLabV3+ whose first convolution reads RGB plus click maps.
 
 One definition, used by serving (`ihp_backend.core.inference`) and training
-(`model_training.train`). The backbones and the ASPP block come from torchvision;
-only the DeepLabV3+ decoder (low-level skip at stride 4) is written here, because
-torchvision ships DeepLabV3 without it.
+(`model_training.train`). MobileNetV3 and the ASPP block are in `backbones` (torchvision's
+layout, without importing torchvision); the ResNet backbones come from torchvision; the
+DeepLabV3+ decoder (low-level skip at stride 4) is written here, because torchvision ships
+DeepLabV3 without it.
 
 Input: ``3 + num_slots (+ num_slots if prev_mask)`` channels = normalised RGB, one
 localization map per class slot (paper Eq. 1, background included: the paper's C+4
@@ -24,8 +25,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import mobilenet_v3_large, resnet50, resnet101
-from torchvision.models.segmentation.deeplabv3 import ASPP
+
+from .backbones import ASPP, mobilenet_v3_large_features
 
 BACKBONES = ("mobilenet_v3_large", "resnet50", "resnet101")
 
@@ -94,7 +95,7 @@ def _separable(cin: int, cout: int) -> nn.Sequential:
 
 
 class _Encoder(nn.Module):
-    """A torchvision backbone at output stride 16 returning (stride-4, stride-16) features."""
+    """A backbone at output stride 16 returning (stride-4, stride-16) features."""
 
     def __init__(self, name: str, in_channels: int, first_kernel: int):
         super().__init__()
@@ -103,7 +104,7 @@ class _Encoder(nn.Module):
         self.name = name
         pad = first_kernel // 2
         if name == "mobilenet_v3_large":
-            feats = mobilenet_v3_large(weights=None, dilated=True).features
+            feats = mobilenet_v3_large_features(dilated=True)
             old = feats[0][0]
             feats[0][0] = nn.Conv2d(in_channels, old.out_channels, first_kernel, stride=2,
                                     padding=pad, bias=False)
@@ -111,6 +112,7 @@ class _Encoder(nn.Module):
             self.high = feats[4:]  # stride 16 (dilated last stage), 960 channels
             self.low_channels, self.high_channels = 24, 960
         else:
+            from torchvision.models import resnet50, resnet101  # imported only for these (torch._dynamo comes with it)
             ctor = resnet50 if name == "resnet50" else resnet101
             net = ctor(weights=None, replace_stride_with_dilation=[False, False, True])
             net.conv1 = nn.Conv2d(in_channels, 64, first_kernel, stride=2, padding=pad, bias=False)
