@@ -52,8 +52,9 @@ def main() -> None:
     hw = network_size(big.shape[:2], parser.max_side)
     for j in (2, 10):
         keep, ones = read_channels(parser.num_slots, scale_clicks(clicks[:j], big.shape[:2], hw), prev[j - 1],
-                                   parser.use_prev_mask, clicked_maps=parser.flip)
-        print(f"click {j}: {len(keep)} input channels read, {len(np.unique(prev[j - 1]))} labels in the previous parse")
+                                   parser.use_prev_mask)
+        print(f"click {j}: {len(keep)} input channels carry information, "
+              f"{len(np.unique(prev[j - 1]))} labels in the previous parse")
 
     spent: dict[str, float] = {}
     for mod, name in TIMED:
