@@ -209,6 +209,14 @@ def test_own_mobilenet_v3_and_aspp_are_torchvisions_layer_for_layer():
         assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
         with torch.no_grad():
             assert torch.equal(ours.eval()(x), theirs.eval()(x))
+    # seeded, the same random weights and the same random state after (tests with random networks,
+    # training from scratch): torchvision's dropped classifier is drawn too
+    torch.manual_seed(5)
+    theirs, after = mobilenet_v3_large(weights=None, dilated=True).features, torch.rand(3)
+    torch.manual_seed(5)
+    ours = mobilenet_v3_large_features(dilated=True)
+    assert all(torch.equal(a, b) for a, b in zip(theirs.state_dict().values(), ours.state_dict().values()))
+    assert torch.equal(torch.rand(3), after)
 
 
 def test_serving_imports_neither_torchvision_nor_dynamo():

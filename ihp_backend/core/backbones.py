@@ -101,6 +101,9 @@ def mobilenet_v3_large_features(dilated: bool = True) -> nn.Sequential:
     layers += [InvertedResidual(Bneck(*row)) for row in table]
     layers.append(ConvBN(160, 960, 1, act=nn.Hardswish))
     features = nn.Sequential(*layers)
+    # torchvision also builds an ImageNet classifier the encoder drops; drawing its random numbers
+    # in the same order keeps a seeded network (tests, training from scratch) torchvision's to the bit
+    head = (nn.Linear(960, 1280), nn.Linear(1280, 1000))
     for m in features.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -109,6 +112,8 @@ def mobilenet_v3_large_features(dilated: bool = True) -> nn.Sequential:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+    for m in head:
+        nn.init.normal_(m.weight, 0, 0.01)
     return features
 
 
