@@ -350,8 +350,8 @@ class FirstConvCache:
     label changed (``changed_tiles``, ``conv_of_label_change``); and the click windows of the
     maps (``conv_of_patches``, added by the caller). A click so reads neither the photo nor
     the ten planes of a ten-label answer again: the forward no longer grows with the labels
-    answered. Recomputed whole when more than ``full_share`` of the blocks changed, and after
-    ``max_updates`` updates (float rounding does not pile up). Kept for the last ``photos``
+    answered. Recomputed whole when more than ``full_share`` of the blocks (or half that share
+    of the pixels) changed, and after ``max_updates`` updates (float rounding does not pile up). Kept for the last ``photos``
     photos (a zoomed parse alternates the photo and its crops). Float32 throughout."""
 
     def __init__(self, conv: torch.nn.Conv2d, num_slots: int, prev_mask: bool, tile: int = 8,
