@@ -89,9 +89,11 @@ def faster_dtype(net: torch.nn.Module, x: torch.Tensor, dtypes=(torch.float32, t
                  repeats: int = 3, flush_denormals: bool = False) -> torch.dtype:
     """The compute type in which ``net`` (its weights cast by ``weights_in``, as served) runs
     ``x`` faster, timed here: one warm-up forward each, then ``repeats`` interleaved rounds,
-    median per type. A CPU flag is not enough: two machines reporting the same ``avx512_bf16``
-    flag measured the default's forward at 544x368 102 -> 59 ms and 149 -> 212 ms going from
-    float32 to bfloat16. ``flush_denormals`` times what the served forward runs; only the
+    the fastest round per type (a worker starts while others start or serve, and the least
+    disturbed round says more of a type's speed than a median of disturbed ones: a probe run
+    beside the test suite once picked float32 on a CPU where bfloat16 is 1.5x faster). A CPU
+    flag is not enough: two machines reporting the same ``avx512_bf16`` flag measured the
+    default's forward at 544x368 102 -> 59 ms and 149 -> 212 ms going from float32 to bfloat16. ``flush_denormals`` times what the served forward runs; only the
     forwards run flushed (numpy computed its float limits as zero when it first ran inside the
     flushed block, and kept them)."""
     times: dict = {d: [] for d in dtypes}
@@ -105,7 +107,7 @@ def faster_dtype(net: torch.nn.Module, x: torch.Tensor, dtypes=(torch.float32, t
                     nets[d](inputs[d], features=True)
                 if r:
                     times[d].append(time.perf_counter() - t0)
-    return min(dtypes, key=lambda d: float(np.median(times[d])))
+    return min(dtypes, key=lambda d: min(times[d]))
 
 
 def read_channels(num_slots: int, clicks: np.ndarray, prev: np.ndarray | None,
