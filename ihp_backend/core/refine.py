@@ -109,7 +109,10 @@ def class_coefficients(photo: PhotoGuide, p: torch.Tensor) -> tuple[torch.Tensor
     means = box_mean(torch.cat([p, (guide[None] * p[:, None]).reshape(3 * c, h, w)]), photo.radius)
     mean_p = means[:c]
     cov_ip = means[c:].reshape(c, 3, h, w) - mean_i[None] * mean_p[:, None]
-    a = torch.einsum("klhw,clhw->ckhw", photo.inv_cov, cov_ip)
+    inv = photo.inv_cov  # a_k = (Sigma + eps U)^-1 cov(I, p_k), He et al. Eq. 19: nine products
+    # written out (torch's einsum went through batched matmuls of 3 x 3: 1.5 ms more at 11 classes)
+    a = torch.stack([cov_ip[:, 0] * inv[k, 0] + cov_ip[:, 1] * inv[k, 1] + cov_ip[:, 2] * inv[k, 2]
+                     for k in range(3)], 1)
     b = mean_p - (a * mean_i[None]).sum(1)
     ab = box_mean(torch.cat([a.reshape(3 * c, h, w), b]), photo.radius)
     return ab[:3 * c].reshape(c, 3, h, w), ab[3 * c:]
