@@ -158,16 +158,16 @@ def test_first_conv_cache_equals_the_whole_conv_click_after_click():
     edit3[60:64, 44:48] = 5
     big = rng.integers(-1, k, (64, 48)).astype(np.int16)
     steps = [None, labels, edit1, edit2, edit3, big, edit3, None]
-    updates = []
+    updates, photo = [], {}
     for step in steps:
-        got = cache.output(rgb, step)
+        got = cache.output(photo, rgb, step)
         want = _whole_first_conv(conv, rgb, np.full((64, 48), -1, np.int16) if step is None else step, k)
         assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
-        updates.append(cache._entries[id(rgb)]["updates"])
+        updates.append(photo["updates"])
     assert updates[2:5] == [1, 2, 3]  # local edits: added block by block
     assert updates[5] == 0  # most blocks changed: recomputed whole
     other = rng.normal(size=(3, 64, 48)).astype(np.float32)  # another photo: its own terms
-    assert torch.allclose(cache.output(other, edit1), _whole_first_conv(conv, other, edit1, k), atol=1e-4)
-    assert torch.allclose(cache.output(rgb, edit1), _whole_first_conv(conv, rgb, edit1, k), atol=1e-4)
+    assert torch.allclose(cache.output({}, other, edit1), _whole_first_conv(conv, other, edit1, k), atol=1e-4)
+    assert torch.allclose(cache.output(photo, rgb, edit1), _whole_first_conv(conv, rgb, edit1, k), atol=1e-4)
     assert torch.allclose(label_planes_conv(conv.weight[:, 3 + k:].detach(), torch.from_numpy(edit1), 2, 3),
-                          _whole_first_conv(conv, rgb, edit1, k) - cache._entries[id(rgb)]["base"], atol=1e-4)
+                          _whole_first_conv(conv, rgb, edit1, k) - photo["base"], atol=1e-4)

@@ -93,9 +93,9 @@ def faster_dtype(net: torch.nn.Module, x: torch.Tensor, dtypes=(torch.float32, t
     disturbed round says more of a type's speed than a median of disturbed ones: a probe run
     beside the test suite once picked float32 on a CPU where bfloat16 is 1.5x faster). A CPU
     flag is not enough: two machines reporting the same ``avx512_bf16`` flag measured the
-    default's forward at 544x368 102 -> 59 ms and 149 -> 212 ms going from float32 to bfloat16. ``flush_denormals`` times what the served forward runs; only the
-    forwards run flushed (numpy computed its float limits as zero when it first ran inside the
-    flushed block, and kept them)."""
+    default's forward at 544x368 102 -> 59 ms and 149 -> 212 ms going from float32 to bfloat16.
+    ``flush_denormals`` times what the served forward runs; only the forwards run flushed (numpy
+    computed its float limits as zero when it first ran inside the flushed block, and kept them)."""
     times: dict = {d: [] for d in dtypes}
     nets = {d: weights_in(net, d) for d in dtypes}
     inputs = {d: x.to(d) for d in dtypes}
@@ -353,11 +353,12 @@ class FirstConvCache:
     maps (``conv_of_patches``, added by the caller). A click so reads neither the photo nor
     the ten planes of a ten-label answer again: the forward no longer grows with the labels
     answered. Recomputed whole when more than ``full_share`` of the blocks (or half that share
-    of the pixels) changed, and after ``max_updates`` updates (float rounding does not pile up). Kept for the last ``photos``
-    photos (a zoomed parse alternates the photo and its crops). Float32 throughout."""
+    of the pixels) changed, and after ``max_updates`` updates (float rounding does not pile up).
+    The terms live in a dict per photo that the caller keeps (the Parser's per-image cache).
+    Float32 throughout."""
 
     def __init__(self, conv: torch.nn.Conv2d, num_slots: int, prev_mask: bool, tile: int = 8,
-                 full_share: float = 0.5, max_updates: int = 64, photos: int = 3):
+                 full_share: float = 0.5, max_updates: int = 64):
         w = conv.weight.detach().float()
         k = num_slots
         self.kernel, self.stride, self.padding = conv.kernel_size[0], conv.stride[0], conv.padding[0]
@@ -367,28 +368,18 @@ class FirstConvCache:
         self.base_weight = torch.cat([w[:, :3], w[:, 3:3 + k].sum(1, keepdim=True)], 1)  # RGB, maps as ones
         self.label_weight = w[:, 3 + k:3 + 2 * k] if prev_mask else None
         self.bias = conv.bias.detach().float() if conv.bias is not None else None
-        self.tile, self.full_share, self.max_updates, self.photos = int(tile), float(full_share), int(max_updates), int(photos)
-        self._entries: OrderedDict[int, dict] = OrderedDict()  # id(rgb) -> its terms
+        self.tile, self.full_share, self.max_updates = int(tile), float(full_share), int(max_updates)
 
-    def _entry(self, rgb: np.ndarray) -> dict:
-        e = self._entries.get(id(rgb))
-        if e is not None and e["ref"]() is rgb:
-            self._entries.move_to_end(id(rgb))
-            return e
-        planes = torch.from_numpy(np.asarray(rgb, np.float32))
-        x = torch.cat([planes, planes.new_ones((1,) + planes.shape[1:])])[None]
-        base = F.conv2d(x, self.base_weight, self.bias, stride=self.stride, padding=self.padding)[0]
-        e = {"ref": weakref.ref(rgb), "base": base, "labels": None, "term": None, "updates": 0}
-        self._entries[id(rgb)] = e
-        while len(self._entries) > self.photos:
-            self._entries.popitem(last=False)
-        return e
-
-    def output(self, rgb: np.ndarray, labels: np.ndarray | None) -> torch.Tensor:
-        """The first conv's output (O, ho, wo) for the normalised RGB planes ``rgb`` (3, h, w)
-        (the same array object for every click on a photo), all maps 1 and the one-hot planes of
-        ``labels`` (h, w) int, -1 for no label (None: no previous prediction)."""
-        e = self._entry(rgb)
+    def output(self, state: dict, rgb: np.ndarray, labels: np.ndarray | None) -> torch.Tensor:
+        """The first conv's output (O, ho, wo) for the normalised RGB planes ``rgb`` (3, h, w),
+        all maps 1 and the one-hot planes of ``labels`` (h, w) int, -1 for no label (None: no
+        previous prediction). ``state``: the photo's dict, empty the first time, updated here."""
+        e = state
+        if "base" not in e:  # the photo's first parse
+            planes = torch.from_numpy(np.asarray(rgb, np.float32))
+            x = torch.cat([planes, planes.new_ones((1,) + planes.shape[1:])])[None]
+            e.update(base=F.conv2d(x, self.base_weight, self.bias, stride=self.stride, padding=self.padding)[0],
+                     labels=None, term=None, updates=0)
         if self.label_weight is None:
             return e["base"].clone()
         h, w = rgb.shape[1:]
@@ -614,6 +605,7 @@ class Parser:
         t0 = time.perf_counter()
         hw = network_size(image.shape[:2], self.max_side)
         small, rgb = self._network_image(image, hw)
+        stem = self._per_image("first-conv", image, hw, dict) if self._stem is not None else None  # FirstConvCache
         c = scale_clicks(clicks, image.shape[:2], hw) if len(clicks) else np.zeros((0, 3))
         n = 3 + self.num_slots * (2 if self.use_prev_mask else 1)
         with self._lock, torch.inference_mode():
@@ -621,11 +613,11 @@ class Parser:
             if self.use_prev_mask and prev_mask is not None:
                 pm = prev_mask if prev_mask.shape == tuple(hw) else np.asarray(
                     Image.fromarray(prev_mask.astype(np.int32)).resize((hw[1], hw[0]), Image.NEAREST))
-            if self._stem is not None:  # CPU: no input tensor at all (FirstConvCache)
+            if stem is not None:  # CPU: no input tensor at all (FirstConvCache)
                 prev = None if pm is None else np.where((pm >= 0) & (pm < self.num_slots), pm, -1).astype(np.int16)
                 patches = click_map_patches(c, hw, self.num_slots)
                 t1 = time.perf_counter()
-                out = self._forward_kept(rgb, prev, patches, hw, vocab_context=not len(c))
+                out = self._forward_kept(stem, rgb, prev, patches, hw, vocab_context=not len(c))
                 if timings is not None:
                     timings["input"] = t1 - t0
                     timings["forward"] = time.perf_counter() - t1
@@ -708,13 +700,14 @@ class Parser:
             state["prev"] = new
         return dev
 
-    def _forward_kept(self, rgb: np.ndarray, prev: np.ndarray | None, patches, hw: tuple[int, int],
-                      vocab_context: bool) -> torch.Tensor:
+    def _forward_kept(self, stem: dict, rgb: np.ndarray, prev: np.ndarray | None, patches,
+                      hw: tuple[int, int], vocab_context: bool) -> torch.Tensor:
         """A click's forward on the CPU (caller holds the lock), with no input tensor: the first
-        conv's output is the photo's and the previous prediction's, kept across clicks
-        (``FirstConvCache``; ``prev`` (h, w) int16 slot labels, -1 for none), plus the convs of
-        the clicks' map patches (``click_map_patches``, ``conv_of_patches``). Stride-4 logits."""
-        y = self._stem.output(rgb, prev)
+        conv's output is the photo's and the previous prediction's, kept across clicks in the
+        photo's ``stem`` dict (``FirstConvCache``; ``prev`` (h, w) int16 slot labels, -1 for
+        none), plus the convs of the clicks' map patches (``click_map_patches``,
+        ``conv_of_patches``). Stride-4 logits."""
+        y = self._stem.output(stem, rgb, prev)
         maps = [(3 + s, y0, x0, torch.from_numpy(v)) for s, y0, x0, v in patches]
         for rows, cols, t in conv_of_patches(self._first_conv, maps, hw):
             y[:, rows, cols] += t
