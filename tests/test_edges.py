@@ -38,6 +38,10 @@ class Contrary(EdgeRefinerNet):
     def forward(self, rgb, mask):
         return -mask
 
+    def inner_logits(self, x):
+        r = self.halo
+        return -x[:, 3, r:x.shape[2] - r, r:x.shape[3] - r]
+
 
 def test_only_band_pixels_are_redecided_whatever_the_tiling():
     labels, rgb = two_labels()
@@ -100,3 +104,26 @@ def test_the_shipped_refiner_is_one_setting_away(monkeypatch, tmp_path):
         Settings.from_env()
     monkeypatch.delenv("IHP_EDGE_REFINER")
     assert Settings.from_env().edge_refiner is None  # off by default
+
+
+def test_band_equals_the_window_definition_on_random_maps():
+    """``boundary_band`` is exactly "the clipped (2w+1)^2 window holds two labels"."""
+    from scipy import ndimage
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        h, w = rng.integers(1, 40, 2)
+        labels = rng.integers(0, 4, (h, w))
+        if rng.random() < 0.6:  # blocky regions, as served labels are
+            labels = np.kron(rng.integers(0, 4, (h // 5 + 1, w // 5 + 1)), np.ones((5, 5), int))[:h, :w]
+        for width in (0, 1, 3, 6):
+            k = 2 * width + 1
+            want = ndimage.maximum_filter(labels, k, mode="nearest") != ndimage.minimum_filter(labels, k, mode="nearest")
+            np.testing.assert_array_equal(boundary_band(labels, width), want)
+
+
+def test_unpadded_tile_logits_equal_the_padded_forward():
+    net = EdgeRefinerNet(width=6, dilations=(1, 2))
+    torch.nn.init.normal_(net.head.weight)
+    rgb, mask = torch.rand(3, 3, 22, 22) - 0.5, torch.randint(0, 2, (3, 1, 22, 22)).float() * 2 - 1
+    r = net.halo
+    torch.testing.assert_close(net.inner_logits(torch.cat([rgb, mask], 1)), net(rgb, mask)[:, 0, r:-r, r:-r])

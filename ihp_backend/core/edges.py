@@ -43,6 +43,17 @@ class EdgeRefinerNet(nn.Module):
         """``rgb`` (N, 3, h, w) in [-0.5, 0.5], ``mask`` (N, 1, h, w) in {-1, 1} -> (N, 1, h, w) logits."""
         return self.head(self.body(torch.cat([rgb, mask], 1))) + self.skip * mask
 
+    def inner_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` on ``x`` = cat(rgb, mask) (N, 4, h, w), only where the receptive field lies
+        inside: (N, h - 2 halo, w - 2 halo), equal to ``forward(...)[:, 0, halo:-halo, halo:-halo]``.
+        Unpadded convs: no work on the border pixels a tile's answer never reads (a third of
+        the MACs of a 16 px tile)."""
+        h = x
+        for m in self.body:
+            h = F.conv2d(h, m.weight, m.bias, dilation=m.dilation) if isinstance(m, nn.Conv2d) else torch.relu_(h)
+        r = self.halo
+        return F.conv2d(h, self.head.weight, self.head.bias)[:, 0] + self.skip * x[:, 3, r:x.shape[2] - r, r:x.shape[3] - r]
+
 
 def save_edge_refiner(net: EdgeRefinerNet, path: str, meta: dict | None = None) -> None:
     torch.save({"format": EDGE_FORMAT, "config": net.cfg, "state_dict": net.state_dict(), "meta": meta or {}}, path)
@@ -68,14 +79,36 @@ def work_size(hw: tuple[int, int], side: int) -> tuple[int, int]:
     return max(1, round(h * s)), max(1, round(w * s))
 
 
+def _spread(a: np.ndarray, axis: int, lo: int, hi: int, n: int) -> np.ndarray:
+    """``out[k] = a[k + lo .. k + hi].any()`` along ``axis`` for ``k < n`` (bool; indices outside ``a``
+    count as False), by ``hi - lo`` shifted ORs."""
+    a = np.moveaxis(a, axis, 0)
+    shifted = np.zeros((n + hi - lo,) + a.shape[1:], bool)  # shifted[i] = a[i + lo]
+    s0, s1 = max(0, -lo), min(len(shifted), a.shape[0] - lo)
+    shifted[s0:s1] = a[s0 + lo:s1 + lo]
+    out = shifted[:n].copy()
+    for d in range(1, hi - lo + 1):
+        out |= shifted[d:d + n]
+    return np.moveaxis(out, 0, axis)
+
+
 def boundary_band(labels: np.ndarray, width: int) -> np.ndarray:
-    """Pixels within ``width`` (Chebyshev) of a pixel with another label, (H, W) bool (the window's
-    largest and smallest label differ; separable filters, 6 ms on a CCP photo)."""
-    from scipy import ndimage
+    """Pixels within ``width`` (Chebyshev) of a pixel with another label, (H, W) bool: the
+    (2 width + 1)^2 window (clipped at the border) holds two labels, i.e. two neighbours in it
+    differ. The label changes between horizontal and vertical neighbours, spread over the windows
+    that hold both pixels (shifted ORs, about 2 ms on a CCP photo; a window max != min filter
+    costs 3 in uint8, 8 in int16)."""
     lab = np.asarray(labels)
-    lab = lab.astype(np.int16) if lab.size and -32768 <= lab.min() and lab.max() < 32768 else lab
-    k = 2 * int(width) + 1
-    return ndimage.maximum_filter(lab, k, mode="nearest") != ndimage.minimum_filter(lab, k, mode="nearest")
+    h, w = lab.shape
+    r = int(width)
+    out = np.zeros((h, w), bool)
+    if r < 1:
+        return out
+    if w > 1:  # a change between x and x + 1 is inside the windows of columns x + 1 - r .. x + r
+        out |= _spread(_spread(lab[:, 1:] != lab[:, :-1], 0, -r, r, h), 1, -r, r - 1, w)
+    if h > 1:
+        out |= _spread(_spread(lab[1:] != lab[:-1], 1, -r, r, w), 0, -r, r - 1, h)
+    return out
 
 
 def band_tiles(band: np.ndarray, tile: int) -> np.ndarray:
@@ -90,12 +123,14 @@ def band_tiles(band: np.ndarray, tile: int) -> np.ndarray:
 
 
 def refine_edges(labels: np.ndarray, rgb: np.ndarray, net: EdgeRefinerNet, band_width: int = 3,
-                 tile: int = 32, batch: int = 128) -> np.ndarray:
+                 tile: int = 16, batch: int = 256) -> np.ndarray:
     """``labels`` with the pixels within ``band_width`` of a boundary re-decided by ``net``: in
     each tile holding such pixels, every label present within ``band_width`` of the tile is
     scored by the net on its own mask (with the net's context around the tile), and a band pixel
     takes the label with the highest logit. Returns a new array; everything outside the band is
-    ``labels``'. The net runs in its weights' type, channels-last."""
+    ``labels``'. The net runs in its weights' type, channels-last, unpadded (``inner_logits``):
+    the answer does not depend on ``tile`` (16 px tiles cost least: 24.2 -> 15.9 ms on the bench's
+    CCP photo against 32 px padded ones)."""
     h, w = labels.shape
     band = boundary_band(labels, band_width)
     corners = band_tiles(band, tile)
@@ -103,35 +138,38 @@ def refine_edges(labels: np.ndarray, rgb: np.ndarray, net: EdgeRefinerNet, band_
     if not len(corners):
         return out
     r = net.halo
+    size = tile + 2 * r
     pad_lab = np.pad(labels, ((r, r + tile), (r, r + tile)), mode="edge")
     pad_rgb = np.pad(rgb, ((r, r + tile), (r, r + tile), (0, 0)), mode="edge")
-    size = tile + 2 * r
-    near = max(0, r - band_width)  # offset of the tile grown by band_width inside the padded crop
-    jobs = []  # (tile index, label)
-    for i, (y, x) in enumerate(corners):
-        for v in np.unique(pad_lab[y + near:y + size - near, x + near:x + size - near]):
-            jobs.append((i, int(v)))
+    ys, xs = corners[:, 0], corners[:, 1]
+    # every band tile with the net's context around it: (T, size, size) and (T, 3, size, size)
+    crops = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(pad_lab, (size, size))[ys, xs])
+    rgbs = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(pad_rgb, (size, size), axis=(0, 1))[ys, xs])
+    # the labels within band_width of each tile: one job (tile, label) each
+    near = max(0, r - band_width)
+    values, inv = np.unique(crops[:, near:size - near, near:size - near].reshape(len(corners), -1), return_inverse=True)
+    present = np.zeros((len(corners), len(values)), bool)
+    present[np.arange(len(corners))[:, None], inv.reshape(len(corners), -1)] = True
+    job_tile, job_value = np.nonzero(present)  # grouped by tile
     dtype, device = next(net.parameters()).dtype, next(net.parameters()).device
-    best = np.full((len(corners), tile, tile), -np.inf, np.float32)
-    best_label = np.zeros((len(corners), tile, tile), labels.dtype)
+    scores = torch.full((len(values), len(corners), tile, tile), float("-inf"))  # label-major: argmax over the first axis is cheap
     with torch.inference_mode():
-        for s in range(0, len(jobs), batch):
-            part = jobs[s:s + batch]
-            idx = np.array([i for i, _ in part])
-            ys, xs = corners[idx, 0], corners[idx, 1]
-            rgb_in = np.stack([pad_rgb[y:y + size, x:x + size] for y, x in zip(ys, xs)])
-            mask_in = np.stack([pad_lab[y:y + size, x:x + size] == v for (y, x), (_, v) in zip(zip(ys, xs), part)])
-            x_rgb = torch.from_numpy(rgb_in).to(device).permute(0, 3, 1, 2).to(dtype) / 255.0 - 0.5
-            x_mask = torch.from_numpy(mask_in).to(device)[:, None].to(dtype) * 2 - 1
-            logit = net(x_rgb.contiguous(memory_format=torch.channels_last),
-                        x_mask.contiguous(memory_format=torch.channels_last))
-            logit = logit[:, 0, r:r + tile, r:r + tile].float().cpu().numpy()
-            for k, (i, v) in enumerate(part):
-                better = logit[k] > best[i]
-                best[i][better] = logit[k][better]
-                best_label[i][better] = v
-    for i, (y, x) in enumerate(corners):
-        hh, ww = min(tile, h - y), min(tile, w - x)
-        sel = band[y:y + hh, x:x + ww]
-        out[y:y + hh, x:x + ww][sel] = best_label[i, :hh, :ww][sel]
+        rgb_t = torch.from_numpy(rgbs).to(device).to(dtype) / 255.0 - 0.5
+        crops_t = torch.from_numpy(crops).to(device)
+        values_t = torch.from_numpy(values).to(device)
+        for s in range(0, len(job_tile), batch):
+            jt, jv = torch.from_numpy(job_tile[s:s + batch]), torch.from_numpy(job_value[s:s + batch])
+            mask = (crops_t[jt.to(device)] == values_t[jv.to(device)][:, None, None]).to(dtype)[:, None] * 2 - 1
+            x = torch.cat([rgb_t[jt.to(device)], mask], 1).contiguous(memory_format=torch.channels_last)
+            scores[jv, jt] = net.inner_logits(x).float().cpu()
+    top, arg = scores[0].clone(), torch.zeros(scores.shape[1:], dtype=torch.long)
+    for k in range(1, len(values)):  # argmax over labels by passes (torch's argmax over a leading axis is 4x slower)
+        better = scores[k] > top
+        top = torch.where(better, scores[k], top)
+        arg.masked_fill_(better, k)
+    best = values[arg.numpy()].astype(labels.dtype, copy=False)  # (T, tile, tile)
+    th, tw = -(-h // tile), -(-w // tile)
+    grid = np.zeros((th, tw, tile, tile), labels.dtype)
+    grid[ys // tile, xs // tile] = best
+    np.copyto(out, grid.transpose(0, 2, 1, 3).reshape(th * tile, tw * tile)[:h, :w], where=band)
     return out
