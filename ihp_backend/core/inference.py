@@ -139,9 +139,22 @@ def network_size(hw: tuple[int, int], max_side: int, multiple: int = 16) -> tupl
 
 
 def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    if image.shape[:2] == tuple(hw):
-        return image
-    return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BILINEAR))
+    """``image`` (H, W, 3) uint8 resized to ``hw``, bilinear (itself when it is that size)."""
+    return resize_images(image, [hw])[0]
+
+
+def resize_images(image: np.ndarray, sizes) -> list[np.ndarray]:
+    """``resize_image`` to each of ``sizes`` from one PIL copy of ``image`` (at 12 MP the copy
+    is a 46 MB transient and ~15 ms)."""
+    pil = None
+    out = []
+    for hw in sizes:
+        if image.shape[:2] == tuple(hw):
+            out.append(image)
+            continue
+        pil = Image.fromarray(image) if pil is None else pil
+        out.append(np.asarray(pil.resize((hw[1], hw[0]), Image.BILINEAR)))
+    return out
 
 
 def _source_coords(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
@@ -561,7 +574,12 @@ class Parser:
     def _network_image(self, image: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """The image resized to network size and its normalised RGB planes (``_per_image``)."""
         def make():
-            small = resize_image(image, hw)
+            work = work_size(image.shape[:2], self.edge_side) if self.edge_net is not None else None
+            if work is None or tuple(work) == tuple(image.shape[:2]):
+                small = resize_image(image, hw)
+            else:  # the edge refiner's working copy from the same PIL copy, kept for _work_image
+                small, at_work = resize_images(image, [hw, tuple(work)])
+                self._per_image("work", image, tuple(work), lambda: at_work)
             return small, normalise_rgb(small, self.mean, self.std)
         return self._per_image("network", image, hw, make)
 
