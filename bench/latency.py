@@ -18,7 +18,9 @@
 is the phone-photo case (issue 29) instead: a CCP photo upscaled 5x (2750 x 4150, 11.4 MP),
 12 labels, ten single clicks per task the way Label Studio sends them, one gunicorn worker;
 per click index p50 of the request and of every Server-Timing stage, the JSON size per click
-(also at CCP size), the first click on a new photo (fetch + decode + parse) and peak RSS. With
+(also at CCP size), the first click on a new photo (fetch + decode + parse), the 2nd and the last
+click's click sets again at once on fresh tasks of the decoded photo (no history, no previous
+prediction: the part of a click's cost that is its answer's) and peak RSS. With
 ``--baseline-root`` (e.g. a ``git worktree`` of an older commit) a second backend from that tree
 answers the same clicks, task by task in turn, so A and B are measured back to back;
 ``--baseline-env KEY=VALUE`` gives that second backend (this tree by default) a setting.
@@ -237,6 +239,23 @@ def phone_sequence(url, ref, w, h, task, n_clicks, project="bench.12mp"):
     return out
 
 
+def clicks_at_once(url, ref, w, h, seed, n_clicks, task, project="bench.12mp"):
+    """The first ``n_clicks`` clicks of ``phone_sequence``'s task ``seed`` in one request on a new
+    task ``task`` (the photo already decoded): what that answer costs without any click history
+    or previous prediction. (seconds, stages, response bytes)."""
+    keypoints = [{"type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": w,
+                  "original_height": h, "is_positive": True,
+                  "value": {"x": 100 * x / w, "y": 100 * y / h, "keypointlabels": [lab]}}
+                 for y, x, lab in clicks_for(h, w, n_clicks, PHONE_LABELS, seed)]
+    body = click_body(task, ref, LIP_CONFIG, w, h, 0, 0, PHONE_LABELS[0], project)
+    body["params"]["context"]["result"] = keypoints
+    t = time.perf_counter()
+    r = requests.post(url + "/predict", json=body, timeout=120)
+    dt = time.perf_counter() - t
+    r.raise_for_status()
+    return dt, server_timing(r.headers.get("Server-Timing", "")), len(r.content)
+
+
 def phone_case(a):
     """Issue 29's measurement; prints a table per backend and one JSON line."""
     photo = ccp_photo()
@@ -256,7 +275,7 @@ def phone_case(a):
                 env.update(kv.split("=", 1) for kv in a.baseline_env)
             backends[name] = start_backend(a.checkpoint, env, workers=1, root=root)
         h, w = big.shape[:2]
-        per = {n: {"clicks": [], "first": [], "ccp": []} for n in backends}
+        per = {n: {"clicks": [], "first": [], "ccp": [], "once_2": [], "once_n": []} for n in backends}
         for t in range(a.tasks):
             for name, (_, url) in backends.items():
                 # a new photo each task (a copy under a new name): the first click fetches and decodes
@@ -266,6 +285,10 @@ def phone_case(a):
                 seq = phone_sequence(url, f"/data/local-files/?d={ref}", w, h, 1000 + t, a.clicks)
                 per[name]["first"].append(seq[0])
                 per[name]["clicks"].append(seq[1:])
+                # the 2nd and the last click's click sets again, each at once on a fresh task of this photo
+                for key, n in (("once_2", 2), ("once_n", a.clicks)):
+                    per[name][key].append(clicks_at_once(url, f"/data/local-files/?d={ref}", w, h, 1000 + t, n,
+                                                         (5000 if n == 2 else 6000) + t))
                 per[name]["ccp"].extend(phone_sequence(url, "/data/local-files/?d=photo.jpg", photo.shape[1],
                                                        photo.shape[0], 2000 + t, a.clicks))
         out = {"photo": f"{w}x{h}", "megapixels": round(w * h / 1e6, 1), "tasks": a.tasks, "clicks_per_task": a.clicks}
@@ -285,6 +308,14 @@ def phone_case(a):
                                             for k in stages},
                 "stages_ms_p50_last_click": {k: round(pct([seq[-1][1].get(k, 0.0) for seq in r["clicks"]], 50), 1)
                                              for k in stages},
+                # the same click sets at once on fresh tasks: if the last click's growth over the 2nd
+                # is here too, it is the answer's (more labels), not the task's click history
+                "at_once_2_clicks_ms_p50": round(pct([c[0] for c in r["once_2"]], 50), 1),
+                "at_once_all_clicks_ms_p50": round(pct([c[0] for c in r["once_n"]], 50), 1),
+                "at_once_2_clicks_stages_ms_p50": {k: round(pct([c[1].get(k, 0.0) for c in r["once_2"]], 50), 1)
+                                                   for k in stages},
+                "at_once_all_clicks_stages_ms_p50": {k: round(pct([c[1].get(k, 0.0) for c in r["once_n"]], 50), 1)
+                                                     for k in stages},
                 "first_click_ms_p50": round(pct([f[0] for f in r["first"]], 50), 1),
                 "first_click_stages_ms_p50": {k: round(pct([f[1].get(k, 0.0) for f in r["first"]], 50), 1)
                                               for k in sorted({k for f in r["first"] for k in f[1]})},
@@ -304,7 +335,8 @@ def phone_case(a):
                 print(f"| {i} | {v} |", file=sys.stderr)
             print(f"clicks 2-{a.clicks}: p50 {res['clicks_2_to_n_ms_p50']} ms, p95 {res['clicks_2_to_n_ms_p95']} ms; "
                   f"stages p50 {res['stages_ms_p50']} (2nd click {res['stages_ms_p50_2nd_click']}, "
-                  f"last {res['stages_ms_p50_last_click']}); first click {res['first_click_ms_p50']} ms "
+                  f"last {res['stages_ms_p50_last_click']}); the 2nd / last click's clicks at once on a fresh task "
+                  f"{res['at_once_2_clicks_ms_p50']} / {res['at_once_all_clicks_ms_p50']} ms; first click {res['first_click_ms_p50']} ms "
                   f"{res['first_click_stages_ms_p50']}; JSON {res['json_kb_per_click_p50']} KB per click "
                   f"(max {res['json_kb_per_click_max']}); CCP photo clicks 2-{a.clicks} p50 "
                   f"{res['ccp_clicks_2_to_n_ms_p50']} ms {res['ccp_stages_ms_p50']}, JSON {res['ccp_json_kb_per_click_p50']} KB; "

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CHECKPOINT = os.path.join(PACKAGE_DIR, "models", "default.pt")
-SHIPPED_EDGE_REFINER = os.path.join(PACKAGE_DIR, "models", "edge_refiner.pt")  # IHP_EDGE_REFINER=1
 
 
 def _int(name: str, default: int) -> int:
@@ -49,24 +48,17 @@ def default_torch_threads(workers: int | None = None) -> int:
     return max(1, _int("IHP_TORCH_THREADS", 0) or cpu_cores() // (workers or default_workers()))
 
 
-from .core.options import PRECISIONS, ParserOptions  # noqa: F401 (PRECISIONS: re-exported)
+from .core.options import PRECISIONS, SHIPPED_EDGE_REFINER, ParserOptions, edge_refiner_path  # noqa: F401 (re-exported)
 from .core.allocator import DEFAULT_KEEP_MB
 
 
 def _edge_refiner(value: str | None) -> str | None:
-    """IHP_EDGE_REFINER: unset or empty = the default (``ParserOptions.edge_refiner``), "0" = none,
-    "1" = the one shipped beside the default model, else a file written by
-    ``model_training.train_edges``, which must exist."""
-    v = (value or "").strip()
-    if not v:
-        return ParserOptions.edge_refiner
-    if v.lower() in ("0", "off", "none"):
-        return None
-    if v == "1":
-        return SHIPPED_EDGE_REFINER
-    if not os.path.isfile(v):
-        raise SystemExit(f"IHP_EDGE_REFINER: no such file {v!r}")
-    return v
+    """IHP_EDGE_REFINER (``core.options.edge_refiner_path``): unset = the shipped refiner, "0" = none,
+    else a file that must exist."""
+    try:
+        return edge_refiner_path(value)
+    except ValueError as e:
+        raise SystemExit(f"IHP_EDGE_REFINER: {e}") from None
 
 
 def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from ihp_backend.core.allocator import tune_malloc
 from ihp_backend.core.label_rules import allowed_slots, fill_channels, prior_channels, zero_click_channels
-from ihp_backend.core.options import PRECISIONS, ParserOptions
+from ihp_backend.core.options import PRECISIONS, ParserOptions, edge_refiner_path
 
 from . import click_simulation as cs
 from .datasets import open_dataset
@@ -522,8 +522,9 @@ def main(argv=None):
                          "phone-size photos with known labels, for full-resolution boundary F1")
     ap.add_argument("--side-by-side", type=int, default=1, metavar="N",
                     help="photos of N people: N consecutive samples side by side in one image")
-    ap.add_argument("--edge-refiner", default=None,
-                    help="a trained edge refiner (model_training.train_edges; the backend's IHP_EDGE_REFINER)")
+    ap.add_argument("--edge-refiner", default="",
+                    help="a trained edge refiner (model_training.train_edges; the backend's IHP_EDGE_REFINER): "
+                         "default the shipped one, as served; 0: none")
     ap.add_argument("--edge-side", type=int, default=ParserOptions.edge_side,
                     help="the edge refiner's working size, longer side (IHP_EDGE_SIDE)")
     ap.add_argument("--aspp-rank", type=int, default=ParserOptions.aspp_rank,
@@ -550,7 +551,7 @@ def main(argv=None):
         opts = ParserOptions(max_side=a.max_side, flip=a.flip, refine=not a.no_refine,
                              full_res_edges=a.full_res_edges, click_radius=a.click_radius, precision=a.precision, threads=a.threads,
                              unclaimed_bias=a.unclaimed_bias, zoom=not a.no_zoom, vocab_prior=a.vocab_prior,
-                             vocab_share=bool(a.vocab_share), edge_refiner=a.edge_refiner or None,
+                             vocab_share=bool(a.vocab_share), edge_refiner=edge_refiner_path(a.edge_refiner),
                              edge_side=a.edge_side, aspp_rank=a.aspp_rank)
         parser = Parser.from_file(ck, **opts.parser_kwargs())
         predictors.append(CorePredictor(parser, ds.classes, name=f"{parser.model_version}",

@@ -92,7 +92,7 @@ def test_parser_with_an_untrained_refiner_serves_what_it_served(tiny_checkpoint,
             assert b.shape == a.shape and (a == b).mean() > 0.9
 
 
-def test_the_shipped_refiner_is_one_setting_away(monkeypatch, tmp_path):
+def test_the_shipped_refiner_is_served_by_default_and_one_setting_turns_it_off(monkeypatch, tmp_path):
     from ihp_backend.settings import SHIPPED_EDGE_REFINER, Settings
     monkeypatch.setenv("IHP_EDGE_REFINER", "1")
     assert Settings.from_env().parser_options().edge_refiner == SHIPPED_EDGE_REFINER
@@ -103,7 +103,12 @@ def test_the_shipped_refiner_is_one_setting_away(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         Settings.from_env()
     monkeypatch.delenv("IHP_EDGE_REFINER")
-    assert Settings.from_env().edge_refiner is None  # off by default
+    assert Settings.from_env().edge_refiner == SHIPPED_EDGE_REFINER  # on by default
+    # the evaluator reads its --edge-refiner with the same rule (default: the shipped one)
+    from ihp_backend.core.options import edge_refiner_path
+    assert edge_refiner_path("") == SHIPPED_EDGE_REFINER and edge_refiner_path("off") is None
+    with pytest.raises(ValueError):
+        edge_refiner_path(str(tmp_path / "missing.pt"))
 
 
 def test_band_equals_the_window_definition_on_random_maps():

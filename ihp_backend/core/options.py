@@ -2,9 +2,13 @@
 evaluator from its flags, so that the evaluation measures what is served."""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 PRECISIONS = ("auto", "float32", "bfloat16")  # the forward's compute type (IHP_PRECISION)
+# the edge refiner shipped beside the default model (docs/experiments.md, "The edge refiner")
+SHIPPED_EDGE_REFINER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
+                                    "edge_refiner.pt")
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,9 @@ class ParserOptions:
     # goes to the clicked label whose class the vocabulary head sees there (inference.with_vocabulary_share;
     # chosen on CCP train, docs/experiments.md)
 
-    edge_refiner: str | None = None  # IHP_EDGE_REFINER: a trained edge refiner (core.edges) re-decides
-    # the pixels along boundaries at the photo's size up to edge_side (model_training.train_edges)
+    edge_refiner: str | None = SHIPPED_EDGE_REFINER  # IHP_EDGE_REFINER: a trained edge refiner (core.edges)
+    # re-decides the pixels along boundaries at the photo's size up to edge_side (model_training.train_edges;
+    # on by default since its rule passed on CCP val: 4x boundary F1 +3.0, docs/experiments.md); None: off
     edge_side: int = 1152  # IHP_EDGE_SIDE: the longer side of the edge refiner's working size
     aspp_rank: int = 128  # IHP_ASPP_RANK: the ASPP's branches read one shared rank-128 projection of
     # their input (network.low_rank_aspp, made at load; 0: the exact ASPP; docs/performance.md)
@@ -37,3 +42,20 @@ class ParserOptions:
     def parser_kwargs(self) -> dict:
         """Keyword arguments of ``ihp_backend.core.inference.Parser``."""
         return asdict(self)
+
+
+def edge_refiner_path(value: str | None) -> str | None:
+    """An edge refiner setting (IHP_EDGE_REFINER, ``evaluate --edge-refiner``) -> a file or None:
+    unset or empty = the default (``ParserOptions.edge_refiner``), "0" / "off" / "none" = none,
+    "1" = the shipped one, else a file written by ``model_training.train_edges``, which must exist
+    (ValueError)."""
+    v = (value or "").strip()
+    if not v:
+        return ParserOptions.edge_refiner
+    if v.lower() in ("0", "off", "none"):
+        return None
+    if v == "1":
+        return SHIPPED_EDGE_REFINER
+    if not os.path.isfile(v):
+        raise ValueError(f"no such edge refiner file {v!r}")
+    return v
