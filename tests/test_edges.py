@@ -132,3 +132,27 @@ def test_unpadded_tile_logits_equal_the_padded_forward():
     rgb, mask = torch.rand(3, 3, 22, 22) - 0.5, torch.randint(0, 2, (3, 1, 22, 22)).float() * 2 - 1
     r = net.halo
     torch.testing.assert_close(net.inner_logits(torch.cat([rgb, mask], 1)), net(rgb, mask)[:, 0, r:-r, r:-r])
+
+
+def test_the_refiner_sees_few_batch_shapes():
+    """Every new conv input shape leaves oneDNN primitives and buffers behind: the refiner's
+    batches come in multiples of 32 jobs whatever a click's job count, and the padding changes
+    no label."""
+    shapes = []
+
+    class Recording(EdgeRefinerNet):
+        def inner_logits(self, x):
+            shapes.append(tuple(x.shape))
+            return super().inner_logits(x)
+
+    net = Recording(width=4, dilations=(1, 2))
+    torch.nn.init.normal_(net.head.weight)
+    rng = np.random.default_rng(1)
+    for size in (23, 37, 61):
+        labels = np.kron(rng.integers(0, 5, (size // 4 + 1, size // 4 + 1)), np.ones((4, 4), int))[:size, :size]
+        rgb = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        out = refine_edges(labels, rgb, net, tile=8, batch=64)
+        band = boundary_band(labels, 3)
+        np.testing.assert_array_equal(out[~band], labels[~band])
+    assert shapes and all(s[0] % 32 == 0 and s[0] <= 64 for s in shapes)
+    assert len({s[0] for s in shapes}) <= 2
