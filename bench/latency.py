@@ -168,13 +168,17 @@ def start_backend(checkpoint: str, env_extra: dict, workers: int = 2, threads: i
                           workers=workers, cwd=root)
 
 
-def click_body(task, image_ref, label_config, w, h, x_pct, y_pct, label, project) -> dict:
-    """One interactive /predict body as Label Studio sends it: the newest keypoint only."""
+def keypoint(w, h, x_pct, y_pct, label) -> dict:
+    """A KeyPointLabels result as Label Studio sends it in a /predict context."""
+    return {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": w,
+            "original_height": h, "is_positive": True, "value": {"x": x_pct, "y": y_pct, "keypointlabels": [label]}}
+
+
+def click_body(task, image_ref, label_config, w, h, x_pct, y_pct, label, project, keypoints=None) -> dict:
+    """One interactive /predict body as Label Studio sends it: the newest keypoint only (or
+    ``keypoints``, several at once)."""
     return {"tasks": [{"id": task, "data": {"image": image_ref}}], "project": project, "label_config": label_config,
-            "params": {"context": {"result": [{
-                "type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": w,
-                "original_height": h, "is_positive": True,
-                "value": {"x": x_pct, "y": y_pct, "keypointlabels": [label]}}]}}}
+            "params": {"context": {"result": keypoints or [keypoint(w, h, x_pct, y_pct, label)]}}}
 
 
 def server_timing(header: str) -> dict[str, float]:
@@ -243,12 +247,8 @@ def clicks_at_once(url, ref, w, h, seed, n_clicks, task, project="bench.12mp"):
     """The first ``n_clicks`` clicks of ``phone_sequence``'s task ``seed`` in one request on a new
     task ``task`` (the photo already decoded): what that answer costs without any click history
     or previous prediction. (seconds, stages, response bytes)."""
-    keypoints = [{"type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": w,
-                  "original_height": h, "is_positive": True,
-                  "value": {"x": 100 * x / w, "y": 100 * y / h, "keypointlabels": [lab]}}
-                 for y, x, lab in clicks_for(h, w, n_clicks, PHONE_LABELS, seed)]
-    body = click_body(task, ref, LIP_CONFIG, w, h, 0, 0, PHONE_LABELS[0], project)
-    body["params"]["context"]["result"] = keypoints
+    keypoints = [keypoint(w, h, 100 * x / w, 100 * y / h, lab) for y, x, lab in clicks_for(h, w, n_clicks, PHONE_LABELS, seed)]
+    body = click_body(task, ref, LIP_CONFIG, w, h, None, None, None, project, keypoints=keypoints)
     t = time.perf_counter()
     r = requests.post(url + "/predict", json=body, timeout=120)
     dt = time.perf_counter() - t

@@ -9,19 +9,20 @@ batches were padded to fixed shapes). One process per run; compare two runs.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 
 import numpy as np
 import torch
 
-from bench.latency import ccp_photo
+from bench.latency import ccp_photo, status_mb
 from ihp_backend.core.inference import Parser
 from ihp_backend.core.options import SHIPPED_EDGE_REFINER, ParserOptions
 from ihp_backend.settings import DEFAULT_CHECKPOINT
 
 
 def rss_mb() -> float:
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
+    return status_mb(os.getpid(), "VmRSS")
 
 
 def main() -> None:

@@ -18,14 +18,14 @@ import time
 import numpy as np
 import torch
 
-from bench.latency import ccp_photo
+from bench.latency import ccp_photo, status_mb
 from ihp_backend.core.inference import Parser
 from ihp_backend.core.options import ParserOptions
 from ihp_backend.settings import DEFAULT_CHECKPOINT
 
 
 def rss_mb() -> float:
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
+    return status_mb(os.getpid(), "VmRSS")
 
 
 def main() -> None:

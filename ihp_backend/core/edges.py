@@ -177,8 +177,9 @@ def refine_edges(labels: np.ndarray, rgb: np.ndarray, net: EdgeRefinerNet, band_
                 n = len(jobs)
                 x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, -(-n // 32) * 32 - n)).contiguous(memory_format=torch.channels_last)
                 logit = net.inner_logits(x)[:n].float().cpu()
-                better = logit > top[jt]
-                top[jt] = torch.where(better, logit, top[jt])
+                held = top[jt]
+                better = logit > held
+                top[jt] = torch.where(better, logit, held)
                 arg[jt] = torch.where(better, jv[:, None, None], arg[jt])
     best = values[arg.numpy()].astype(labels.dtype, copy=False)  # (T, tile, tile)
     th, tw = -(-h // tile), -(-w // tile)

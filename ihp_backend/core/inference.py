@@ -574,12 +574,11 @@ class Parser:
     def _network_image(self, image: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """The image resized to network size and its normalised RGB planes (``_per_image``)."""
         def make():
-            work = work_size(image.shape[:2], self.edge_side) if self.edge_net is not None else None
-            if work is None or tuple(work) == tuple(image.shape[:2]):
-                small = resize_image(image, hw)
-            else:  # the edge refiner's working copy from the same PIL copy, kept for _work_image
-                small, at_work = resize_images(image, [hw, tuple(work)])
-                self._per_image("work", image, tuple(work), lambda: at_work)
+            # with the edge refiner, its working copy too, from the same PIL copy (kept for _work_image)
+            sizes = [hw] + ([tuple(work_size(image.shape[:2], self.edge_side))] if self.edge_net is not None else [])
+            small, *work = resize_images(image, sizes)
+            if work and work[0] is not image:
+                self._per_image("work", image, sizes[1], lambda: work[0])
             return small, normalise_rgb(small, self.mean, self.std)
         return self._per_image("network", image, hw, make)
 
