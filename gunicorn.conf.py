@@ -4,9 +4,18 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ihp_backend.core.allocator import env_with_allocator, preloaded_jemalloc, tune_malloc  # noqa: E402  (ctypes only)
 from ihp_backend.settings import Settings, default_workers  # noqa: E402  (no torch import: cheap)
 
 _s = Settings.from_env()
+
+# jemalloc (IHP_ALLOCATOR, default: when installed) can only be loaded before the process starts:
+# the master re-executes itself once with it preloaded; the workers it forks inherit it
+_env = env_with_allocator(_s.allocator, os.environ)
+if _env is not None:
+    print(f"[gunicorn.conf] IHP_ALLOCATOR={_s.allocator}: restarting with LD_PRELOAD={_env['LD_PRELOAD']}",
+          file=sys.stderr, flush=True)
+    os.execve(sys.executable, [sys.executable] + sys.argv, _env)
 bind = _s.bind
 workers = default_workers()  # IHP_WORKERS, else one per 4 cores (1 on a 2-core box)
 threads = _s.http_threads
@@ -23,9 +32,10 @@ max_requests_jitter = max_requests // 10
 
 
 def post_fork(server, worker):
-    """glibc malloc per worker, before it loads anything (``ihp_backend.core.allocator``): arenas
-    capped (IHP_MALLOC_ARENAS, default 2: with several request threads glibc would otherwise keep
-    up to 8 x cores arenas of freed memory around), and freed memory kept for the next forward
+    """Where glibc serves the mallocs (IHP_ALLOCATOR=glibc, or no jemalloc installed), tune it per
+    worker, before it loads anything (``ihp_backend.core.allocator``): arenas capped
+    (IHP_MALLOC_ARENAS, default 2: with several request threads glibc would otherwise keep up to
+    8 x cores arenas of freed memory around), and freed memory kept for the next forward
     (IHP_MALLOC_KEEP_MB, default 256: each forward faulted ~60 MB of pages in again without it)."""
-    from ihp_backend.core.allocator import tune_malloc  # ctypes only: no torch import
-    tune_malloc(max(0, _s.malloc_arenas), max(0, _s.malloc_keep_mb))
+    if not preloaded_jemalloc(os.environ):
+        tune_malloc(max(0, _s.malloc_arenas), max(0, _s.malloc_keep_mb))

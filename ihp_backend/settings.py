@@ -49,7 +49,7 @@ def default_torch_threads(workers: int | None = None) -> int:
 
 
 from .core.options import PRECISIONS, SHIPPED_EDGE_REFINER, ParserOptions, edge_refiner_path  # noqa: F401 (re-exported)
-from .core.allocator import DEFAULT_KEEP_MB
+from .core.allocator import ALLOCATORS, DEFAULT_KEEP_MB
 
 
 def _edge_refiner(value: str | None) -> str | None:
@@ -117,6 +117,7 @@ class Settings:
     timeout: int = 120  # IHP_TIMEOUT
     access_log: str | None = "-"  # IHP_ACCESS_LOG ("" turns it off)
     max_requests: int = 5000  # IHP_MAX_REQUESTS: a worker is replaced after this many
+    allocator: str = "auto"  # IHP_ALLOCATOR: jemalloc / glibc / auto (jemalloc when installed; core.allocator)
     malloc_arenas: int = 2  # IHP_MALLOC_ARENAS
     malloc_keep_mb: int = DEFAULT_KEEP_MB  # IHP_MALLOC_KEEP_MB: freed memory glibc keeps for the next forward (core.allocator)
     # the fit job (ihp_backend.fit_job)
@@ -176,6 +177,7 @@ class Settings:
             timeout=_int("IHP_TIMEOUT", 120),
             access_log=os.environ.get("IHP_ACCESS_LOG", "-") or None,
             max_requests=_int("IHP_MAX_REQUESTS", 5000),
+            allocator=_choice("IHP_ALLOCATOR", "auto", ALLOCATORS),
             malloc_arenas=_int("IHP_MALLOC_ARENAS", 2),
             malloc_keep_mb=_int("IHP_MALLOC_KEEP_MB", DEFAULT_KEEP_MB),
             fit_steps=_int("IHP_FIT_STEPS", 250),

@@ -5,4 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
+# jemalloc, the server's allocator where installed (IHP_ALLOCATOR=auto; docs/performance.md):
+# installed here when run as root on Debian/Ubuntu, else the server runs on glibc's malloc
+if [ "${IHP_ALLOCATOR:-auto}" != glibc ] && [ -z "$(ls /usr/lib/*/libjemalloc.so.2 /usr/lib/libjemalloc.so.2 2>/dev/null)" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[serve] installing libjemalloc2"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjemalloc2 >/dev/null) \
+      || echo "[serve] could not install libjemalloc2: serving on glibc's malloc" >&2
+  else
+    echo "[serve] libjemalloc2 is not installed: serving on glibc's malloc (a worker grows more over many photo sizes)" >&2
+  fi
+fi
 exec .venv/bin/gunicorn 'ihp_backend._wsgi:app' "$@"

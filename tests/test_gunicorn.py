@@ -164,12 +164,46 @@ def test_sigkilled_worker_is_replaced_and_history_survives(live, payloads):
     assert samples == 1
 
 
+def test_allocator_choice_preloads_jemalloc_once(tmp_path, monkeypatch):
+    """IHP_ALLOCATOR: auto takes jemalloc when installed, glibc never re-executes, an explicit
+    jemalloc without the library is a clear error, and an environment that already preloads it
+    is left alone (gunicorn.conf.py re-executes the master at most once)."""
+    from ihp_backend.core import allocator
+    from ihp_backend.core.allocator import env_with_allocator
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    env = {"PATH": "/bin", "LD_PRELOAD": "/x/libother.so"}
+    got = env_with_allocator("auto", env, library=str(lib))
+    assert got["LD_PRELOAD"] == f"{lib} /x/libother.so" and got["PATH"] == "/bin" and env["LD_PRELOAD"] == "/x/libother.so"
+    assert got["MALLOC_CONF"] == allocator.JEMALLOC_CONF
+    assert env_with_allocator("auto", dict(env, MALLOC_CONF="narenas:1"), library=str(lib))["MALLOC_CONF"] == "narenas:1"
+    assert env_with_allocator("jemalloc", got) is None  # already preloaded: no second exec
+    assert env_with_allocator("glibc", env, library=str(lib)) is None
+    missing = ("/nonexistent/libjemalloc.so.2",)
+    assert allocator.jemalloc_library(missing) is None
+    with pytest.raises(ValueError, match="IHP_ALLOCATOR"):
+        env_with_allocator("tcmalloc", env)
+    monkeypatch.setattr(allocator, "jemalloc_library", lambda: None)  # a machine without libjemalloc2
+    assert env_with_allocator("auto", env) is None  # glibc, tuned in post_fork
+    with pytest.raises(ValueError, match="apt-get install libjemalloc2"):
+        env_with_allocator("jemalloc", env)
+
+
+def needs_jemalloc():
+    from ihp_backend.core.allocator import jemalloc_library
+    return pytest.mark.skipif(jemalloc_library() is None and not os.environ.get("CI"),
+                              reason="no libjemalloc.so.2 (apt-get install libjemalloc2; .ci/run installs it)")
+
+
 @pytest.mark.skipif(not os.path.exists(DEFAULT_CHECKPOINT) or not os.path.exists("/proc/self/stat"),
                     reason="needs the embedded default model and Linux's /proc")
-def test_a_served_worker_reuses_freed_memory_across_clicks(tmp_path):
+@pytest.mark.parametrize("allocator", ["glibc", pytest.param("jemalloc", marks=needs_jemalloc())])
+def test_a_served_worker_reuses_freed_memory_across_clicks(tmp_path, allocator):
     """With glibc's own thresholds a worker's forward faulted ~10,000 fresh pages in on most
     clicks (its thread's arena handed the freed activations back each time: ~12% of the
-    forward; bench/malloc.py); gunicorn's post_fork now keeps them (IHP_MALLOC_KEEP_MB)."""
+    forward; bench/malloc.py); gunicorn's post_fork now keeps them (IHP_MALLOC_KEEP_MB). With
+    jemalloc (IHP_ALLOCATOR, the default where installed) the worker really runs on it and keeps
+    its freed pages between clicks as well."""
     from PIL import Image
     from bench.latency import LIP_CONFIG, PHONE_LABELS, children, click_body, clicks_for
     from bench.malloc import minor_faults
@@ -179,9 +213,11 @@ def test_a_served_worker_reuses_freed_memory_across_clicks(tmp_path):
     root = tmp_path / "files"
     root.mkdir()
     Image.fromarray(photo).save(root / "p.jpg", quality=95)
-    proc, url = start_live({"MODEL_DIR": str(tmp_path / "model_dir"), "IHP_LOCAL_ROOT": str(root)}, workers=1)
+    proc, url = start_live({"MODEL_DIR": str(tmp_path / "model_dir"), "IHP_LOCAL_ROOT": str(root),
+                            "IHP_ALLOCATOR": allocator}, workers=1)
     try:
         pid = children(proc.pid)[0]
+        assert ("libjemalloc" in open(f"/proc/{pid}/maps").read()) == (allocator == "jemalloc")
         faults = []
         s = requests.Session()
         for y, x, lab in clicks_for(830, 550, 10, PHONE_LABELS, 1):

@@ -1,5 +1,6 @@
-"""glibc malloc settings for a process that runs the network on the CPU (no torch import here:
-gunicorn's config file calls this before a worker loads anything).
+"""The memory allocator of a process that runs the network on the CPU (no torch import here:
+gunicorn's config file calls this before a worker loads anything): jemalloc where installed
+(``env_with_allocator``), else glibc's malloc tuned (``tune_malloc``).
 
 A forward at 576 x 384 allocates and frees about 60 MB of activations. glibc returns freed
 blocks of 128 KB and more to the kernel (``mmap`` / ``munmap``, heap trimming), and raises that
@@ -11,11 +12,18 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8  # <malloc.h>
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit (HEAP_MAX_SIZE / 2)
 HEAP_MAX = 64 << 20  # the size of a thread arena's heaps on 64-bit
 DEFAULT_KEEP_MB = 256  # IHP_MALLOC_KEEP_MB's default (settings.Settings)
+ALLOCATORS = ("auto", "jemalloc", "glibc")  # IHP_ALLOCATOR
+# jemalloc's options unless MALLOC_CONF is set (bench/malloc.py, docs/performance.md): one arena
+# for all threads (a click's arrays are made on one request thread and freed on another), no
+# separate arena for blocks of 8 MB and more, and freed pages kept for the next click instead of
+# decayed back to the kernel (jemalloc's defaults faulted 8,000-13,000 pages in again per click)
+JEMALLOC_CONF = "narenas:1,oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 
 def tune_malloc(arenas: int = 0, keep_mb: int = DEFAULT_KEEP_MB) -> bool:
@@ -43,3 +51,40 @@ def tune_malloc(arenas: int = 0, keep_mb: int = DEFAULT_KEEP_MB) -> bool:
         ok &= mallopt(M_TRIM_THRESHOLD, int(keep_mb) << 20) == 1
         ok &= mallopt(M_TOP_PAD, HEAP_MAX) == 1  # address space only: pages count once touched
     return bool(ok)
+
+
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+
+
+def jemalloc_library(paths=JEMALLOC_PATHS) -> str | None:
+    """The first jemalloc shared library found (Debian's ``libjemalloc2``), or None."""
+    return next((p for p in paths if os.path.isfile(p)), None)
+
+
+def preloaded_jemalloc(env) -> bool:
+    """Whether ``env``'s LD_PRELOAD already loads a jemalloc."""
+    return "jemalloc" in env.get("LD_PRELOAD", "")
+
+
+def env_with_allocator(allocator: str, env, library: str | None = None) -> dict | None:
+    """The environment to re-execute the server in so that ``allocator`` serves its mallocs, or None
+    when ``env`` already has it. A worker that parses many photo sizes grows by ~200 MB under
+    glibc (every new conv input shape leaves oneDNN primitives and freed blocks that glibc cannot
+    hand back); jemalloc holds that to a fraction (docs/performance.md, bench/malloc.py).
+    "auto" = jemalloc when the library is installed, else glibc (tuned by ``tune_malloc``);
+    "jemalloc" without the library is a ValueError. jemalloc can only be loaded before the
+    process starts (``LD_PRELOAD``), hence the re-execution; ``MALLOC_CONF`` is ``JEMALLOC_CONF``
+    unless already set."""
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"IHP_ALLOCATOR must be one of {', '.join(ALLOCATORS)}, not {allocator!r}")
+    if allocator == "glibc" or preloaded_jemalloc(env):
+        return None
+    library = library or jemalloc_library()
+    if library is None:
+        if allocator == "jemalloc":
+            raise ValueError("IHP_ALLOCATOR=jemalloc but no libjemalloc.so.2 is installed "
+                             "(Debian/Ubuntu: apt-get install libjemalloc2)")
+        return None
+    preload = " ".join(p for p in (library, env.get("LD_PRELOAD", "").strip()) if p)
+    return dict(env, LD_PRELOAD=preload, MALLOC_CONF=env.get("MALLOC_CONF") or JEMALLOC_CONF)
