@@ -156,3 +156,39 @@ def test_the_refiner_sees_few_batch_shapes():
         np.testing.assert_array_equal(out[~band], labels[~band])
     assert shapes and all(s[0] % 32 == 0 and s[0] <= 64 for s in shapes)
     assert len({s[0] for s in shapes}) <= 2
+
+
+def test_a_memo_of_the_last_refinement_gives_the_same_labels_and_skips_unchanged_tiles():
+    """``memo``: after a local change of the coarse labels (a click), only the tiles whose crop
+    changed are refined again, and the answer is the one without the memo, pixel for pixel."""
+    refined = []
+
+    class Counting(EdgeRefinerNet):
+        def inner_logits(self, x):
+            refined.append(x.shape[0])
+            return super().inner_logits(x)
+
+    net = Counting(width=6, dilations=(1, 2))
+    torch.manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, std=0.5)
+    rng = np.random.default_rng(3)
+    labels = np.kron(rng.integers(0, 4, (24, 30)), np.ones((5, 5), np.int64))[:117, :143]
+    rgb = rng.integers(0, 256, (117, 143, 3), dtype=np.uint8)
+    memo = [None]
+    first = refine_edges(labels, rgb, net, tile=16, memo=memo)
+    np.testing.assert_array_equal(first, refine_edges(labels, rgb, net, tile=16))
+    clicked = labels.copy()
+    clicked[40:62, 50:70] = 9  # one part changed, the rest as before
+    refined.clear()
+    again = refine_edges(clicked, rgb, net, tile=16, memo=memo)
+    with_memo = sum(refined)
+    refined.clear()
+    np.testing.assert_array_equal(again, refine_edges(clicked, rgb, net, tile=16))
+    assert 0 < with_memo < sum(refined) / 2  # the changed tiles' jobs only (each rank padded to 32)
+    assert memo[0].refined is again
+    unchanged = refine_edges(clicked, rgb, net, tile=16, memo=memo)
+    np.testing.assert_array_equal(unchanged, again)
+    other = refine_edges(clicked[:100], rgb[:100], net, tile=16, memo=memo)  # another size: no reuse
+    np.testing.assert_array_equal(other, refine_edges(clicked[:100], rgb[:100], net, tile=16))

@@ -8,6 +8,8 @@ Data layout: ``labels`` (H, W) integer label map, ``rgb`` (H, W, 3) uint8, same 
 refiner's weights and config travel in one small file (``save_edge_refiner``)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -122,26 +124,76 @@ def band_tiles(band: np.ndarray, tile: int) -> np.ndarray:
     return np.stack([ty * tile, tx * tile], 1)
 
 
+@dataclass(frozen=True)
+class EdgeMemo:
+    """What one ``refine_edges`` call answered, for the next call on the same photo and net:
+    the coarse labels as padded for the tiles' crops, and the refined labels (``refine_edges``'s
+    ``memo``)."""
+    padded: np.ndarray
+    refined: np.ndarray
+    tile: int
+    band_width: int
+
+
 def refine_edges(labels: np.ndarray, rgb: np.ndarray, net: EdgeRefinerNet, band_width: int = 3,
-                 tile: int = 16, batch: int = 256) -> np.ndarray:
+                 tile: int = 16, batch: int = 256, memo: list | None = None) -> np.ndarray:
     """``labels`` with the pixels within ``band_width`` of a boundary re-decided by ``net``: in
     each tile holding such pixels, every label present within ``band_width`` of the tile is
     scored by the net on its own mask (with the net's context around the tile), and a band pixel
     takes the label with the highest logit. Returns a new array; everything outside the band is
     ``labels``'. The net runs in its weights' type, channels-last, unpadded (``inner_logits``):
     the answer does not depend on ``tile`` (16 px tiles cost least: 24.2 -> 15.9 ms on the bench's
-    CCP photo against 32 px padded ones)."""
+    CCP photo against 32 px padded ones).
+
+    ``memo``: a one-item list holding the ``EdgeMemo`` of an earlier call on the same ``rgb`` with
+    the same net (or None), replaced by this call's. A tile whose crop of coarse labels (the tile,
+    the net's context and the band's) equals that call's takes that call's answer, which is what
+    the net would say again: a click changes the coarse labels in part of the photo, so the
+    refiner's cost follows what changed, not how many boundaries the photo has."""
     h, w = labels.shape
     band = boundary_band(labels, band_width)
     corners = band_tiles(band, tile)
     out = labels.copy()
-    if not len(corners):
-        return out
     r = net.halo
     size = tile + 2 * r
     pad_lab = np.pad(labels, ((r, r + tile), (r, r + tile)), mode="edge")
-    pad_rgb = np.pad(rgb, ((r, r + tile), (r, r + tile), (0, 0)), mode="edge")
+    earlier = memo[0] if memo else None
+    if memo is not None:
+        memo[0] = None
+    if not len(corners):
+        if memo is not None:
+            memo[0] = EdgeMemo(pad_lab, out, tile, band_width)
+        return out
+    th, tw = -(-h // tile), -(-w // tile)
+    grid = np.zeros((th, tw, tile, tile), labels.dtype)
     ys, xs = corners[:, 0], corners[:, 1]
+    if earlier is not None and earlier.padded.shape == pad_lab.shape and earlier.padded.dtype == pad_lab.dtype \
+            and (earlier.tile, earlier.band_width) == (tile, band_width) and band_width <= r:
+        # tiles whose crop is the earlier call's take its answer (the crop holds the band's reach too)
+        windows = np.lib.stride_tricks.sliding_window_view
+        same = (windows(pad_lab, (size, size))[ys, xs] == windows(earlier.padded, (size, size))[ys, xs]).all(axis=(1, 2))
+        if same.any():
+            old = np.zeros((th * tile, tw * tile), labels.dtype)
+            old[:h, :w] = earlier.refined
+            old = old.reshape(th, tile, tw, tile).transpose(0, 2, 1, 3)
+            grid[ys[same] // tile, xs[same] // tile] = old[ys[same] // tile, xs[same] // tile]
+            ys, xs = ys[~same], xs[~same]
+    if len(ys):
+        grid[ys // tile, xs // tile] = _refined_tiles(pad_lab, rgb, net, ys, xs, tile, band_width, batch)
+    np.copyto(out, grid.transpose(0, 2, 1, 3).reshape(th * tile, tw * tile)[:h, :w], where=band)
+    if memo is not None:
+        memo[0] = EdgeMemo(pad_lab, out, tile, band_width)
+    return out
+
+
+def _refined_tiles(pad_lab: np.ndarray, rgb: np.ndarray, net: EdgeRefinerNet, ys: np.ndarray, xs: np.ndarray,
+                   tile: int, band_width: int, batch: int) -> np.ndarray:
+    """``refine_edges``'s answer on the tiles at corners (``ys``, ``xs``): (T, tile, tile) labels,
+    each pixel the label present within ``band_width`` of the tile that the net scores highest."""
+    r = net.halo
+    size = tile + 2 * r
+    pad_rgb = np.pad(rgb, ((r, r + tile), (r, r + tile), (0, 0)), mode="edge")
+    corners = np.stack([ys, xs], 1)
     # every band tile with the net's context around it: (T, size, size) and (T, 3, size, size)
     crops = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(pad_lab, (size, size))[ys, xs])
     rgbs = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(pad_rgb, (size, size), axis=(0, 1))[ys, xs])
@@ -181,9 +233,4 @@ def refine_edges(labels: np.ndarray, rgb: np.ndarray, net: EdgeRefinerNet, band_
                 better = logit > held
                 top[jt] = torch.where(better, logit, held)
                 arg[jt] = torch.where(better, jv[:, None, None], arg[jt])
-    best = values[arg.numpy()].astype(labels.dtype, copy=False)  # (T, tile, tile)
-    th, tw = -(-h // tile), -(-w // tile)
-    grid = np.zeros((th, tw, tile, tile), labels.dtype)
-    grid[ys // tile, xs // tile] = best
-    np.copyto(out, grid.transpose(0, 2, 1, 3).reshape(th * tile, tw * tile)[:h, :w], where=band)
-    return out
+    return values[arg.numpy()].astype(pad_lab.dtype, copy=False)

@@ -566,6 +566,8 @@ class Parser:
         except TypeError:
             return value
         with self._lock:
+            for dead in [k for k, v in self._resized.items() if v[0]() is None]:  # e.g. zoomed crops' entries
+                del self._resized[dead]
             self._resized[key] = (ref, hw, value)
             while len(self._resized) > 16:
                 self._resized.popitem(last=False)
@@ -853,7 +855,9 @@ class Parser:
                 labels = refined_argmax(sub.cpu(), small, work, values=slots, smooth_edges=self.full_res_edges,
                                         photo=photo)
                 if edges:
-                    labels = refine_edges(labels, self._work_image(image, tuple(work)), self.edge_net)
+                    # the photo's last refinement: tiles whose coarse labels did not change keep its answer
+                    memo = self._per_image("edge-memo", image, tuple(work), lambda: [None])
+                    labels = refine_edges(labels, self._work_image(image, tuple(work)), self.edge_net, memo=memo)
                     if tuple(work) != image.shape[:2]:
                         labels = nearest_resize(labels, image.shape[:2])
             else:
