@@ -1,6 +1,7 @@
 # CPU image by default; for CUDA pass a CUDA runtime base with Python 3.11, e.g.
 #   docker build --build-arg BASE=nvidia/cuda:12.4.1-runtime-ubuntu22.04 .
-# (the base must provide python3.11 and python3.11-venv).
+# (the base must provide python3.11 and python3.11-venv; on Ubuntu 22.04 also pass
+#   --build-arg JEMALLOC_VERSION=<its libjemalloc2 version: apt-cache policy libjemalloc2>).
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 
@@ -12,7 +13,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # jemalloc: the server's allocator (IHP_ALLOCATOR=auto; a worker that parses many photo sizes grows
 # several times less than under glibc: docs/performance.md)
-RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libjemalloc2 \
+ARG JEMALLOC_VERSION=5.3.0-1
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "libjemalloc2=${JEMALLOC_VERSION}" \
     && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 1000 ihp
 WORKDIR /app

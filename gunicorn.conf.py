@@ -8,14 +8,6 @@ from ihp_backend.core.allocator import env_with_allocator, preloaded_jemalloc, t
 from ihp_backend.settings import Settings, default_workers  # noqa: E402  (no torch import: cheap)
 
 _s = Settings.from_env()
-
-# jemalloc (IHP_ALLOCATOR, default: when installed) can only be loaded before the process starts:
-# the master re-executes itself once with it preloaded; the workers it forks inherit it
-_env = env_with_allocator(_s.allocator, os.environ)
-if _env is not None:
-    print(f"[gunicorn.conf] IHP_ALLOCATOR={_s.allocator}: restarting with LD_PRELOAD={_env['LD_PRELOAD']}",
-          file=sys.stderr, flush=True)
-    os.execve(sys.executable, [sys.executable] + sys.argv, _env)
 bind = _s.bind
 workers = default_workers()  # IHP_WORKERS, else one per 4 cores (1 on a 2-core box)
 threads = _s.http_threads
@@ -29,6 +21,16 @@ preload_app = False
 # grow a worker without bound; the replacement loads the model in ~1 s and /predict waits for it
 max_requests = _s.max_requests
 max_requests_jitter = max_requests // 10
+
+
+def on_starting(server):
+    """jemalloc (IHP_ALLOCATOR, default: when installed) can only be loaded before a process starts:
+    the master re-executes itself once with it preloaded, before it binds or forks (same PID); the
+    workers inherit it. A configuration error (IHP_ALLOCATOR=jemalloc, no library) stops here."""
+    env = env_with_allocator(_s.allocator, os.environ)
+    if env is not None:
+        server.log.info("IHP_ALLOCATOR=%s: restarting with LD_PRELOAD=%s", _s.allocator, env["LD_PRELOAD"])
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
 def post_fork(server, worker):
