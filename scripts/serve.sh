@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 # jemalloc, the server's allocator where installed (IHP_ALLOCATOR=auto; docs/performance.md):
 # installed here when run as root on Debian/Ubuntu, else the server runs on glibc's malloc
-if [ "${IHP_ALLOCATOR:-auto}" != glibc ] && [ -z "$(ls /usr/lib/*/libjemalloc.so.2 /usr/lib/libjemalloc.so.2 2>/dev/null)" ]; then
+if [ "${IHP_ALLOCATOR:-auto}" != glibc ] && ! .venv/bin/python -c \
+    'import sys; from ihp_backend.core.allocator import jemalloc_library; sys.exit(jemalloc_library() is None)'; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "[serve] installing libjemalloc2"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjemalloc2 >/dev/null) \

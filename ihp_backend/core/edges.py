@@ -193,15 +193,14 @@ def _refined_tiles(pad_lab: np.ndarray, rgb: np.ndarray, net: EdgeRefinerNet, ys
     r = net.halo
     size = tile + 2 * r
     pad_rgb = np.pad(rgb, ((r, r + tile), (r, r + tile), (0, 0)), mode="edge")
-    corners = np.stack([ys, xs], 1)
     # every band tile with the net's context around it: (T, size, size) and (T, 3, size, size)
     crops = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(pad_lab, (size, size))[ys, xs])
     rgbs = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(pad_rgb, (size, size), axis=(0, 1))[ys, xs])
     # the labels within band_width of each tile: one job (tile, label) each
     near = max(0, r - band_width)
-    values, inv = np.unique(crops[:, near:size - near, near:size - near].reshape(len(corners), -1), return_inverse=True)
-    present = np.zeros((len(corners), len(values)), bool)
-    present[np.arange(len(corners))[:, None], inv.reshape(len(corners), -1)] = True
+    values, inv = np.unique(crops[:, near:size - near, near:size - near].reshape(len(ys), -1), return_inverse=True)
+    present = np.zeros((len(ys), len(values)), bool)
+    present[np.arange(len(ys))[:, None], inv.reshape(len(ys), -1)] = True
     job_tile, job_value = np.nonzero(present)  # grouped by tile
     # a job's rank among its tile's labels: the jobs of one rank touch distinct tiles, so each
     # rank's logits update a running best per tile pixel without collisions (a dense labels x
@@ -210,8 +209,8 @@ def _refined_tiles(pad_lab: np.ndarray, rgb: np.ndarray, net: EdgeRefinerNet, ys
     rank = np.arange(len(job_tile)) - first
     order = np.argsort(rank, kind="stable")
     dtype, device = next(net.parameters()).dtype, next(net.parameters()).device
-    top = torch.full((len(corners), tile, tile), float("-inf"))
-    arg = torch.zeros((len(corners), tile, tile), dtype=torch.long)
+    top = torch.full((len(ys), tile, tile), float("-inf"))
+    arg = torch.zeros((len(ys), tile, tile), dtype=torch.long)
     with torch.inference_mode():
         crops_t = torch.from_numpy(crops).to(device)
         values_t = torch.from_numpy(values).to(device)
